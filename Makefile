@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make test` and `make demo` set up .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help setup test test-slow demo bench clean
+
+help:  ## list the documented targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with the pinned versions (constraints.txt)
+
+test: $(STAMP)  ## fast test suite (under 10 minutes on 2 CPU cores)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## end-to-end tests marked slow
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)  ## synthetic dataset -> train -> eval -> detect, on the CPU
+	$(BIN)/python scripts/demo.py
+
+bench: $(STAMP)  ## SPP-net vs R-CNN speed table (writes bench.json)
+	$(BIN)/spp-det bench
+
+clean:  ## remove the virtual environment and caches (keeps data/ and runs/)
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,102 @@
+"""``spp-det STAGE [hydra overrides...]``: one console script for every stage.
+
+Each stage is a module with ``run(cfg) -> int | None``; the CLI composes ``configs/config.yaml``
+with Hydra (so ``--cfg job``, ``hydra.run.dir=...`` and strict key checking work as in any Hydra
+app), sets ``stage``, and calls it. A stage whose module does not exist yet says so and exits 2.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Stage name -> (module holding run(cfg), one line of help). Order is the pipeline's.
+STAGES: dict[str, tuple[str, str]] = {
+    "synth": ("spp_det.data.synth", "write the synthetic VOC-layout dataset (data.root=DIR)"),
+    "proposals": ("spp_det.proposals.stage", "compute and cache selective-search boxes for a split"),
+    "pretrain": ("spp_det.stages.pretrain", "train backbone + pyramid + fc as a classifier (multi-size)"),
+    "features": ("spp_det.stages.features", "compute and cache conv5 feature maps per image and scale"),
+    "finetune": ("spp_det.stages.finetune", "fine-tune fc6, fc7 and a new fc8 on pooled pyramid vectors"),
+    "svm": ("spp_det.stages.svm", "train per-class linear SVMs with hard-negative mining"),
+    "bboxreg": ("spp_det.stages.bboxreg", "train per-class box regressors on pool5 features"),
+    "train": ("spp_det.stages.train", "run every training stage in order, skipping current ones"),
+    "eval": ("spp_det.evaluation.stage", "detect on a test split and compute VOC / COCO mAP"),
+    "detect": ("spp_det.detection.stage", "detect objects in a folder of images"),
+    "bench": ("spp_det.bench", "time SPP-net against R-CNN mode, seconds per image by step"),
+}
+
+log = logging.getLogger("spp_det")
+
+
+def config_dir() -> Path:
+    """The repository's ``configs/`` (or ``$SPP_DET_CONFIGS``)."""
+    path = Path(os.environ.get("SPP_DET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+    if not (path / "config.yaml").is_file():
+        sys.exit(f"spp-det: configs not found at {path}; install with `pip install -e .` from the repository "
+                 "or set SPP_DET_CONFIGS to its configs/ folder")
+    return path
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [
+        "usage: spp-det STAGE [key=value ...] [--cfg job] [hydra options]",
+        "",
+        "SPP-net object detection. Stages:",
+        *(f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()),
+        "",
+        "Overrides are Hydra's key=value (e.g. data.root=DIR device=cpu experiment=demo).",
+        "`spp-det STAGE --cfg job` prints the composed config; `spp-det STAGE --help` shows Hydra's help.",
+    ]
+    return "\n".join(lines)
+
+
+def load_stage(stage: str):
+    """The stage's ``run`` function, or ``None`` when that stage is not built yet."""
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return None
+        raise
+    return getattr(module, "run", None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"spp-det: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    run = load_stage(stage)
+    if run is None:
+        print(f"spp-det: stage {stage!r} is not built yet in this version", file=sys.stderr)
+        sys.exit(2)
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from spp_det.errors import UserError
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def hydra_main(cfg: DictConfig) -> None:
+        try:
+            code = run(cfg)
+        except UserError as exc:
+            log.error("%s", exc)
+            sys.exit(1)
+        if code:
+            sys.exit(int(code))
+
+    sys.argv = [f"spp-det {stage}", f"stage={stage}", *overrides]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

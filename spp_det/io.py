@@ -1,0 +1,94 @@
+"""Atomic writes and content keys: how every cache and artifact is written and named.
+
+A crash never leaves a half-written file that a later run trusts: writes go to a temporary
+file in the same folder and are renamed into place. Cache entries are keyed by a hash of what
+produced them (file bytes, settings), never by name alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically. Save only tensors, numbers, strings, lists and dicts, so the
+    file loads with ``torch.load(..., weights_only=True)``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: never unpickles arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    """SHA-1 of a file's bytes (the content part of a cache key)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_settings(settings: Any) -> str:
+    """Stable short hash of JSON-able settings (dicts are key-sorted)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(settings, (DictConfig, ListConfig)):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_meta(cfg) -> dict:
+    """What a checkpoint must agree on with the config that loads it."""
+    return {
+        "classes": list(cfg.data.classes),
+        "backbone": str(cfg.model.backbone),
+        "width": float(cfg.model.width),
+        "fc_dim": int(cfg.model.fc_dim),
+        "pyramid_levels": [int(n) for n in cfg.model.pyramid_levels],
+    }
+
+
+def check_checkpoint(meta: dict, cfg, path: str | Path) -> None:
+    """Refuse a checkpoint written for other classes or another network (a clear UserError)."""
+    from spp_det.errors import UserError
+
+    expected = checkpoint_meta(cfg)
+    diffs = [f"{k}: checkpoint has {meta.get(k)!r}, config has {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    if diffs:
+        raise UserError(f"{path}: checkpoint was made with another configuration; " + "; ".join(diffs)
+                        + ". Use a matching config or another work_dir/name.")
