@@ -22,3 +22,25 @@ def resolve_device(name: str = "auto") -> torch.device:
 def num_workers(setting: int | None) -> int:
     """Worker processes: ``0``/``None`` means all cores."""
     return int(setting) if setting else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_dir() -> "Path":
+    """This run's stamped output directory (Hydra's ``hydra.run.dir``), or the current directory
+    when a stage is called as a plain function (tests, ``train``) outside a Hydra job."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def compose_config(overrides: list[str] | None = None, stage: str = "test"):
+    """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from spp_det.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"stage={stage}", *(overrides or [])])
