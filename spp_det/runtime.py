@@ -44,3 +44,27 @@ def compose_config(overrides: list[str] | None = None, stage: str = "test"):
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=[f"stage={stage}", *(overrides or [])])
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (Linux ``clear_refs``), so the next
+    ``peak_rss_mb`` measures one stage. Silently does nothing where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB since start or the last ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real VOC sample (skipped visibly when absent) and a tiny VOC-layout writer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+VOC_SAMPLE = Path(os.environ.get("SPP_DET_VOC_SAMPLE", REPO.parent / "shared" / "data" / "voc2012_sample"))
+
+
+@pytest.fixture
+def voc_sample() -> Path:
+    """The 100-image VOC 2012 sample, read in place (never copied into the repository)."""
+    if not (VOC_SAMPLE / "VOC2012" / "ImageSets" / "Main" / "all.txt").is_file():
+        pytest.skip(f"VOC sample not found at {VOC_SAMPLE} (set SPP_DET_VOC_SAMPLE)")
+    return VOC_SAMPLE
+
+
+def write_voc(root: Path, images: dict[str, dict], split: str = "train") -> Path:
+    """Write a minimal VOC-layout dataset.
+
+    ``images``: image_id -> {"size": (w, h), "objects": [(name, (xmin, ymin, xmax, ymax), difficult)],
+    "xml": optional raw XML text (overrides objects), "no_image": bool}.
+    """
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, spec in images.items():
+        w, h = spec.get("size", (64, 48))
+        if not spec.get("no_image"):
+            Image.fromarray(np.full((h, w, 3), 127, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        if "xml" in spec:
+            xml = spec["xml"]
+        else:
+            objs = "".join(
+                f"<object><name>{n}</name><truncated>0</truncated><difficult>{int(d)}</difficult>"
+                f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                for n, b, d in spec.get("objects", [])
+            )
+            xml = (f"<annotation><filename>{image_id}.jpg</filename><size><width>{w}</width>"
+                   f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")
+        if xml is not None:
+            (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in images))
+    return root
