@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             sys.exit(int(code))
 
-    sys.argv = [f"spp-det {stage}", f"stage={stage}", *overrides]
+    # stage= goes last: argparse takes positional overrides only in one run, so "stage=X --cfg job a=b" fails
+    sys.argv = [f"spp-det {stage}", *overrides, f"stage={stage}"]
     hydra_main()
 
 

@@ -124,31 +124,28 @@ def _train_torch(x: torch.Tensor, y: torch.Tensor, s: SVMSettings) -> tuple[torc
     step = 1.0 / (1.02 * lip + 1e-12)
 
     alpha = torch.zeros(n, device=x.device)
-    z, alpha_prev, t = alpha.clone(), alpha.clone(), 1.0
-    dual_prev = -math.inf
+    z, t = alpha.clone(), 1.0
     w, b = w_of(alpha)
     for it in range(s.max_iter):
         wz, bz = w_of(z)
-        grad = 1.0 - margins_of(wz, bz)  # d/da of the dual (to maximise)
-        alpha = (z + step * grad).clamp_(min=torch.zeros_like(upper), max=upper)
-        w, b = w_of(alpha)
-        if it % 10 == 0 or it == s.max_iter - 1:
+        grad = 1.0 - margins_of(wz, bz)  # gradient of the dual (to maximise) at z
+        alpha_new = (z + step * grad).clamp_(min=torch.zeros_like(upper), max=upper)
+        if float(grad.dot(alpha_new - alpha)) < 0:  # gradient restart (O'Donoghue & Candes 2015)
+            t = 1.0
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = alpha_new + ((t - 1) / t_next) * (alpha_new - alpha)
+        alpha, t = alpha_new, t_next
+        if it % 10 == 9:
+            w, b = w_of(alpha)
             margins = margins_of(w, b).double()
-            wn = float(w.double().dot(w.double()) + float(b) ** 2)
+            wn = float(w.double().dot(w.double())) + float(b) ** 2
             primal = 0.5 * wn + float((upper.double() * (1 - margins).clamp(min=0)).sum())
             dual = float(alpha.double().sum()) - 0.5 * wn
             if primal - dual <= s.tol * max(abs(primal), 1e-12):
                 break
-            if dual < dual_prev:  # adaptive restart (O'Donoghue & Candes) when the dual goes down
-                t, z, alpha_prev = 1.0, alpha.clone(), alpha.clone()
-                dual_prev = dual
-                continue
-            dual_prev = dual
-        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        z = alpha + ((t - 1) / t_next) * (alpha - alpha_prev)
-        alpha_prev, t = alpha, t_next
     else:
         log.warning("torch SVM solver stopped at svm.max_iter=%d before the duality gap reached svm.tol", s.max_iter)
+    w, b = w_of(alpha)
     return w.float().cpu(), float(b) * bias_feat
 
 

@@ -1,0 +1,205 @@
+"""``spp-det detect model.checkpoint=model.pt detect.source=PATH detect.output=DIR``.
+
+Detects objects in one image or every image of a folder (recursive). Writes, under the output
+folder (``detect.output``; the run directory when null):
+
+- ``annotated/<name>``: a copy of each image with boxes, class names and scores drawn; ``<name>``
+  is a safe flat name made from the path relative to ``detect.source`` (ASCII letters, digits,
+  ``._-``; folders joined by ``__``; a short hash of the original path added whenever the name
+  had to change or would collide). Input files are only ever read.
+- ``detections.jsonl``: all detections of the run, JSON lines, one object per detection::
+
+      {"file": "sub/dir/img.jpg", "class": "dog", "score": 0.83, "box": [x1, y1, x2, y2]}
+
+  ``file`` is the path relative to ``detect.source`` (the file name for a single image);
+  ``score`` the SVM score; ``box`` in pixels of the image as displayed (EXIF orientation
+  applied), internal convention: 0-based, continuous, no "+1" (``x2 - x1`` is the width).
+
+A file that cannot be used (empty, not an image, truncated, too many pixels, detection failed)
+is logged with the reason and skipped; the summary line counts skipped files by reason. The
+exit code is non-zero only when no image could be processed, or ``detect.strict=true`` and some
+file was skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path, PurePath
+
+import numpy as np
+
+from spp_det.detection.draw import draw_detections
+from spp_det.errors import UserError
+from spp_det.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
+
+
+def load_detector(cfg):
+    """``Detector.load(model.checkpoint, device)``; a clear error when no checkpoint is given."""
+    checkpoint = cfg.model.get("checkpoint")
+    if not checkpoint:
+        raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs model.checkpoint=PATH (a model.pt written by `spp-det train`)")
+    if not Path(checkpoint).is_file():
+        raise UserError(f"model.checkpoint={checkpoint}: no such file")
+    from spp_det.detection.detector import Detector
+    from spp_det.runtime import resolve_device
+
+    return Detector.load(checkpoint, resolve_device(cfg.device))
+
+
+def proposals_for_file(path: Path, image: np.ndarray, cfg) -> np.ndarray:
+    """Selective-search boxes ``f32 [N, 4]`` of one file (cached by content + settings)."""
+    from spp_det.proposals import proposals_for_file as compute
+
+    return compute(path, image, cfg.proposals, cfg.cache_dir)
+
+
+def _safe_part(text: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_text).strip("._-")
+
+
+def safe_output_name(relative: PurePath, used: set[str]) -> str:
+    """A flat, safe file name (no folders, no leading dot, ASCII) for the annotated copy of the
+    input at ``relative``, distinct from every name in ``used`` (compared case-insensitively),
+    which it joins. The suffix is ``.jpg`` for JPEG inputs and ``.png`` otherwise."""
+    relative = PurePath(relative)
+    suffix = ".jpg" if relative.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    parts = [_safe_part(p) for p in relative.parts[:-1] if p not in ("", ".", "..")] + [_safe_part(relative.stem)]
+    base = "__".join(p for p in parts if p)[:MAX_NAME_CHARS] or "image"
+    original = relative.as_posix()
+    digest = hashlib.sha1(original.encode("utf-8", "surrogateescape")).hexdigest()
+    name = base + suffix
+    if base != relative.stem or len(relative.parts) > 1 or name.casefold() in used:
+        name = f"{base}-{digest[:8]}{suffix}"  # changed or colliding: the hash keeps names distinct
+    n = 0
+    while name.casefold() in used:
+        n += 1
+        name = f"{base}-{hashlib.sha1(f'{original}#{n}'.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{suffix}"
+    used.add(name.casefold())
+    return name
+
+
+def _reason_kind(reason: str) -> str:
+    """Short category of an ``ImageError`` reason, for the summary counts."""
+    for key, kind in (("empty file", "empty file"), ("not a recognised", "not an image"),
+                      ("exceeds the limit", "too many pixels"), ("cannot decode", "cannot decode"),
+                      ("not found", "file not found")):
+        if key in reason:
+            return kind
+    return "unreadable"
+
+
+def _class_filter(wanted, classes) -> set[int] | None:
+    """Labels to keep for ``detect.classes`` (names), or None for all."""
+    if wanted is None:
+        return None
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    unknown = [c for c in wanted if c not in classes]
+    if unknown:
+        raise UserError(f"detect.classes: unknown class names {unknown}; the model detects {list(classes)}")
+    return {classes.index(c) + 1 for c in wanted}
+
+
+def _inputs(source: Path, output: Path) -> tuple[list[Path], Path]:
+    """Image files to process and the folder their relative names start from."""
+    from spp_det.data.images import list_images
+
+    try:
+        paths = list_images(source)
+    except FileNotFoundError:
+        raise UserError(f"detect.source={source}: no such file or folder") from None
+    base = source.parent if source.is_file() else source
+    out = output.resolve()
+    inside = [p for p in paths if p.resolve().is_relative_to(out)]
+    if inside:  # outputs of an earlier run into a folder under the source: not inputs
+        log.info("ignoring %d files inside the output folder %s", len(inside), output)
+        paths = [p for p in paths if p not in inside]
+    return paths, base
+
+
+def run(cfg) -> int:
+    from spp_det.data.images import ImageError, read_image
+    from spp_det.runtime import run_dir
+    from tqdm import tqdm
+
+    d = cfg.detect
+    source = Path(str(d.source))
+    output = Path(d.output) if d.output else run_dir()
+    paths, base = _inputs(source, output)
+    if not paths:
+        raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
+    input_set = {p.resolve() for p in paths}
+
+    detector = load_detector(cfg)
+    classes = list(detector.classes)
+    keep_labels = _class_filter(d.get("classes"), classes)
+    annotated_dir = output / "annotated"
+    annotated_dir.mkdir(parents=True, exist_ok=True)
+    jsonl_path = output / "detections.jsonl"
+    if jsonl_path.resolve() in input_set:
+        raise UserError(f"{jsonl_path}: would overwrite an input file; choose another detect.output")
+
+    start = time.perf_counter()
+    done, num_detections = 0, 0
+    skipped: Counter = Counter()
+    used_names: set[str] = set()
+    timings: dict[str, float] = {}
+
+    def skip(path: Path, kind: str, reason: str) -> None:
+        skipped[kind] += 1
+        log.warning("skipped %s: %s", path, reason)
+
+    with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
+        for path in tqdm(paths, desc="detect", unit="image"):
+            relative = path.relative_to(base)
+            try:
+                image = read_image(path, max_pixels=d.max_pixels)
+            except ImageError as exc:
+                skip(path, _reason_kind(exc.reason), exc.reason)
+                continue
+            try:
+                boxes = proposals_for_file(path, image, cfg)
+                dets = detector.detect(image, boxes, d.score_thresh, d.nms_iou, d.max_per_image, d.bbox_reg, timings)
+            except Exception as exc:  # one image's failure must not stop a folder run; it is reported
+                log.debug("detection failed on %s", path, exc_info=True)
+                skip(path, "detection failed", f"detection failed ({type(exc).__name__}: {exc})")
+                continue
+            if keep_labels is not None:
+                dets = dets.select(np.isin(dets.labels, list(keep_labels)))
+
+            name = safe_output_name(relative, used_names)
+            target = annotated_dir / name
+            if target.resolve() in input_set:  # never write onto an input file
+                name = safe_output_name(PurePath(f"{relative.as_posix()}#annotated"), used_names)
+                target = annotated_dir / name
+            with atomic_path(target) as out_tmp:
+                draw_detections(image, dets, classes).save(out_tmp, format="JPEG" if name.endswith(".jpg") else "PNG",
+                                                          **({"quality": 92} if name.endswith(".jpg") else {}))
+            for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
+                jsonl.write(json.dumps({"file": relative.as_posix(), "class": classes[int(label) - 1],
+                                        "score": round(float(score), 6),
+                                        "box": [round(float(v), 2) for v in box]}, ensure_ascii=False) + "\n")
+            num_detections += len(dets)
+            done += 1
+
+    seconds = time.perf_counter() - start
+    reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
+    n_skipped = sum(skipped.values())
+    print(f"detect: {done} images done, {n_skipped} skipped" + (f" ({reasons})" if reasons else "")
+          + f", {num_detections} detections, {seconds:.1f} s; wrote {jsonl_path} and {annotated_dir}/")
+    if done == 0:
+        log.error("no image could be processed")
+        return 1
+    if d.get("strict") and n_skipped:
+        log.error("detect.strict=true and %d files were skipped", n_skipped)
+        return 1
+    return 0

@@ -1,0 +1,68 @@
+"""COCO-style numbers (pycocotools) on the same detections as the VOC evaluation.
+
+The ground truth is converted to COCO format in memory: boxes ``x1, y1, x2, y2`` (internal,
+0-based continuous, which is COCO's pixel convention too) become ``[x, y, w, h]`` with
+``area = w * h``; difficult boxes become ``iscrowd = 1`` regions, pycocotools' only way to ignore
+a box (its ``_prepare`` overwrites any ``ignore`` flag with ``iscrowd``). A detection matching a
+crowd region is neither a hit nor a miss, as a difficult hit in VOC; note that pycocotools
+measures overlap with a crowd region as intersection over the detection's area.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import numpy as np
+
+from spp_det.detection.postprocess import Detections
+
+log = logging.getLogger(__name__)
+
+# Names of COCOeval.stats[0:6] (bbox), in order.
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_ground_truth(records, classes) -> dict:
+    """COCO dataset dict of the split: images ``id`` 1..N in records' order, categories 1..K."""
+    images, annotations = [], []
+    for i, r in enumerate(records, start=1):
+        images.append({"id": i, "file_name": str(r.image_id), "width": int(r.width), "height": int(r.height)})
+        for box, label, difficult in zip(r.boxes, r.labels, r.difficult):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            w, h = x2 - x1, y2 - y1
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i, "category_id": int(label),
+                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": int(bool(difficult)),
+            })
+    categories = [{"id": k, "name": name} for k, name in enumerate(classes, start=1)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_metrics(records, classes, detections: dict[str, Detections]) -> dict[str, float]:
+    """``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (fractions in [0, 1]; pycocotools writes -1
+    where no ground truth falls in a size range). ``detections``: image id -> ``Detections``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    index = {r.image_id: i for i, r in enumerate(records, start=1)}
+    results = []
+    for image_id, dets in detections.items():
+        for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append({"image_id": index[image_id], "category_id": int(label),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    if not results:  # loadRes cannot take an empty list; no detections score 0 everywhere
+        return {name: 0.0 for name in COCO_METRICS}
+    captured = io.StringIO()  # pycocotools prints its progress and table; keep it for the debug log
+    with contextlib.redirect_stdout(captured):
+        gt = COCO()
+        gt.dataset = coco_ground_truth(records, classes)
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    log.debug("pycocotools:\n%s", captured.getvalue())
+    return {name: float(v) for name, v in zip(COCO_METRICS, np.asarray(evaluator.stats[:6]))}

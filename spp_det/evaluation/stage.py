@@ -1,0 +1,154 @@
+"""``spp-det eval``: VOC (devkit-exact) and COCO-style evaluation on a test split.
+
+Two modes:
+
+- ``spp-det eval model.checkpoint=model.pt data.root=... data.test_split=test`` runs the trained
+  detector over the split (cached proposals reused) and scores its detections;
+- ``spp-det eval eval.results_dir=DIR data.root=... data.test_split=test`` scores an existing
+  folder of ``comp4_det_<split>_<class>.txt`` files, loading no model (to compare detectors).
+
+Writes in the run directory: the result files (model mode), ``metrics.json``, ``pr_curves.png``;
+prints the per-class table. ``evaluate_detector`` is the same thing as a function, for the
+training stages and the demo.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from spp_det.detection.postprocess import Detections
+from spp_det.errors import UserError
+from spp_det.evaluation.coco import coco_metrics
+from spp_det.evaluation.plots import plot_pr_curves
+from spp_det.evaluation.results import read_results, write_results
+from spp_det.evaluation.voc_ap import VOCEvaluator
+from spp_det.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def score_detections(
+    records,
+    classes,
+    detections: dict[str, Detections],
+    split: str,
+    out_dir: str | Path | None = None,
+    write_result_files: bool = True,
+    coco: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """VOC and COCO numbers of ``detections`` (image id -> ``Detections``) on ``records``.
+
+    With ``out_dir``: writes the VOC result files (unless ``write_result_files`` is false),
+    ``metrics.json`` (everything below but the PR curves, plus ``extra``) and ``pr_curves.png``.
+    Returns ``VOCEvaluator.evaluate()``'s dict plus ``coco``, ``num_images``, ``num_detections``.
+    """
+    evaluator = VOCEvaluator(records, classes)
+    for r in records:  # split order, so equal scores rank as in the result files
+        evaluator.process(r.image_id, detections.get(r.image_id, Detections.empty()))
+    metrics = evaluator.evaluate()
+    metrics["coco"] = coco_metrics(records, classes, detections) if coco else None
+    metrics["num_images"] = len(records)
+    metrics["num_detections"] = int(sum(len(d) for d in detections.values()))
+    metrics.update(extra or {})
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if write_result_files:
+            write_results(out_dir, split, classes, {r.image_id: detections.get(r.image_id, Detections.empty())
+                                                   for r in records})
+        write_json({k: v for k, v in metrics.items() if k != "pr_curves"}, out_dir / "metrics.json")
+        plot_pr_curves(metrics, out_dir / "pr_curves.png", title=f"split {split}")
+    return metrics
+
+
+def run_detector(detector, records, cfg, proposals: dict | None = None) -> tuple[dict[str, Detections], dict]:
+    """Detections of every record (image id -> ``Detections``) and seconds per image by step.
+
+    ``proposals``: image id -> ``f32 [N, 4]``; loaded (cached) with ``cfg.proposals`` when None.
+    """
+    from spp_det.runtime import num_workers
+
+    timings: dict[str, float] = {}
+    if proposals is None:
+        from spp_det.proposals import load_proposals
+
+        start = time.perf_counter()
+        proposals = load_proposals(records, cfg.proposals, cfg.cache_dir, workers=num_workers(cfg.num_workers))
+        timings["proposals"] = time.perf_counter() - start
+    e = cfg.eval
+    detections = {}
+    start_all = time.perf_counter()
+    for r in tqdm(records, desc="detect", unit="image"):
+        start = time.perf_counter()
+        image = r.load_image()
+        timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
+        detections[r.image_id] = detector.detect(image, proposals[r.image_id], e.score_thresh, e.nms_iou,
+                                                 e.max_per_image, e.bbox_reg, timings)
+    timings["detect_total"] = time.perf_counter() - start_all
+    n = max(len(records), 1)
+    return detections, {k: v / n for k, v in timings.items()}
+
+
+def check_classes(detector_classes, data_classes, source: str) -> None:
+    if list(detector_classes) != list(data_classes):
+        raise UserError(f"{source}: the model detects classes {list(detector_classes)}, but data.classes is "
+                        f"{list(data_classes)}; evaluate with the data config the model was trained with")
+
+
+def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
+                      proposals: dict | None = None) -> dict:
+    """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
+    ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
+    bboxreg, nms)."""
+    detections, seconds = run_detector(detector, records, cfg, proposals)
+    return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
+                            coco=cfg.eval.get("coco", True), extra={"seconds_per_image": seconds})
+
+
+def format_table(metrics: dict) -> str:
+    """Per-class table: class, #gt (non-difficult), #det, AP07, AP10 (percent), and the mean."""
+    names = list(metrics["ap_voc07"])
+    width = max([len("mean"), len("class"), *map(len, names)])
+
+    def pct(v):
+        return f"{100 * v:6.1f}" if v is not None else "     -"
+
+    lines = [f"{'class':<{width}}  {'#gt':>6}  {'#det':>7}  {'AP07':>6}  {'AP10':>6}"]
+    for name in names:
+        lines.append(f"{name:<{width}}  {metrics['num_gt'][name]:>6}  {metrics['num_det'][name]:>7}  "
+                     f"{pct(metrics['ap_voc07'][name])}  {pct(metrics['ap_voc10'][name])}")
+    lines.append(f"{'mean':<{width}}  {sum(metrics['num_gt'].values()):>6}  {sum(metrics['num_det'].values()):>7}  "
+                 f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}")
+    if metrics.get("coco"):
+        lines.append("COCO-style: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics["coco"].items()))
+    return "\n".join(lines)
+
+
+def run(cfg) -> int:
+    from spp_det.data.voc import load_split
+    from spp_det.runtime import run_dir
+
+    out_dir = run_dir()
+    records = load_split(cfg.data, cfg.data.test_split)
+    classes = list(cfg.data.classes)
+    if cfg.eval.results_dir:
+        detections = read_results(cfg.eval.results_dir, cfg.data.test_split, classes, [r.image_id for r in records])
+        # the result files are the input here: never rewrite them
+        metrics = score_detections(records, classes, detections, cfg.data.test_split, out_dir,
+                                   write_result_files=False, coco=cfg.eval.get("coco", True),
+                                   extra={"results_dir": str(cfg.eval.results_dir)})
+    else:
+        if not cfg.model.get("checkpoint"):
+            raise UserError("spp-det eval needs model.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
+                            "(a folder of comp4_det_<split>_<class>.txt files)")
+        from spp_det.detection import stage as detection_stage
+
+        detector = detection_stage.load_detector(cfg)
+        check_classes(detector.classes, classes, str(cfg.model.checkpoint))
+        metrics = evaluate_detector(detector, records, cfg, out_dir)
+    print(format_table(metrics))
+    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "pr_curves.png")
+    return 0

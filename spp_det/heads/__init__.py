@@ -1,0 +1,1 @@
+"""Heads on pooled features: per-class linear SVMs (fc7) and box regressors (pool5)."""

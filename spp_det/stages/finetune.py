@@ -1,0 +1,416 @@
+"""``spp-det finetune``: fc6, fc7 and a new (K+1)-way fc8 on pooled pyramid vectors (Sec. 4.1).
+
+The conv layers stay fixed, so a window's pool5 vector (projection of the window onto the cached
+conv5 map of its best scale, then spatial pyramid pooling) never changes during fine-tuning.
+Like the original release (which fine-tuned on cached pool5 features), this stage pools once:
+
+1. **windows** per training image (and its mirror when ``data.flip``): the ground-truth boxes
+   themselves plus the selective-search proposals, labelled by their best IoU with the ground
+   truth (``sampling.label_windows``); all foreground windows (IoU >= 0.5) are kept and at most
+   ``max_bg_per_image`` background ones (IoU in [0.1, 0.5)), so the pool's size is bounded;
+2. **pool5** of those windows from the cached conv5 maps (``FeatureCache``), stored fp16 in
+   memory, or in an on-disk cache keyed by everything that produced it when it is larger than
+   ``pool_in_memory_mb``;
+3. **iterations**: mini-batches of ``batch_size`` (128) windows drawn from the whole pool with
+   ``fg_fraction`` (25%) foreground, softmax loss over K+1 classes, dropout on, SGD with momentum
+   and weight decay, and the step learning-rate schedule.
+
+Every ``val_every`` iterations the validation split (``train_val_split``; never the test split)
+is scored and the snapshot with the lowest validation loss is kept: that one is written.
+Every ``checkpoint_every`` iterations the state (weights, optimizer, iteration, best snapshot,
+history) goes to ``work_dir/finetune_state.pt``. Iteration ``i`` draws its windows and its
+dropout masks from generators seeded with ``(seed, i)``, so a resumed run repeats exactly what
+an uninterrupted one would have done: the final weights are identical.
+
+Writes ``work_dir/finetune.pt`` = ``{"state_dict": SPPNet state_dict (fine-tuned head),
+"fc8": {"weight", "bias"}, "meta": checkpoint_meta(cfg) + settings, "val": {...}}`` atomically.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from spp_det import io
+from spp_det.boxes import flip_boxes
+from spp_det.errors import UserError
+from spp_det.runtime import resolve_device
+from spp_det.stages.sampling import fg_bg_indices, label_windows, sample_windows, subsample
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "finetune.pt"
+STATE = "finetune_state.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Windows and their pool5 vectors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WindowPool:
+    """Pooled windows of a split.
+
+    ``pool5`` ``float16 [N, D]`` (numpy array or memmap); ``labels`` ``int64 [N]`` (0 = background);
+    ``fg``, ``bg`` ``int64`` indices into it; ``images`` how many image records it came from.
+    """
+
+    pool5: np.ndarray
+    labels: np.ndarray
+    fg: np.ndarray
+    bg: np.ndarray
+    images: int = 0
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[B, D]`` and ``int64 [B]`` for ``indices`` (gathered in sorted order: memmap-friendly)."""
+        order = np.argsort(indices, kind="stable")
+        rows = np.empty((len(indices), self.pool5.shape[1]), np.float16)
+        rows[order] = self.pool5[np.asarray(indices)[order]]
+        return torch.from_numpy(rows).float(), torch.from_numpy(self.labels[indices])
+
+
+def image_windows(record, proposals: np.ndarray, fcfg, use_difficult: bool, rng: np.random.Generator):
+    """Training windows of one image record: ``(windows float32 [W, 4], labels int64 [W], n_fg)``.
+
+    Candidates are the ground-truth boxes (counted as foreground, as in R-CNN / Fast R-CNN) and
+    the proposals; foreground is IoU >= ``fg_iou`` (label = that box's class), background IoU in
+    ``[bg_iou[0], bg_iou[1])``; at most ``max_bg_per_image`` background windows are kept. Difficult
+    objects (when not trained on) are neither targets nor background: windows covering one by
+    >= ``fg_iou`` are left out.
+    """
+    used = np.ones(len(record.boxes), bool) if use_difficult else ~record.difficult
+    gt, gt_labels = record.boxes[used], record.labels[used]
+    candidates = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
+    labelled = label_windows(candidates, gt, gt_labels, float(fcfg.fg_iou), ignore_boxes=record.boxes[~used])
+    fg, bg = fg_bg_indices(labelled, float(fcfg.fg_iou), tuple(float(v) for v in fcfg.bg_iou))
+    bg = subsample(bg, fcfg.get("max_bg_per_image"), rng)
+    keep = np.concatenate([fg, bg])
+    return candidates[keep], labelled.labels[keep], len(fg)
+
+
+def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficult: bool, seed: int,
+               device: torch.device, store_dir: Path | None, key: str, desc: str) -> WindowPool:
+    """Label every record's windows, then pool5 them from the cached conv5 maps (see the module
+    docstring). Flipped records use the mirrored proposals of their image."""
+    windows, labels, n_fgs = [], [], []
+    for i, rec in enumerate(records):
+        boxes = proposals[rec.image_id]
+        if rec.flipped:
+            boxes = flip_boxes(boxes, rec.width)
+        rng = np.random.default_rng([seed, i, int(rec.flipped)])
+        w, lab, n_fg = image_windows(rec, boxes, fcfg, use_difficult, rng)
+        windows.append(w)
+        labels.append(lab)
+        n_fgs.append(n_fg)
+    n = sum(len(w) for w in windows)
+    dim = int(model.pool5_dim)
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    offsets = np.cumsum([0] + [len(w) for w in windows])
+    is_fg = np.concatenate([np.arange(len(w)) < k for w, k in zip(windows, n_fgs)]) if windows else np.zeros(0, bool)
+    fg, bg = np.flatnonzero(is_fg), np.flatnonzero(~is_fg)
+    mb = n * dim * 2 / 2**20
+    log.info("finetune: %s: %d images, %d windows (%d foreground, %d background), pool5 %d-d: %.0f MiB fp16",
+             desc, len(records), n, len(fg), len(bg), dim, mb)
+
+    on_disk = store_dir is not None and mb > float(fcfg.get("pool_in_memory_mb", 2048))
+    path = store_dir / f"{key}.npy" if on_disk else None
+    if path is not None and path.is_file():
+        pool5 = np.load(path, mmap_mode="r")
+        if pool5.shape == (n, dim):
+            log.info("finetune: %s: pool5 from %s", desc, path)
+            return WindowPool(pool5, all_labels, fg, bg, len(records))
+    import contextlib
+
+    ctx = io.atomic_path(path) if path is not None else contextlib.nullcontext(None)
+    with ctx as tmp:
+        if tmp is not None:
+            pool5 = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        else:
+            pool5 = np.empty((n, dim), np.float16)
+        with torch.no_grad():
+            for i, rec in enumerate(tqdm(records, desc=f"finetune: pool5 ({desc})", unit="image")):
+                if not len(windows[i]):
+                    continue
+                maps = [m.to(device=device, dtype=torch.float32) for m in feature_cache.conv5(rec)]
+                vectors = model.pool5(maps, image_hw=(rec.height, rec.width),
+                                      windows=torch.from_numpy(windows[i]).to(device))
+                pool5[offsets[i]:offsets[i + 1]] = vectors.to("cpu", torch.float16).numpy()
+        if tmp is not None:
+            pool5.flush()
+            del pool5
+    if path is not None:
+        pool5 = np.load(path, mmap_mode="r")
+    return WindowPool(pool5, all_labels, fg, bg, len(records))
+
+
+def validation_set(pool: WindowPool, fg_fraction: float, seed: int) -> np.ndarray:
+    """A fixed set of validation windows with the training batches' foreground fraction: every
+    foreground window and enough background ones (a seeded sample) to make the ratio."""
+    if not len(pool.fg):
+        return np.asarray(pool.bg, np.int64)
+    n_bg = min(len(pool.bg), int(round(len(pool.fg) * (1 - fg_fraction) / max(fg_fraction, 1e-6))))
+    bg = subsample(pool.bg, n_bg, np.random.default_rng([seed, 7919]))
+    return np.concatenate([pool.fg, bg]).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# The fc layers and the training loop
+# --------------------------------------------------------------------------------------------
+
+
+class FCClassifier(nn.Module):
+    """``head`` (fc6 -> ReLU -> Dropout -> fc7 -> ReLU -> Dropout) followed by ``fc8``."""
+
+    def __init__(self, head: nn.Module, fc8: nn.Linear):
+        super().__init__()
+        self.head, self.fc8 = head, fc8
+
+    def forward(self, pool5: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.head(pool5))
+
+
+def new_fc8(in_dim: int, num_classes: int, std: float) -> nn.Linear:
+    """The (K+1)-way fc8, weights N(0, std) (0.01 in the paper), bias 0."""
+    fc8 = nn.Linear(in_dim, num_classes)
+    nn.init.normal_(fc8.weight, std=std)
+    nn.init.zeros_(fc8.bias)
+    return fc8
+
+
+def lr_at(iteration: int, lr: float, lr_steps, gamma: float) -> float:
+    """Step schedule: ``lr * gamma ** (number of steps <= iteration)`` (paper: 1e-4, then 1e-5 after 250k)."""
+    return lr * gamma ** sum(int(iteration >= s) for s in lr_steps)
+
+
+@torch.no_grad()
+def evaluate(net: FCClassifier, pool: WindowPool, indices: np.ndarray, device, batch_size: int = 1024) -> dict:
+    """Mean softmax loss and accuracy of ``net`` (eval mode: no dropout) on ``pool[indices]``."""
+    was_training = net.training
+    net.eval()
+    loss, correct = 0.0, 0
+    for s in range(0, len(indices), batch_size):
+        x, y = pool.batch(indices[s:s + batch_size])
+        logits = net(x.to(device))
+        loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+        correct += int((logits.argmax(1).cpu() == y).sum())
+    net.train(was_training)
+    n = max(len(indices), 1)
+    return {"loss": loss / n if len(indices) else float("nan"), "accuracy": correct / n if len(indices) else float("nan")}
+
+
+def _clone_state(module: nn.Module) -> dict:
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def train_fc(
+    net: FCClassifier,
+    train_pool: WindowPool,
+    val_pool: WindowPool | None,
+    fcfg,
+    seed: int,
+    device: torch.device,
+    state_path: Path | None = None,
+    settings: str = "",
+    on_iteration: Callable[[int, FCClassifier], None] | None = None,
+    evaluate_fn: Callable[..., dict] = evaluate,
+) -> dict:
+    """Fine-tune ``net`` on ``train_pool`` for ``fcfg.iterations`` mini-batches; returns
+    ``{"best_iteration", "best_loss", "best_accuracy", "history": [{"iteration", "loss",
+    "accuracy", "train_loss", "lr"}]}`` and leaves the best snapshot's weights in ``net``.
+
+    ``on_iteration(i, net)`` runs after iteration ``i`` (1-based) and its checkpoint; tests raise
+    from it to simulate a killed run. Resumes from ``state_path`` when it holds a checkpoint with
+    the same ``settings``.
+    """
+    if not len(train_pool.fg) and not len(train_pool.bg):
+        raise UserError("finetune: no training windows (no ground-truth boxes and no proposals in the training split)")
+    if not len(train_pool.fg):
+        raise UserError("finetune: no foreground windows in the training split (no ground-truth boxes?)")
+    iterations, batch_size = int(fcfg.iterations), int(fcfg.batch_size)
+    val_every, checkpoint_every = int(fcfg.val_every), int(fcfg.checkpoint_every)
+    lr_steps, gamma = [int(s) for s in fcfg.lr_steps], float(fcfg.lr_gamma)
+    net.to(device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=float(fcfg.lr), momentum=float(fcfg.momentum),
+                                weight_decay=float(fcfg.weight_decay))
+    val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
+    history: list[dict] = []
+    best: dict = {"iteration": 0, "loss": float("inf"), "accuracy": float("nan"), "state": None}
+    start, running = 0, 0.0
+    if state_path is not None and state_path.is_file():
+        state = io.load_torch(state_path)
+        if state.get("settings") == settings and int(state["iteration"]) <= iterations:
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history, best = int(state["iteration"]), list(state["history"]), dict(state["best"])
+            running = float(state.get("running", 0.0))
+            log.info("finetune: resuming from %s at iteration %d", state_path, start)
+        else:
+            log.info("finetune: %s was written with other settings; starting over", state_path)
+
+    bar = tqdm(range(start + 1, iterations + 1), desc="finetune", unit="batch", initial=start, total=iterations)
+    for it in bar:
+        lr = lr_at(it - 1, float(fcfg.lr), lr_steps, gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Seeded by (seed, iteration) alone, so a resumed run draws exactly the same batches and
+        # dropout masks as an uninterrupted one.
+        rng = np.random.default_rng([seed, it])
+        torch.manual_seed(seed * 1_000_003 + it)
+        idx, _ = sample_windows(train_pool.fg, train_pool.bg, batch_size, float(fcfg.fg_fraction), rng)
+        x, y = train_pool.batch(idx)
+        loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise UserError(f"finetune: the loss became {loss.item()} at iteration {it}; lower finetune.lr (now {fcfg.lr})")
+        running = loss.item() if it == 1 else 0.98 * running + 0.02 * loss.item()  # smoothed, for the log
+        if it % 50 == 0:
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.2g}")
+        if (it % val_every == 0 or it == iterations) and len(val_idx):
+            entry = {"iteration": it, **evaluate_fn(net, val_pool, val_idx, device), "train_loss": running, "lr": lr}
+            history.append(entry)
+            improved = entry["loss"] < best["loss"]
+            if improved:
+                best = {"iteration": it, "loss": entry["loss"], "accuracy": entry["accuracy"], "state": _clone_state(net)}
+            log.info("finetune: iteration %d: train loss %.4f, validation loss %.4f, accuracy %.3f%s",
+                     it, running, entry["loss"], entry["accuracy"], " (best so far)" if improved else "")
+        if state_path is not None and (it % checkpoint_every == 0) and it < iterations:
+            io.save_torch({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
+                           "history": history, "best": best, "settings": settings, "running": running,
+                           "torch_rng": torch.get_rng_state()}, state_path)
+        if on_iteration is not None:
+            on_iteration(it, net)
+    bar.close()
+    if best["state"] is None:
+        log.warning("finetune: no validation windows (empty validation split?): keeping the last iteration's "
+                    "weights, not a snapshot chosen on validation")
+        best = {"iteration": iterations, "loss": float("nan"), "accuracy": float("nan"), "state": None}
+    else:
+        net.load_state_dict(best["state"])
+    log.info("finetune: chosen snapshot: iteration %d (validation loss %.4f, accuracy %.3f)",
+             best["iteration"], best["loss"], best["accuracy"])
+    return {"best_iteration": best["iteration"], "best_loss": best["loss"], "best_accuracy": best["accuracy"],
+            "history": history}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def backbone_source(cfg: DictConfig) -> Path | None:
+    """Where the conv weights come from: ``model.backbone_checkpoint``, else ``work_dir/pretrain.pt``
+    when it exists and no ImageNet weights are configured; None = the model's own initialisation."""
+    if cfg.model.get("backbone_checkpoint"):
+        path = Path(cfg.model.backbone_checkpoint)
+        if not path.is_file():
+            raise UserError(f"model.backbone_checkpoint={path}: file not found")
+        return path
+    pretrain = Path(cfg.work_dir) / "pretrain.pt"
+    if pretrain.is_file() and not cfg.model.get("weights"):
+        return pretrain
+    return None
+
+
+def settings_key(cfg: DictConfig, source: Path | None) -> str:
+    """Hash of every setting (and the backbone file's bytes) that changes the fine-tuned weights."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("checkpoint", None)
+    model.pop("backbone_checkpoint", None)  # its bytes count instead, below
+    return io.hash_settings({"finetune": cfg.finetune, "model": model, "data": cfg.data, "proposals": cfg.proposals,
+                             "seed": cfg.seed, "backbone": io.hash_file(source) if source else None})
+
+
+def build_finetune_model(cfg: DictConfig, source: Path | None):
+    """The SPPNet with its backbone from ``source`` (checked against the config) and fc6/fc7 from
+    the pretrain head when the shapes match."""
+    from spp_det.model import build_model
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    head_state = None
+    if source is not None:
+        ckpt = io.load_torch(source)
+        if not isinstance(ckpt, dict) or "backbone" not in ckpt:
+            raise UserError(f"{source}: not a pretrain checkpoint (no 'backbone' entry)")
+        io.check_checkpoint(ckpt.get("meta", {}), cfg, source)
+        model_cfg["backbone_checkpoint"] = str(source)
+        head_state = ckpt.get("head")
+    model = build_model(OmegaConf.create(model_cfg))
+    if head_state is not None:
+        own = model.head.state_dict()
+        if all(k in head_state and head_state[k].shape == v.shape for k, v in own.items()):
+            model.head.load_state_dict(head_state)
+            log.info("finetune: fc6/fc7 initialised from the pretrain head in %s", source)
+        else:
+            log.info("finetune: %s head shapes differ from model.fc_dim; fc6/fc7 start fresh", source)
+    return model
+
+
+def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
+    """Fine-tune fc6, fc7 and fc8 (see the module docstring); writes ``work_dir/finetune.pt``."""
+    from spp_det.data.voc import train_val_split
+    from spp_det.features.cache import FeatureCache
+    from spp_det.proposals import load_proposals
+
+    fcfg = cfg.finetune
+    work_dir = Path(cfg.work_dir)
+    artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
+    source = backbone_source(cfg)
+    settings = settings_key(cfg, source)
+    if artifact.is_file():
+        meta = io.load_torch(artifact).get("meta", {})
+        if meta.get("settings") == settings:
+            log.info("finetune: %s is current; skipped", artifact)
+            return 0
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    if source is not None:
+        log.info("finetune: backbone from %s", source)
+    elif cfg.model.get("weights"):
+        log.info("finetune: backbone from model.weights=%s", cfg.model.weights)
+    else:
+        log.warning("finetune: no pretrain.pt, model.backbone_checkpoint or model.weights: the conv layers keep "
+                    "their random initialisation (enable pretrain, e.g. pretrain.enabled=true)")
+    model = build_finetune_model(cfg, source).to(device)
+    model.eval()
+
+    train, val = train_val_split(cfg.data)
+    proposals = load_proposals(train + val, cfg.proposals, Path(cfg.cache_dir) / "proposals",
+                               workers=int(cfg.get("num_workers", 0)), progress=True)
+    if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
+        train = train + [r.flip() for r in train]
+    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    use_difficult = bool(cfg.data.get("use_difficult", False))
+    store = Path(cfg.cache_dir) / "finetune_pool5"
+    train_pool = build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,
+                            io.hash_settings([settings, "train"]), "training")
+    val_pool = build_pool(model, cache, val, proposals, fcfg, use_difficult, seed, device, store,
+                          io.hash_settings([settings, "val"]), "validation")
+
+    num_classes = len(cfg.data.classes) + 1
+    net = FCClassifier(copy.deepcopy(model.head), new_fc8(model.head.out_dim, num_classes, float(fcfg.fc8_std)))
+    val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, settings, on_iteration)
+
+    model.head.load_state_dict(net.head.state_dict())
+    meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": str(source) if source else None}
+    io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                   "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
+                   "meta": meta, "val": val_result}, artifact)
+    state_path.unlink(missing_ok=True)
+    log.info("finetune: wrote %s in %.1f s (snapshot of iteration %d, validation accuracy %.3f)", artifact,
+             time.perf_counter() - t0, val_result["best_iteration"], val_result["best_accuracy"])
+    return 0

@@ -1,0 +1,233 @@
+"""`spp-det detect` on folders holding anything: good images processed, bad ones reported."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path, PurePath
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spp_det.detection import stage
+from spp_det.detection.draw import draw_detections, style_for
+from spp_det.detection.postprocess import Detections
+from spp_det.detection.stage import safe_output_name
+from spp_det.errors import UserError
+from spp_det.runtime import compose_config
+
+CLASSES = ["circle", "square"]
+MAX_PIXELS = 5000  # detect.max_pixels in these tests: "big.png" (100x100) is beyond it
+
+
+class FakeDetector:
+    """One detection per proposal, alternating classes, scores 0.9 and 0.4; records the images."""
+
+    classes = CLASSES
+
+    def __init__(self):
+        self.images: list[np.ndarray] = []
+
+    def detect(self, image, proposals, score_thresh, nms_iou, max_per_image, bbox_reg=True, timings=None):
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        self.images.append(image.copy())
+        n = len(proposals)
+        dets = Detections(proposals, np.where(np.arange(n) % 2 == 0, 0.9, 0.4), np.arange(n) % 2 + 1)
+        return dets.select(dets.scores > score_thresh)
+
+
+def fake_proposals(path, image, cfg):
+    h, w = image.shape[:2]
+    return np.array([[0, 0, w / 2, h / 2], [w / 4, h / 4, w, h]], np.float32)
+
+
+def write_folder(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Good images (relative paths) and bad files (relative path -> reason kind)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    (root / "my photos" / "sub").mkdir(parents=True)
+    good = {
+        "plain.jpg": lambda p: Image.fromarray(rgb).save(p),
+        "my photos/holiday snap.JPG": lambda p: Image.fromarray(rgb).save(p, format="JPEG"),
+        "my photos/sub/ünïcødé 写真.png": lambda p: Image.fromarray(rgb).save(p),
+        "a..b.jpg": lambda p: Image.fromarray(rgb).save(p),
+        "..hidden.png": lambda p: Image.fromarray(rgb).save(p),
+        "plain.png": lambda p: Image.fromarray(rgb).save(p),  # same stem as plain.jpg: no collision
+        "gray.png": lambda p: Image.fromarray(rgb[..., 0]).save(p),
+        "palette.png": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "rgba.png": lambda p: Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)])).save(p),
+        "sixteen.png": lambda p: Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p),
+        "one.png": lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p),
+        "rotated.jpg": write_exif_rotated,
+    }
+    for name, make in good.items():
+        make(root / name)
+    jpeg = root / "plain.jpg"
+    bad = {"empty.jpg": "empty file", "text.jpg": "not an image", "truncated.jpg": "cannot decode",
+           "big.png": "too many pixels"}
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not a picture\n")
+    noise = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "full.jpg")
+    data = (root / "full.jpg").read_bytes()
+    (root / "full.jpg").unlink()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(root / "big.png")
+    (root / "notes.txt").write_text("not an image suffix: not listed at all\n")
+    assert jpeg.is_file()
+    return sorted(good), bad
+
+
+def write_exif_rotated(path: Path) -> None:
+    """Stored 40 wide x 20 high, left half red, right half blue, EXIF orientation 6 (display
+    rotated 90 degrees clockwise): displayed 20 wide x 40 high, red on top."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif, quality=95)
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    detector = FakeDetector()
+    monkeypatch.setattr(stage, "load_detector", lambda cfg: detector)
+    monkeypatch.setattr(stage, "proposals_for_file", fake_proposals)
+    return detector
+
+
+def config(source, output, *extra):
+    return compose_config([f"detect.source={source}", f"detect.output={output}", "model.checkpoint=unused.pt",
+                           "device=cpu", f"detect.max_pixels={MAX_PIXELS}", *extra], stage="detect")
+
+
+def test_a_folder_of_good_and_bad_files_processes_exactly_the_good_ones(tmp_path, fake, capsys, caplog):
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    good, bad = write_folder(source)
+    before = hashes(source)
+
+    assert stage.run(config(source, output)) == 0
+
+    assert hashes(source) == before  # inputs untouched, nothing written among them
+    lines = [json.loads(line) for line in (output / "detections.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {d["file"] for d in lines} == set(good)
+    for d in lines:
+        assert set(d) == {"file", "class", "score", "box"} and len(d["box"]) == 4
+    for name in good:  # both fake detections (scores 0.9, 0.4) pass detect.score_thresh=0
+        assert sorted((d["class"], d["score"]) for d in lines if d["file"] == name) == [("circle", 0.9), ("square", 0.4)]
+    assert len(fake.images) == len(good)
+    assert sorted(image.shape for image in fake.images)[0] == (1, 1, 3)  # the 1x1 image is processed
+    # every good file got one annotated copy with a safe, distinct name
+    names = sorted(p.name for p in (output / "annotated").iterdir())
+    assert len(names) == len(good) == len({n.casefold() for n in names})
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(jpg|png)", name), name
+    assert not list(output.rglob("*.tmp"))
+    summary = capsys.readouterr().out
+    assert f"{len(good)} images done, {len(bad)} skipped" in summary
+    for kind in bad.values():
+        assert f"1 {kind}" in summary
+    for name in bad:  # each bad file logged with its reason
+        assert any(name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), name
+
+
+def test_detections_are_in_displayed_pixels_with_exif_orientation_applied(tmp_path, fake):
+    source = tmp_path / "in"
+    source.mkdir()
+    write_exif_rotated(source / "rotated.jpg")
+    assert stage.run(config(source / "rotated.jpg", tmp_path / "out", "detect.score_thresh=-1")) == 0
+    image = fake.images[0]
+    assert image.shape == (40, 20, 3)
+    assert image[5, 10, 0] > 200 and image[5, 10, 2] < 60  # top is red
+    assert image[35, 10, 2] > 200 and image[35, 10, 0] < 60  # bottom is blue
+    lines = [json.loads(line) for line in (tmp_path / "out" / "detections.jsonl").read_text().splitlines()]
+    assert [d["file"] for d in lines] == ["rotated.jpg", "rotated.jpg"]
+    assert [d["class"] for d in lines] == ["circle", "square"]
+    assert lines[0]["box"] == [0.0, 0.0, 10.0, 20.0] and lines[1]["box"] == [5.0, 10.0, 20.0, 40.0]
+    assert Image.open(tmp_path / "out" / "annotated" / "rotated.jpg").size == (20, 40)
+
+
+def test_classes_filter_and_unknown_class_names(tmp_path, fake):
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (30, 20)).save(source / "x.png")
+    assert stage.run(config(source, tmp_path / "out", "detect.score_thresh=-1", "detect.classes=[square]")) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "detections.jsonl").read_text().splitlines()]
+    assert [d["class"] for d in lines] == ["square"]
+    with pytest.raises(UserError, match="dragon"):
+        stage.run(config(source, tmp_path / "out2", "detect.classes=[dragon]"))
+
+
+def test_exit_code_when_nothing_could_be_processed_or_strict(tmp_path, fake):
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "empty.jpg").write_bytes(b"")
+    assert stage.run(config(source, tmp_path / "out")) == 1
+    Image.new("RGB", (30, 20)).save(source / "ok.png")
+    assert stage.run(config(source, tmp_path / "out")) == 0
+    assert stage.run(config(source, tmp_path / "out", "detect.strict=true")) == 1
+    with pytest.raises(UserError, match="no such file or folder"):
+        stage.run(config(tmp_path / "missing", tmp_path / "out"))
+
+
+def test_output_folder_inside_the_source_is_not_read_as_input(tmp_path, fake, capsys):
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (30, 20)).save(source / "x.png")
+    assert stage.run(config(source, source / "out")) == 0
+    assert stage.run(config(source, source / "out")) == 0  # a second run does not detect on its own output
+    assert "1 images done, 0 skipped" in capsys.readouterr().out.splitlines()[-1]
+    assert [p.name for p in (source / "out" / "annotated").iterdir()] == ["x.png"]
+
+
+def test_a_failing_detection_is_reported_and_skipped(tmp_path, fake, monkeypatch, capsys):
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (30, 20)).save(source / "a.png")
+    Image.new("RGB", (31, 20)).save(source / "b.png")
+
+    def proposals(path, image, cfg):
+        if path.name == "a.png":
+            raise RuntimeError("boom")
+        return fake_proposals(path, image, cfg)
+
+    monkeypatch.setattr(stage, "proposals_for_file", proposals)
+    assert stage.run(config(source, tmp_path / "out")) == 0
+    assert "1 images done, 1 skipped (1 detection failed)" in capsys.readouterr().out
+
+
+def test_safe_output_names():
+    used: set[str] = set()
+    names = [safe_output_name(PurePath(p), used) for p in
+             ["a.jpg", "A.JPG", "../../etc/passwd.png", "x y/z.png", "x_y/z.png", "ünï.png", "..", "-rf.jpg", "a.png"]]
+    assert len({n.casefold() for n in names}) == len(names)
+    assert names[0] == "a.jpg"
+    for n in names:
+        assert "/" not in n and not n.startswith((".", "-")) and re.fullmatch(r"[A-Za-z0-9._-]+", n), n
+    assert names[2].startswith("etc__passwd-")
+
+
+def test_drawing_is_readable_on_any_size_and_leaves_the_input_alone():
+    assert style_for(1, 1) == (1, 10)
+    small_line, small_font = style_for(200, 100)
+    big_line, big_font = style_for(4000, 3000)
+    assert big_line > small_line and big_font > small_font
+    for h, w in ((1, 1), (30, 2000), (600, 800)):
+        image = np.full((h, w, 3), 30, np.uint8)
+        before = image.copy()
+        dets = Detections([[0, 0, w / 2, h / 2]], [0.75], [2])
+        out = draw_detections(image, dets, CLASSES)
+        assert out.size == (w, h)
+        np.testing.assert_array_equal(image, before)
+        if h > 20:
+            assert (np.asarray(out) != 30).any(axis=2).sum() > 0  # something was drawn

@@ -1,0 +1,181 @@
+"""Pretraining: object crops, the multi-size SPP classifier loop, resume, and the stage's artifact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from spp_det import io
+from spp_det.boxes import box_iou
+from spp_det.data.synth import write_synthetic
+from spp_det.data.voc import load_split
+from spp_det.errors import UserError
+from spp_det.runtime import compose_config
+from spp_det.stages import pretrain
+
+CLASSES = ["circle", "square", "triangle"]
+SYNTH = {"seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
+         "max_side": 128, "objects_per_image": [1, 2], "min_object": 20, "max_object_frac": 0.6,
+         "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, SYNTH, CLASSES, progress=False)
+    return root
+
+
+def data_cfg(root):
+    return OmegaConf.create({"root": str(root), "year": 2007, "train_split": "train", "val_split": "val",
+                             "classes": CLASSES, "unknown_classes": "error", "max_images": None})
+
+
+PCFG = OmegaConf.create({"crop_context": 0.1, "background_crops": True, "background_per_image": 2, "sizes": [32, 24],
+                         "scale_jitter": 0.8, "epochs": 6, "batch_size": 16, "lr": 0.01, "lr_steps": [5],
+                         "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 0.0005})
+
+
+def test_crops_cover_every_object_and_background_crops_avoid_objects(synth_root):
+    records = load_split(data_cfg(synth_root), "train")
+    crops = pretrain.crop_boxes(records, 0.1, 2, np.random.default_rng(0))
+    n_objects = sum(int((~r.difficult).sum()) for r in records)
+    objects = [c for c in crops if c[2] > 0]
+    background = [c for c in crops if c[2] == 0]
+    assert len(objects) == n_objects and len(background) > 0
+    for i, box, label in objects:  # the padded crop contains its object
+        rec = records[i]
+        inside = [(box[:2] <= b[:2] + 1e-4).all() and (box[2:] >= b[2:] - 1e-4).all() for b in rec.boxes]
+        assert any(inside)
+        assert box[0] >= 0 and box[1] >= 0 and box[2] <= rec.width and box[3] <= rec.height
+    for i, box, _ in background:  # IoU < 0.3 with every object of its image
+        assert box_iou(box[None], records[i].boxes).max(initial=0) < 0.3
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in for ZF-5: stride 8, 8 channels; records the input sizes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+        self.seen_sizes: list[int] = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen_sizes.append(x.shape[-1])
+        return self.net(x)
+
+
+def tiny_classifier(num_classes: int) -> pretrain.SPPClassifier:
+    torch.manual_seed(0)
+    levels = (3, 2, 1)
+    head = nn.Sequential(nn.Linear(8 * 14, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.5))
+    return pretrain.SPPClassifier(TinyBackbone(), lambda x: pretrain.whole_map_pyramid(x, levels), head, num_classes, 32)
+
+
+def normalise(x):
+    return x.float() / 255 - 0.5
+
+
+def crop_sets(root):
+    from spp_det.data.voc import train_val_split
+
+    train, val = train_val_split(data_cfg(root))
+    rng = np.random.default_rng(0)
+    return (pretrain.voc_crop_set(train, CLASSES, PCFG, 36, rng), pretrain.voc_crop_set(val, CLASSES, PCFG, 36, rng))
+
+
+def test_whole_map_pyramid_of_one_cell_repeats_it():
+    conv5 = torch.arange(6.0).view(1, 6, 1, 1)
+    out = pretrain.whole_map_pyramid(conv5, (2, 1))
+    assert out.shape == (1, 6 * 5)
+    assert torch.equal(out[0, :24].view(6, 4), conv5.view(6, 1).expand(6, 4))
+
+
+def test_multi_size_training_alternates_input_sizes_and_lowers_the_loss(synth_root):
+    train_set, val_set = crop_sets(synth_root)
+    model = tiny_classifier(len(train_set.class_names))
+    history = pretrain.train_classifier(model, normalise, train_set, val_set, PCFG, torch.device("cpu"), seed=0)
+    assert [h["size"] for h in history] == [32, 24, 32, 24, 32, 24]
+    batches = -(-len(train_set) // PCFG.batch_size)
+    assert model.backbone.seen_sizes == [s for s in [32, 24, 32, 24, 32, 24] for _ in range(batches)]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+    assert history[-1]["lr"] == pytest.approx(0.001) and history[0]["lr"] == 0.01
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_weights(synth_root, tmp_path):
+    train_set, val_set = crop_sets(synth_root)
+    cfg = OmegaConf.merge(PCFG, {"epochs": 3})
+    full = tiny_classifier(len(train_set.class_names))
+    pretrain.train_classifier(full, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, tmp_path / "a.pt", "s")
+
+    def stop_after_first(epoch, entry):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set, cfg,
+                                  torch.device("cpu"), 0, state, "s", on_epoch=stop_after_first)
+    resumed = tiny_classifier(len(train_set.class_names))
+    nn.init.zeros_(resumed.classifier.weight)  # must come back from the checkpoint
+    history = pretrain.train_classifier(resumed, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, state, "s")
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------- the stage (real engine)
+
+
+def stage_cfg(root, tmp_path, **over):
+    overrides = [f"data.root={root}", "data=synth", "model=zf5_narrow", "model.width=0.125", "model.fc_dim=64",
+                 "model.scales=[96]", "device=cpu", f"work_dir={tmp_path / 'work'}", f"cache_dir={tmp_path / 'cache'}",
+                 "pretrain.enabled=true", "pretrain.sizes=[48,32]", "pretrain.epochs=2", "pretrain.batch_size=16",
+                 f"data.classes=[{','.join(CLASSES)}]"]
+    cfg = compose_config(overrides + [f"{k}={v}" for k, v in over.items()], stage="pretrain")
+    cfg.data.root = str(root)  # the data=synth group sets its own root
+    return cfg
+
+
+def test_pretrain_writes_a_weights_only_artifact_with_backbone_and_head(synth_root, tmp_path):
+    pytest.importorskip("spp_det.model", reason="the SPP engine (spp_det.model) is not built yet")
+    cfg = stage_cfg(synth_root, tmp_path)
+    assert pretrain.run(cfg) == 0
+    ckpt = torch.load(tmp_path / "work" / "pretrain.pt", weights_only=True)
+    assert set(ckpt) >= {"backbone", "head", "meta"}
+    assert ckpt["meta"]["sizes"] == [48, 32] and ckpt["meta"]["classes"] == CLASSES
+    assert [h["size"] for h in ckpt["history"]] == [48, 32]
+    assert not (tmp_path / "work" / pretrain.STATE).exists()  # the resumable checkpoint is cleaned up
+    io.check_checkpoint(ckpt["meta"], cfg, "pretrain.pt")  # matches its own config
+    from spp_det.model import build_model
+
+    model = build_model(cfg.model)
+    model.backbone.load_state_dict(ckpt["backbone"])
+    model.head.load_state_dict(ckpt["head"])
+
+
+def test_pretrain_is_skipped_with_imagenet_weights_or_when_disabled(synth_root, tmp_path):
+    assert pretrain.run(stage_cfg(synth_root, tmp_path, **{"pretrain.enabled": "false"})) == 0
+    assert pretrain.run(stage_cfg(synth_root, tmp_path, **{"model.weights": "IMAGENET1K_V1"})) == 0
+    assert not (tmp_path / "work" / "pretrain.pt").exists()
+
+
+def test_bad_settings_are_clear_errors(synth_root, tmp_path):
+    with pytest.raises(UserError, match="pretrain.source"):
+        pretrain.run(stage_cfg(synth_root, tmp_path, **{"pretrain.source": "imagenet"}))
+    with pytest.raises(UserError, match="image_folder"):
+        pretrain.run(stage_cfg(synth_root, tmp_path, **{"pretrain.source": "image_folder",
+                                                         "pretrain.image_folder": str(tmp_path / "nope")}))
