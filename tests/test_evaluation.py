@@ -341,3 +341,26 @@ def test_evaluate_detector_runs_over_the_split_and_reports_times(synth_set, tmp_
     assert len(list(tmp_path.glob("comp4_det_test_*.txt"))) == len(classes)
     with pytest.raises(UserError, match="data.classes"):
         check_classes(["a"], classes, "model.pt")
+
+
+def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set, tmp_path, monkeypatch, capsys):
+    from spp_det.detection import stage as detection_stage
+    from spp_det.evaluation import stage
+    from spp_det.runtime import compose_config
+
+    root, records, classes = synth_set
+    monkeypatch.setattr(detection_stage, "load_detector", lambda cfg: FakeDetector(records, classes))
+    monkeypatch.setattr(stage, "load_proposals", lambda recs, cfg: {r.image_id: np.zeros((0, 4), np.float32) for r in recs})
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data=synth", f"data.root={root}", "data.year=null", "model.checkpoint=model.pt", "device=cpu"]
+    assert stage.run(compose_config(overrides, stage="eval")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["map_voc07"] == pytest.approx(1.0) and metrics["coco"]["AP"] == pytest.approx(1.0)
+    assert metrics["num_detections"] == sum(len(r.boxes) for r in records)
+    assert {"proposals", "load_image", "svm", "total"} <= set(metrics["seconds_per_image"])
+    assert len(list(tmp_path.glob("comp4_det_test_*.txt"))) == len(classes) and (tmp_path / "pr_curves.png").is_file()
+    out = capsys.readouterr().out
+    assert all(c in out for c in classes) and "AP07" in out
+    wrong = [*overrides, f"data.classes=[{', '.join(reversed(classes))}]"]  # same names, other order
+    with pytest.raises(UserError, match="the model detects classes"):
+        stage.run(compose_config(wrong, stage="eval"))

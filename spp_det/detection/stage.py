@@ -131,7 +131,11 @@ def run(cfg) -> int:
     from spp_det.runtime import run_dir
     from tqdm import tqdm
 
+    from omegaconf import OmegaConf
+
     d = cfg.detect
+    if OmegaConf.is_missing(d, "source"):
+        raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
     source = Path(str(d.source))
     output = Path(d.output) if d.output else run_dir()
     paths, base = _inputs(source, output)

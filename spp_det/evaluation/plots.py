@@ -29,7 +29,7 @@ def plot_pr_curves(metrics: dict, path: str | Path, title: str | None = None) ->
             ax.plot(curve["recall"], curve["precision"], lw=1.2)
             ax.set_title(f"{name}: AP07 {100 * ap07:.1f}, AP10 {100 * ap10:.1f}", fontsize=9)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(classes):]:
         ax.set_visible(False)

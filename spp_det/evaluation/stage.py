@@ -64,30 +64,33 @@ def score_detections(
     return metrics
 
 
+def load_proposals(records, cfg) -> dict:
+    """Cached selective-search boxes of ``records``: image id -> ``f32 [N, 4]``."""
+    from spp_det.proposals import load_proposals as load
+    from spp_det.runtime import num_workers
+
+    return load(records, cfg.proposals, cfg.cache_dir, workers=num_workers(cfg.num_workers))
+
+
 def run_detector(detector, records, cfg, proposals: dict | None = None) -> tuple[dict[str, Detections], dict]:
     """Detections of every record (image id -> ``Detections``) and seconds per image by step.
 
     ``proposals``: image id -> ``f32 [N, 4]``; loaded (cached) with ``cfg.proposals`` when None.
     """
-    from spp_det.runtime import num_workers
-
     timings: dict[str, float] = {}
+    start_all = time.perf_counter()
     if proposals is None:
-        from spp_det.proposals import load_proposals
-
-        start = time.perf_counter()
-        proposals = load_proposals(records, cfg.proposals, cfg.cache_dir, workers=num_workers(cfg.num_workers))
-        timings["proposals"] = time.perf_counter() - start
+        proposals = load_proposals(records, cfg)
+        timings["proposals"] = time.perf_counter() - start_all
     e = cfg.eval
     detections = {}
-    start_all = time.perf_counter()
     for r in tqdm(records, desc="detect", unit="image"):
         start = time.perf_counter()
         image = r.load_image()
         timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
         detections[r.image_id] = detector.detect(image, proposals[r.image_id], e.score_thresh, e.nms_iou,
                                                  e.max_per_image, e.bbox_reg, timings)
-    timings["detect_total"] = time.perf_counter() - start_all
+    timings["total"] = time.perf_counter() - start_all
     n = max(len(records), 1)
     return detections, {k: v / n for k, v in timings.items()}
 
@@ -102,7 +105,7 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
                       proposals: dict | None = None) -> dict:
     """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
-    bboxreg, nms)."""
+    bboxreg, nms) and in all (``total``)."""
     detections, seconds = run_detector(detector, records, cfg, proposals)
     return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
                             coco=cfg.eval.get("coco", True), extra={"seconds_per_image": seconds})

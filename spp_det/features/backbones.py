@@ -88,7 +88,7 @@ class Backbone(nn.Module):
 
     def normalize(self, image: np.ndarray | Tensor) -> Tensor:
         """RGB ``uint8 [H, W, 3]`` -> ``float32 [1, 3, H, W]`` on the backbone's device, normalised."""
-        x = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image  # copy: may be read-only
         if x.dim() != 3 or x.shape[2] != 3:
             raise ValueError(f"image must be uint8 [H, W, 3], got shape {tuple(x.shape)}")
         x = x.to(self.pixel_mean.device).permute(2, 0, 1)[None].float()

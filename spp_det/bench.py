@@ -1,0 +1,190 @@
+"""``spp-det bench``: seconds per image by step, SPP-net against R-CNN mode on the same windows.
+
+On ``bench.num_images`` images of the VOC sample, with ``bench.windows`` windows per image
+(random windows of realistic sizes, see :func:`random_windows`), one image at a time, ZF-5 from
+``cfg.model`` (random weights: timing does not depend on them):
+
+* SPP-net: conv5 once per image (``bench.scales_one`` and ``bench.scales_five``), pyramid pooling
+  of every window at its best scale, fc6 + fc7;
+* R-CNN mode: every window warped to 224 x 224 and run through the same conv layers and head.
+  R-CNN mode is timed on ``bench.rcnn_windows`` windows per image and scaled linearly to
+  ``bench.windows`` (its cost is the same per window), which the table says.
+
+The table is printed and written as JSON to ``bench.output`` in the run directory. The timing
+helpers (:func:`time_spp`, :func:`time_rcnn`, :func:`time_engine`) are reusable by other
+benchmarks (proposals, SVM, NMS steps can be added as more keys).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from spp_det.features.rcnn import rcnn_features
+from spp_det.io import write_json
+from spp_det.model import SPPNet, build_model
+from spp_det.runtime import run_dir
+
+log = logging.getLogger(__name__)
+
+
+def random_windows(height: int, width: int, count: int, rng: np.random.Generator, min_side: float = 16.0) -> np.ndarray:
+    """``float32 [count, 4]`` windows inside the image: side lengths log-uniform between
+    ``min_side`` and the image side (like selective-search boxes: many small, some large)."""
+    def sides(limit: int) -> np.ndarray:
+        lo = min(min_side, limit)
+        return np.exp(rng.uniform(np.log(lo), np.log(limit), count))
+
+    w, h = sides(width), sides(height)
+    x1 = rng.uniform(0, 1, count) * (width - w)
+    y1 = rng.uniform(0, 1, count) * (height - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+
+
+def _timed(fn: Callable, sync: Callable[[], None]):
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def _sync_for(model: torch.nn.Module) -> Callable[[], None]:
+    device = next(model.parameters()).device
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def conv5_bytes(maps: Sequence[torch.Tensor]) -> int:
+    """Bytes of one cache entry (fp16 maps, as ``FeatureCache`` stores them)."""
+    buffer = io.BytesIO()
+    torch.save({"conv5": [m.detach().to("cpu", torch.float16) for m in maps]}, buffer)
+    return buffer.tell()
+
+
+@torch.inference_mode()
+def time_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size: int = 1000) -> dict:
+    """Seconds for conv5 (all of ``model.scales``), pooling and fc6+fc7 on one image; cache bytes."""
+    model.eval()
+    sync = _sync_for(model)
+    maps, t_conv = _timed(lambda: model.conv5(image), sync)
+    pool5, t_pool = _timed(lambda: model.pool5(maps, image.shape[:2], windows), sync)
+    _, t_fc = _timed(lambda: [model.fc7(chunk) for chunk in pool5.split(batch_size)], sync)
+    return {"conv5": t_conv, "pool": t_pool, "fc": t_fc, "total": t_conv + t_pool + t_fc,
+            "cache_bytes": conv5_bytes(maps)}
+
+
+@torch.inference_mode()
+def time_rcnn(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size: int = 32,
+              context: float = 16.0, input_size: int = 224) -> dict:
+    """Seconds for R-CNN mode (warp + conv + pool + fc) on these windows, and per window."""
+    sync = _sync_for(model)
+    _, t = _timed(lambda: rcnn_features(model, image, windows, batch_size, context, input_size), sync)
+    return {"total": t, "per_window": t / max(1, len(windows))}
+
+
+def time_engine(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
+                rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None) -> dict:
+    """Mean seconds per image by step over ``images`` and their ``windows`` (one image at a time).
+
+    Returns ``{"spp": {conv5, pool, fc, total, cache_bytes}, "rcnn": {measured_windows, total,
+    per_window} | absent, "per_image": [...]}``; R-CNN mode (``rcnn_model`` or ``model``) runs on
+    the first ``rcnn_windows`` windows and its total is scaled linearly to all windows.
+    """
+    per_image = []
+    for image, wins in zip(images, windows):
+        row = {"spp": time_spp(model, image, wins)}
+        if rcnn_windows:
+            subset = wins[: int(rcnn_windows)]
+            r = time_rcnn(rcnn_model or model, image, subset)
+            row["rcnn"] = {"measured_windows": len(subset), "measured_seconds": r["total"],
+                           "per_window": r["per_window"], "total": r["per_window"] * len(wins)}
+        per_image.append(row)
+    mean = lambda key, part: float(np.mean([row[part][key] for row in per_image]))  # noqa: E731
+    out = {"spp": {k: mean(k, "spp") for k in ("conv5", "pool", "fc", "total", "cache_bytes")}, "per_image": per_image}
+    if rcnn_windows:
+        out["rcnn"] = {k: mean(k, "rcnn") for k in ("measured_windows", "measured_seconds", "per_window", "total")}
+    return out
+
+
+def _model_with_scales(cfg, scales: Sequence[int]) -> SPPNet:
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.merge(cfg.model, {"scales": list(scales)})
+    return build_model(model_cfg)
+
+
+def run(cfg) -> int | None:
+    from spp_det.data.voc import load_voc
+    from spp_det.runtime import resolve_device
+
+    b = cfg.bench
+    device = resolve_device(cfg.device)
+    records, _ = load_voc(b.root, b.split, list(cfg.data.classes), b.year, unknown_classes="skip",
+                          max_images=int(b.num_images))
+    rng = np.random.default_rng(int(cfg.seed))
+    images = [r.load_image() for r in records]
+    windows = [random_windows(im.shape[0], im.shape[1], int(b.windows), rng) for im in images]
+
+    torch.manual_seed(int(cfg.seed))
+    one = _model_with_scales(cfg, b.scales_one).to(device).eval()
+    five = _model_with_scales(cfg, b.scales_five).to(device).eval()
+    five.load_state_dict(one.state_dict())  # the same weights in both
+    # warm-up (first-call allocations, kernel selection) on a small image, not timed
+    time_spp(one, images[0][:200, :200], windows[0][:50])
+
+    log.info("bench: %d images, %d windows each, %s, device %s, %d threads", len(images), int(b.windows),
+             cfg.model.backbone, device, torch.get_num_threads())
+    res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows))
+    res_five = time_engine(five, images, windows, rcnn_windows=None)
+    rcnn = res_one["rcnn"]
+    result = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "backbone": str(cfg.model.backbone),
+        "width": float(cfg.model.width),
+        "fc_dim": int(cfg.model.fc_dim),
+        "images": [r.image_id for r in records],
+        "windows_per_image": int(b.windows),
+        "windows": "random, log-uniform sides from 16 px to the image side",
+        "scales_one": list(b.scales_one),
+        "scales_five": list(b.scales_five),
+        "seconds_per_image": {
+            "spp_1scale": res_one["spp"],
+            "spp_5scale": res_five["spp"],
+            "rcnn": rcnn,
+        },
+        "speedup_1scale": rcnn["total"] / res_one["spp"]["total"],
+        "speedup_5scale": rcnn["total"] / res_five["spp"]["total"],
+        "cache_bytes_per_image": {"1scale": res_one["spp"]["cache_bytes"], "5scale": res_five["spp"]["cache_bytes"]},
+        "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image and scaled linearly "
+                 f"to {int(b.windows)}"),
+        "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
+    }
+    print(format_table(result))
+    out = run_dir() / str(b.output)
+    write_json(result, out)
+    log.info("bench: wrote %s", out)
+    return None
+
+
+def format_table(result: dict) -> str:
+    """The bench result as one plain-text table."""
+    s1, s5, r = (result["seconds_per_image"][k] for k in ("spp_1scale", "spp_5scale", "rcnn"))
+    n = result["windows_per_image"]
+    lines = [
+        f"seconds per image ({result['backbone']} width {result['width']}, {n} windows, "
+        f"{result['device']}, {result['threads']} threads)",
+        f"{'step':<22}{'SPP 1 scale':>14}{'SPP 5 scales':>14}{'R-CNN mode':>14}",
+        f"{'conv5':<22}{s1['conv5']:>14.3f}{s5['conv5']:>14.3f}{'':>14}",
+        f"{'pyramid pooling':<22}{s1['pool']:>14.3f}{s5['pool']:>14.3f}{'':>14}",
+        f"{'fc6 + fc7':<22}{s1['fc']:>14.3f}{s5['fc']:>14.3f}{'':>14}",
+        f"{'total':<22}{s1['total']:>14.3f}{s5['total']:>14.3f}{r['total']:>14.3f}",
+        f"{'speedup over R-CNN':<22}{result['speedup_1scale']:>13.1f}x{result['speedup_5scale']:>13.1f}x{'':>14}",
+        f"{'cache MiB per image':<22}{s1['cache_bytes'] / 2**20:>14.2f}{s5['cache_bytes'] / 2**20:>14.2f}{'':>14}",
+        f"({result['note']})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The trained SPP-net detector: image + proposals -> detections (DESIGN.md "Test").
+
+    image ─► conv5 per scale (once) ─► pool5 of every window (best scale, pyramid) ─► fc7
+          ─► x feature_scale ─► per-class SVM scores [N, K]
+          └─ pool5 x bbox scale ─► per-class box deltas [N, K, 4] ─► boxes (clipped)
+          ─► scores > thresh, per-class NMS 0.3, top 100            (postprocess)
+
+``Detector.load(model.pt)`` rebuilds the network from the stored model config with
+``weights=None`` (nothing is downloaded) and loads every weight from the file.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from spp_det import artifact as model_artifact
+from spp_det.errors import UserError
+from spp_det.heads import bboxreg
+from spp_det.detection.postprocess import Detections, postprocess
+
+SCORERS = ("svm", "softmax")
+
+
+class Detector:
+    """An ``SPPNet`` with its per-class SVMs and box regressors.
+
+    ``svm_weight`` ``[K, fc_dim]``, ``svm_bias`` ``[K]``, ``svm_scale`` (fc7 factor to mean norm 20);
+    ``bbox_weight`` ``[K, pool5_dim + 1, 4]`` or None, ``bbox_scale`` (pool5 factor);
+    ``fc8`` ``{"weight" [K+1, fc_dim], "bias" [K+1]}`` or None (the fine-tuned softmax, for ``scorer="softmax"``).
+    """
+
+    def __init__(self, model, classes: list[str], svm_weight: torch.Tensor, svm_bias: torch.Tensor, svm_scale: float,
+                 bbox_weight: torch.Tensor | None = None, bbox_scale: float = 1.0, fc8: dict | None = None,
+                 window_batch: int = 1000, scorer: str = "svm"):
+        if scorer not in SCORERS:
+            raise UserError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
+        if scorer == "softmax" and fc8 is None:
+            raise UserError("scorer=softmax needs the fine-tuned fc8, which this model does not hold")
+        self.model = model.eval()
+        device = model.device
+        self.classes = list(classes)
+        self.svm_weight = svm_weight.float().to(device)
+        self.svm_bias = svm_bias.float().to(device)
+        self.svm_scale = float(svm_scale)
+        self.bbox_weight = None if bbox_weight is None else bbox_weight.float().to(device)
+        self.bbox_scale = float(bbox_scale)
+        self.fc8 = None if fc8 is None else {k: v.float().to(device) for k, v in fc8.items()}
+        self.window_batch = int(window_batch)
+        self.scorer = scorer
+        if self.svm_weight.shape != (len(self.classes), model.head.out_dim):
+            raise UserError(f"SVM weights {tuple(self.svm_weight.shape)} do not fit {len(self.classes)} classes x "
+                            f"{model.head.out_dim}-d fc7")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", **kwargs) -> "Detector":
+        """Rebuild the detector from a model artifact (``spp_det.artifact``) on ``device``."""
+        from spp_det.model import build_model
+
+        art = model_artifact.load(path)
+        model_cfg = dict(art["config"])
+        model_cfg.update(weights=None, backbone_checkpoint=None)  # never download: the file holds every weight
+        model = build_model(OmegaConf.create(model_cfg))
+        try:
+            model.load_state_dict(art["state_dict"])
+        except RuntimeError as exc:
+            raise UserError(f"{path}: damaged model artifact: weights do not fit its own config: {exc}") from None
+        model = model.to(device).eval()
+        reg = art.get("bboxreg")
+        return cls(model, art["classes"], art["svm"]["weight"], art["svm"]["bias"], art["svm"]["feature_scale"],
+                   None if reg is None else reg["weight"], 1.0 if reg is None else reg["feature_scale"],
+                   art.get("fc8"), **kwargs)
+
+    @contextmanager
+    def _timed(self, timings: dict | None, step: str):
+        if timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":  # kernels are asynchronous: wait so the time lands on its step
+            torch.cuda.synchronize(self.device)
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+    @torch.no_grad()
+    def score_windows(self, image: np.ndarray, proposals, bbox_reg: bool = True,
+                      timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class scores ``[N, K]`` and boxes ``[N, K, 4]`` (or the windows ``[N, 4]`` without box
+        regression) of the windows ``proposals`` ``[N, 4]`` of ``image`` ``uint8 [H, W, 3]``, on the CPU."""
+        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4))
+        height, width = image.shape[:2]
+        k = len(self.classes)
+        use_reg = bool(bbox_reg) and self.bbox_weight is not None
+        if not len(windows):
+            return torch.zeros(0, k), torch.zeros(0, k, 4) if use_reg else torch.zeros(0, 4)
+        with self._timed(timings, "conv5"):
+            maps = self.model.conv5(image)
+        scores, boxes = [], []
+        for chunk in windows.split(self.window_batch):
+            chunk_dev = chunk.to(self.device)
+            with self._timed(timings, "pool"):
+                pool5 = self.model.pool5(maps, (height, width), chunk_dev)
+            with self._timed(timings, "fc"):
+                fc7 = self.model.fc7(pool5)
+            with self._timed(timings, "svm"):
+                if self.scorer == "svm":
+                    s = (fc7 * self.svm_scale) @ self.svm_weight.T + self.svm_bias  # [B, K]
+                else:  # fine-tuned softmax, background column dropped
+                    s = torch.softmax(fc7 @ self.fc8["weight"].T + self.fc8["bias"], dim=1)[:, 1:]
+                scores.append(s.float().cpu())
+            if use_reg:
+                with self._timed(timings, "bboxreg"):
+                    deltas = bboxreg.predict(pool5.float() * self.bbox_scale, self.bbox_weight)  # [B, K, 4]
+                    moved = bboxreg.apply(chunk_dev.float(), deltas)  # [B, K, 4]
+                    moved[..., 0::2] = moved[..., 0::2].clamp(0, width)  # clip to the image (R-CNN does too)
+                    moved[..., 1::2] = moved[..., 1::2].clamp(0, height)
+                    boxes.append(moved.cpu())
+        return torch.cat(scores), (torch.cat(boxes) if use_reg else windows)
+
+    def detect(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
+               max_per_image: int = 100, bbox_reg: bool = True, timings: dict | None = None) -> Detections:
+        """Detections of ``image`` ``uint8 [H, W, 3]`` from its windows ``proposals`` ``float32 [N, 4]``
+        (internal boxes): scores above ``score_thresh``, per-class NMS at ``nms_iou``, at most
+        ``max_per_image``. ``timings`` (when given) accumulates seconds by step: conv5, pool, fc,
+        svm, bboxreg, nms."""
+        scores, boxes = self.score_windows(image, proposals, bbox_reg, timings)
+        with self._timed(timings, "nms"):
+            return postprocess(boxes, scores, score_thresh, nms_iou, max_per_image)

@@ -1,0 +1,155 @@
+"""``spp-det bboxreg``: one ridge box regressor per class on pool5 features (R-CNN appendix C).
+
+Examples are the windows (ground-truth boxes and proposals) of the training images whose IoU
+with some ground-truth box exceeds ``min_iou`` (0.5); the target is that box (the one of max
+IoU; its class picks the regressor). Difficult boxes are not targets unless
+``data.use_difficult``. pool5 is scaled by one global factor to mean norm ``feature_norm`` (R-CNN
+does the same; lambda = 1000 is relative to that scale). Each class keeps a uniform reservoir
+sample of at most ``max_per_class`` examples (pool5 stored fp16: it is a max over fp16 conv5 maps,
+so nothing is lost), which bounds memory; ``spp_det.heads.bboxreg.fit_regressor`` solves each.
+
+Writes ``work_dir/bboxreg.pt`` = ``{"weight": [K, D + 1, 4] (deltas = [scaled pool5, 1] @ W),
+"feature_scale": float, "counts": [K] examples seen per class, "meta"}`` atomically.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from spp_det import io
+from spp_det.boxes import box_iou
+from spp_det.errors import UserError
+from spp_det.heads.bboxreg import fit_regressor
+from spp_det.heads.svm import NormMeter, feature_scale
+from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.stages.svm import load_finetuned_model, record_proposals, training_records, window_features
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "bboxreg.pt"
+
+
+class Reservoir:
+    """A uniform sample of at most ``capacity`` rows from a stream (Vitter's algorithm R;
+    ``capacity=None`` keeps every row).
+
+    Holds features ``fp16 [n, D]``, proposals and targets ``float32 [n, 4]``; ``seen`` counts all rows offered.
+    """
+
+    def __init__(self, capacity: int | None, rng: np.random.Generator):
+        self.capacity, self.rng, self.seen, self.dim = capacity, rng, 0, 0
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, features: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor) -> None:
+        features, boxes, targets = features.half(), boxes.float(), targets.float()
+        self.dim = features.shape[1]
+        n = len(features)
+        room = n if self.capacity is None else max(0, min(n, self.capacity - self.seen))
+        if room:  # still filling: keep the rows as they come
+            self._parts.append((features[:room], boxes[:room], targets[:room]))
+            self.seen += room
+        if room == n:
+            return
+        f, b, t = self.dense()
+        for j in range(room, n):  # full: row number `seen` replaces a random slot with probability capacity / seen
+            self.seen += 1
+            slot = int(self.rng.integers(0, self.seen))
+            if slot < self.capacity:
+                f[slot], b[slot], t[slot] = features[j], boxes[j], targets[j]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sample as ``(features fp16 [n, D], boxes [n, 4], targets [n, 4])``."""
+        if not self._parts:
+            return torch.zeros(0, self.dim).half(), torch.zeros(0, 4), torch.zeros(0, 4)
+        if len(self._parts) > 1:
+            self._parts = [tuple(torch.cat(col) for col in zip(*self._parts))]
+        return self._parts[0]
+
+
+def regression_examples(record, proposals: np.ndarray, min_iou: float, use_difficult: bool):
+    """Windows of one image that train a regressor: ``windows`` ``float32 [E, 4]`` (ground-truth
+    boxes and proposals with IoU > ``min_iou`` to a used box), ``targets`` ``float32 [E, 4]`` (that
+    box of max IoU), ``labels`` ``int64 [E]`` (its class)."""
+    used = np.ones(len(record.boxes), bool) if use_difficult else ~np.asarray(record.difficult, bool)
+    gt, labels = np.asarray(record.boxes, np.float32).reshape(-1, 4)[used], np.asarray(record.labels)[used]
+    windows = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
+    if not len(gt):
+        return np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    iou = box_iou(windows, gt)  # [W, G]
+    best = iou.argmax(axis=1)
+    keep = iou[np.arange(len(windows)), best] > min_iou
+    return windows[keep], gt[best[keep]], labels[best[keep]].astype(np.int64)
+
+
+def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("checkpoint", None)
+    return io.hash_settings({"bboxreg": cfg.bboxreg, "model": model, "data": cfg.data, "proposals": cfg.proposals,
+                             "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
+
+
+def run(cfg: DictConfig) -> int:
+    """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
+    from spp_det.features.cache import FeatureCache
+
+    bcfg = cfg.bboxreg
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, finetune_path = load_finetuned_model(cfg, device)
+    artifact = Path(cfg.work_dir) / ARTIFACT
+    key = settings_key(cfg, finetune_path)
+    if artifact.is_file():
+        try:
+            if io.load_torch(artifact).get("meta", {}).get("settings") == key:
+                log.info("bboxreg: %s is current; skipped", artifact)
+                return 0
+        except Exception:
+            pass
+    classes = list(cfg.data.classes)
+    use_difficult = bool(cfg.data.get("use_difficult", False))
+    batch = int(bcfg.window_batch)
+    cap = int(bcfg.max_per_class) if bcfg.get("max_per_class") else None
+    records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
+    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    rng = np.random.default_rng(int(cfg.seed))
+    reservoirs = [Reservoir(cap, np.random.default_rng([int(cfg.seed), k])) for k in range(len(classes))]
+    norms = NormMeter()
+    for i, rec in enumerate(tqdm(records, desc="bboxreg: pool5", unit="image")):
+        boxes = record_proposals(rec, proposals)
+        windows, targets, labels = regression_examples(rec, boxes, float(bcfg.min_iou), use_difficult)
+        if i < int(bcfg.scale_images) and len(boxes):
+            sample = boxes[rng.permutation(len(boxes))[: int(bcfg.scale_windows)]]
+        else:
+            sample = np.zeros((0, 4), np.float32)
+        if not len(windows) and not len(sample):
+            continue
+        feats = window_features(model, cache.conv5(rec), rec, np.concatenate([windows, sample]), batch, layer="pool5")
+        norms.update(feats[len(windows):])
+        for k in np.unique(labels):
+            sel = torch.from_numpy(np.flatnonzero(labels == k))
+            reservoirs[k - 1].add(feats[sel], torch.from_numpy(windows)[sel], torch.from_numpy(targets)[sel])
+    scale = feature_scale(norms.mean, float(bcfg.feature_norm))
+
+    dim = int(model.pool5_dim)
+    weight = torch.zeros(len(classes), dim + 1, 4)
+    counts = []
+    for k, (name, res) in enumerate(zip(classes, tqdm(reservoirs, desc="bboxreg: ridge", unit="class"))):
+        f, b, t = res.dense()
+        counts.append(res.seen)
+        if not len(f):  # the svm stage refuses such a class; here the regressor is the identity
+            log.warning("bboxreg: class %s has no training example (IoU > %s); its boxes are left as they are",
+                        name, bcfg.min_iou)
+            continue
+        weight[k] = fit_regressor(f.float().to(device) * scale, b.to(device), t.to(device), float(bcfg.lam))
+        log.info("bboxreg: %-12s %6d examples (%d used)", name, res.seen, len(f))
+    meta = {**io.checkpoint_meta(cfg), "settings": key}
+    io.save_torch({"weight": weight, "feature_scale": float(scale), "counts": counts, "meta": meta}, artifact)
+    log.info("bboxreg: wrote %s in %.1f s (pool5 scale %.5f, peak resident memory %.0f MiB)", artifact,
+             time.perf_counter() - t0, scale, peak_rss_mb())
+    return 0

@@ -1,0 +1,41 @@
+"""``spp-det features``: fill the conv5 cache for the training split (and its flips when
+``data.flip``), the validation split and the test split, so later stages only read it."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+from spp_det.data.voc import load_split
+from spp_det.features.cache import FeatureCache
+from spp_det.model import build_model
+from spp_det.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def split_records(cfg) -> list:
+    """Unique records of the train split (+ flips), val split and test split, in that order."""
+    splits = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split]
+    records, seen = [], set()
+    for i, split in enumerate(s for s in splits if s):
+        for r in load_split(cfg.data, split):
+            for rec in ([r, r.flip()] if i == 0 and cfg.data.get("flip") else [r]):
+                if (rec.path, rec.flipped) not in seen:
+                    seen.add((rec.path, rec.flipped))
+                    records.append(rec)
+    return records
+
+
+def run(cfg) -> int | None:
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model).to(resolve_device(cfg.device)).eval()
+    cache = FeatureCache(cfg.cache_dir, model)
+    records = split_records(cfg)
+    for record in tqdm(records, desc="conv5 features", unit="image"):
+        cache.conv5(record)
+    s = cache.stats
+    log.info("conv5 cache %s: %d images (%d computed, %d already cached), %.1f KiB per image",
+             cache.root, len(records), s["misses"], s["hits"], cache.bytes_per_image() / 1024)
+    return None

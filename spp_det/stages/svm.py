@@ -1,0 +1,229 @@
+"""``spp-det svm``: one linear SVM per class on fc7 features, with hard-negative mining.
+
+Follows R-CNN (``rcnn_train.m``), which SPP-net reuses (DESIGN.md "SVMs"):
+
+1. **positives and feature scale** (first pass over the training images): fc7 of the
+   ground-truth boxes (not the difficult ones unless ``data.use_difficult``) of each class, and
+   the norms of fc7 of up to ``scale_windows`` random windows in each of the first
+   ``scale_images`` images, from which one global factor makes the mean norm ``feature_norm`` (20);
+2. **mining** (``epochs`` passes): per image, fc7 of every window (ground-truth boxes and
+   proposals) in batches, scored by every class's current SVM; a window is a negative of class
+   ``c`` when its IoU with every box of ``c`` is below ``neg_iou`` (0.3) — difficult boxes count
+   here, so a difficult object is never mined as a negative — and is cached when it scores above
+   ``hard_thresh``; see ``spp_det.heads.svm.ClassSVM`` for retraining and eviction.
+
+Memory stays bounded: only one image's fc7 is held at a time, plus each class's positives and
+cached hard negatives (the log reports their count and the peak resident memory). Conv5 maps come
+from the content-keyed ``FeatureCache``, so the second pass reads them from disk.
+
+Writes ``work_dir/svm.pt`` = ``{"weight": [K, D], "bias": [K], "feature_scale": float,
+"meta": checkpoint_meta + settings, "stats": per-class mining statistics}`` atomically.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from spp_det import io
+from spp_det.boxes import box_iou, flip_boxes
+from spp_det.errors import UserError
+from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
+from spp_det.runtime import peak_rss_mb, resolve_device
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "svm.pt"
+FINETUNE = "finetune.pt"
+# keys of cached negatives: image index * KEY_STRIDE + window index (an image has < 2^20 windows)
+KEY_STRIDE = 1 << 20
+
+
+def load_finetuned_model(cfg: DictConfig, device: torch.device):
+    """The fine-tuned ``SPPNet`` from ``work_dir/finetune.pt`` in eval mode on ``device``, and
+    that file's path. The network is built with ``weights=None`` (the checkpoint holds every
+    weight, so nothing is downloaded) and checked against the config's classes and network."""
+    from spp_det.model import build_model
+
+    path = Path(cfg.work_dir) / FINETUNE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `spp-det finetune` (or `spp-det train`) with this work_dir first")
+    try:
+        state = io.load_torch(path)
+    except Exception as exc:  # corrupt, truncated or not a torch file
+        raise UserError(f"{path}: cannot read the fine-tuned checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"{path}: not a fine-tuning checkpoint (expected a dict with 'state_dict')")
+    io.check_checkpoint(state.get("meta", {}), cfg, path)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(weights=None, backbone_checkpoint=None)  # every weight comes from the checkpoint
+    model = build_model(OmegaConf.create(model_cfg))
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit the configured model: {exc}") from None
+    return model.to(device).eval(), path
+
+
+def training_records(cfg: DictConfig, flip: bool):
+    """Records of ``data.train_split`` (plus mirrors when ``flip``) and their proposals."""
+    from spp_det.data.voc import load_split
+    from spp_det.proposals import load_proposals
+
+    records = load_split(cfg.data, cfg.data.train_split)
+    proposals = load_proposals(records, cfg.proposals, Path(cfg.cache_dir) / "proposals",
+                               workers=int(cfg.get("num_workers", 0)), progress=True)
+    if flip:
+        records = records + [r.flip() for r in records]
+    return records, proposals
+
+
+def record_proposals(record, proposals: dict) -> np.ndarray:
+    """Proposal boxes ``float32 [N, 4]`` of a record, mirrored for a flipped one."""
+    boxes = np.asarray(proposals[record.image_id], np.float32).reshape(-1, 4)
+    return flip_boxes(boxes, record.width) if record.flipped else boxes
+
+
+def image_windows(record, proposals: np.ndarray, num_classes: int, use_difficult: bool):
+    """Windows of one image and their overlaps with the ground truth.
+
+    Returns ``windows`` ``float32 [W, 4]`` (every ground-truth box first, then the proposals),
+    ``positive`` ``bool [W]`` (a ground-truth box trained on: not difficult unless
+    ``use_difficult``), ``overlaps`` ``float32 [W, K]`` (max IoU with any box of class k, difficult
+    ones included; 0 when the image has none of k). Column k is class k + 1.
+    """
+    gt = np.asarray(record.boxes, np.float32).reshape(-1, 4)
+    windows = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
+    positive = np.zeros(len(windows), bool)
+    positive[: len(gt)] = True if use_difficult else ~np.asarray(record.difficult, bool)
+    overlaps = np.zeros((len(windows), num_classes), np.float32)
+    if len(gt):
+        iou = box_iou(windows, gt)  # [W, G]
+        for c in np.unique(record.labels):
+            overlaps[:, c - 1] = iou[:, record.labels == c].max(axis=1)
+    return windows, positive, overlaps
+
+
+@torch.no_grad()
+def window_features(model, maps, record, windows: np.ndarray, batch: int, layer: str = "fc7") -> torch.Tensor:
+    """``pool5`` or ``fc7`` features ``float32 [W, D]`` (CPU) of ``windows`` ``[W, 4]`` of one image,
+    from its conv5 ``maps``, ``batch`` windows at a time."""
+    device = model.device
+    maps = [m.to(device=device, dtype=torch.float32) for m in maps]
+    dim = model.pool5_dim if layer == "pool5" else model.head.out_dim
+    out = torch.empty((len(windows), dim))
+    for start in range(0, len(windows), batch):
+        chunk = torch.from_numpy(windows[start:start + batch]).to(device)
+        feats = model.pool5(maps, image_hw=(record.height, record.width), windows=chunk)
+        if layer == "fc7":
+            feats = model.fc7(feats)
+        out[start:start + len(chunk)] = feats.float().cpu()
+    return out
+
+
+def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+    """Hash of everything that changes the SVMs: settings and the fine-tuned weights' bytes."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("checkpoint", None)
+    return io.hash_settings({"svm": cfg.svm, "model": model, "data": cfg.data, "proposals": cfg.proposals,
+                             "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
+
+
+def run(cfg: DictConfig) -> int:
+    """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
+    from spp_det.features.cache import FeatureCache
+
+    scfg = cfg.svm
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, finetune_path = load_finetuned_model(cfg, device)
+    artifact = Path(cfg.work_dir) / ARTIFACT
+    key = settings_key(cfg, finetune_path)
+    if artifact.is_file():
+        try:
+            if io.load_torch(artifact).get("meta", {}).get("settings") == key:
+                log.info("svm: %s is current; skipped", artifact)
+                return 0
+        except Exception:  # unreadable: train again and overwrite
+            pass
+    settings = SVMSettings.from_cfg(scfg)
+    classes = list(cfg.data.classes)
+    num_classes = len(classes)
+    use_difficult = bool(cfg.data.get("use_difficult", False))
+    batch = int(scfg.window_batch)
+    records, proposals = training_records(cfg, bool(scfg.get("flip", False)))
+    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    rng = np.random.default_rng(int(cfg.seed))
+
+    # pass 1: positives (unscaled fc7 of ground-truth boxes) and the feature scale
+    positives: list[list[torch.Tensor]] = [[] for _ in classes]
+    norms = NormMeter()
+    scale_images, scale_windows = int(scfg.scale_images), int(scfg.scale_windows)
+    for i, rec in enumerate(tqdm(records, desc="svm: positives", unit="image")):
+        windows, positive, _ = image_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+        pos_idx = np.flatnonzero(positive)
+        sample = rng.permutation(len(windows))[:scale_windows] if i < scale_images else np.zeros(0, np.int64)
+        wanted = np.concatenate([pos_idx, sample])
+        if not len(wanted):
+            continue
+        feats = window_features(model, cache.conv5(rec), rec, windows[wanted], batch)
+        for j, idx in enumerate(pos_idx):
+            positives[int(rec.labels[idx]) - 1].append(feats[j:j + 1])
+        norms.update(feats[len(pos_idx):])
+    missing = [name for name, p in zip(classes, positives) if not p]
+    if missing:
+        raise UserError(f"svm: no positive example (non-difficult ground-truth box) of class(es) "
+                        f"{', '.join(missing)} in {cfg.data.root} split {cfg.data.train_split!r}; "
+                        "every class in data.classes needs at least one")
+    scale = feature_scale(norms.mean, float(scfg.feature_norm))
+    log.info("svm: fc7 mean norm %.3f over %d windows -> feature scale %.5f; positives per class: %s",
+             norms.mean, norms.count, scale, {c: sum(len(t) for t in p) for c, p in zip(classes, positives)})
+    svms = [ClassSVM(name, torch.cat(p) * scale, settings, device) for name, p in zip(classes, positives)]
+    del positives
+
+    # pass 2: hard-negative mining
+    epochs = int(scfg.epochs)
+    for epoch in range(epochs):
+        bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
+        for i, rec in enumerate(bar):
+            windows, _, overlaps = image_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+            negative = overlaps < float(scfg.neg_iou)  # [W, K]
+            candidate = np.flatnonzero(negative.any(axis=1))
+            if len(candidate):
+                feats = window_features(model, cache.conv5(rec), rec, windows[candidate], batch) * scale
+                weight = torch.stack([s.w for s in svms])  # [K, D]
+                bias = torch.tensor([s.b for s in svms])
+                scores = feats @ weight.T + bias  # [M, K]
+                keys = torch.from_numpy(i * KEY_STRIDE + candidate.astype(np.int64))
+                for k, svm in enumerate(svms):
+                    mask = torch.from_numpy(negative[candidate, k])
+                    svm.offer(feats[mask], keys[mask], scores[mask, k])
+            last = epoch == epochs - 1 and i == len(records) - 1
+            for svm in svms:
+                if svm.needs_training() or (last and svm.num_added > 0):
+                    svm.retrain()
+            bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
+    untrained = [s.name for s in svms if not s.trained]
+    if untrained:
+        raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
+                        f"{cfg.data.train_split!r}; need images with proposals away from those objects")
+
+    stats = {}
+    for s in svms:
+        last = s.history[-1]
+        stats[s.name] = {"positives": len(s.positives), "hard_negatives": len(s.negatives), "added": s.total_added,
+                         "evicted": s.total_evicted, "retrains": s.retrains, "objective": last["objective"]}
+        log.info("svm: %-12s %5d positives, %6d hard negatives cached (%d added, %d evicted), %d trainings, "
+                 "objective %.4f", s.name, len(s.positives), len(s.negatives), s.total_added, s.total_evicted,
+                 s.retrains, last["objective"])
+    meta = {**io.checkpoint_meta(cfg), "settings": key}
+    io.save_torch({"weight": torch.stack([s.w for s in svms]).float(), "bias": torch.tensor([s.b for s in svms]).float(),
+                   "feature_scale": float(scale), "meta": meta, "stats": stats}, artifact)
+    log.info("svm: wrote %s in %.1f s (peak resident memory %.0f MiB, solver %s)", artifact,
+             time.perf_counter() - t0, peak_rss_mb(), settings.solver)
+    return 0
