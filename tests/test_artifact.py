@@ -1,0 +1,102 @@
+"""The model artifact (one weights_only-loadable file) and the test-time Detector."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spp_det.errors import UserError
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    """svm + bboxreg stages run on the tiny set; returns the config."""
+    from test_svm import tiny_setup
+
+    from spp_det.stages import bboxreg as bboxreg_stage
+    from spp_det.stages import svm as svm_stage
+
+    cfg = tiny_setup(tmp_path, monkeypatch)
+    monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
+    assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
+    return cfg
+
+
+def test_artifact_round_trips_through_weights_only_load(trained, tmp_path):
+    from spp_det import artifact
+
+    path = artifact.assemble(trained)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickles
+    assert raw["format"] == artifact.FORMAT and raw["classes"] == ["disc", "block"]
+    assert raw["config"]["weights"] is None and raw["scales"] == [96]
+    assert raw["svm"]["weight"].shape == (2, 32) and raw["bboxreg"]["weight"].shape == (2, 3201, 4)
+    loaded = artifact.load(path)
+    assert torch.equal(loaded["svm"]["bias"], raw["svm"]["bias"])
+
+
+def test_detector_loads_the_artifact_and_detects(trained, tmp_path):
+    from spp_det import artifact
+    from spp_det.detection.detector import Detector
+
+    detector = Detector.load(artifact.assemble(trained), "cpu")
+    assert detector.classes == ["disc", "block"]
+    image = np.full((96, 128, 3), 40, np.uint8)
+    image[20:60, 10:50] = (220, 60, 60)
+    proposals = np.array([[10, 20, 50, 60], [8, 18, 52, 63], [70, 10, 120, 80], [0, 0, 128, 96]], np.float32)
+    timings: dict[str, float] = {}
+    dets = detector.detect(image, proposals, score_thresh=-1e9, nms_iou=1.0, max_per_image=100, timings=timings)
+    assert dets.boxes.shape == (8, 4) and dets.scores.shape == (8,) and dets.labels.shape == (8,)
+    assert set(dets.labels.tolist()) == {1, 2}
+    assert np.all(np.diff(dets.scores) <= 0)  # sorted by score
+    assert set(timings) == {"conv5", "pool", "fc", "svm", "bboxreg", "nms"}
+    # box regression moves boxes but keeps them in the image
+    assert dets.boxes[:, 0::2].min() >= 0 and dets.boxes[:, 0::2].max() <= 128
+    assert dets.boxes[:, 1::2].max() <= 96
+    # the scores are the SVMs' on scaled fc7: recompute one by hand
+    scores, _ = detector.score_windows(image, proposals, bbox_reg=False)
+    with torch.no_grad():
+        _, fc7 = detector.model.features(image, proposals)
+    expected = fc7 * detector.svm_scale @ detector.svm_weight.T + detector.svm_bias
+    assert torch.allclose(scores, expected, atol=1e-4)
+    # without box regression the boxes are the proposals; max_per_image and score_thresh apply
+    plain = detector.detect(image, proposals, -1e9, 1.0, 3, bbox_reg=False)
+    assert len(plain) == 3 and all(any(np.allclose(b, p) for p in proposals) for b in plain.boxes)
+    assert len(detector.detect(image, proposals, 1e9, 0.3, 100)) == 0
+    assert len(detector.detect(image, np.zeros((0, 4), np.float32), -1e9, 0.3, 100)) == 0
+
+
+def test_softmax_scorer_uses_the_fine_tuned_fc8(trained):
+    from spp_det import artifact
+    from spp_det.detection.detector import Detector
+
+    detector = Detector.load(artifact.assemble(trained), "cpu", scorer="softmax")
+    image = np.full((96, 128, 3), 40, np.uint8)
+    scores, _ = detector.score_windows(image, np.array([[10, 20, 50, 60]], np.float32), bbox_reg=False)
+    assert scores.shape == (1, 2) and 0 <= float(scores.min()) and float(scores.sum()) < 1
+
+
+def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
+    from spp_det import artifact, io
+
+    with pytest.raises(UserError, match="not found"):
+        artifact.load(tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot read"):
+        artifact.load(tmp_path / "bad.pt")
+    io.save_torch({"state_dict": {}, "meta": {}}, tmp_path / "stage.pt")
+    with pytest.raises(UserError, match="not a spp-det model"):
+        artifact.load(tmp_path / "stage.pt")
+    io.save_torch({"format": artifact.FORMAT, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(UserError, match="version"):
+        artifact.load(tmp_path / "future.pt")
+
+
+def test_stage_artifacts_of_other_classes_are_refused(trained):
+    from omegaconf import open_dict
+
+    from spp_det import artifact
+
+    with open_dict(trained):
+        trained.data.classes = ["disc", "ring"]
+    with pytest.raises(UserError, match="classes"):
+        artifact.assemble(trained)

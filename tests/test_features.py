@@ -1,0 +1,140 @@
+"""Backbones, scales, best scale, projection onto conv5, the conv5 cache."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spp_det.data.voc import ImageRecord
+from spp_det.features.backbones import ZF5, AlexNetConv5, minimum_input, output_size, receptive_field
+from spp_det.features.cache import FeatureCache, weights_hash
+from spp_det.features.projection import project_windows
+from spp_det.features.scales import best_scale, scaled_sizes
+from spp_det.model import build_model
+from spp_det.runtime import compose_config
+
+
+def test_zf5_has_stride_16_and_the_release_cell_centres():
+    zf5 = ZF5(width=0.05)
+    # the release's offset0 = 21 (1-based pixel of cell 1's centre) is pixel 20 0-based
+    assert (zf5.stride, zf5.centre0) == (16, 20.0)
+    assert receptive_field([(3, 1, 1, False)] * 3) == (1, 0.0)
+    assert AlexNetConv5().centre0 == 15.0
+
+
+def test_zf5_conv5_sizes_follow_caffe_ceil_pooling():
+    zf5 = ZF5(width=0.05).eval()
+    with torch.no_grad():
+        assert zf5(torch.zeros(1, 3, 224, 224)).shape[-2:] == (13, 13)  # the release's sz_conv_standard = 13
+        assert zf5(torch.zeros(1, 3, 64, 100)).shape[-2:] == zf5.conv5_size(64, 100) == (3, 5)
+    assert output_size(688, zf5.layers) == 42
+
+
+def test_zf5_width_multiplier_scales_channels_with_a_floor_of_8():
+    assert ZF5(width=1.0).out_channels == 256
+    assert ZF5(width=0.25).out_channels == 64
+    assert ZF5(width=0.01).out_channels == 8
+
+
+def test_tiny_images_are_padded_to_at_least_one_conv5_cell():
+    zf5 = ZF5(width=0.05).eval()
+    assert output_size(zf5.min_input - 1, zf5.layers) == 0 and output_size(zf5.min_input, zf5.layers) == 1
+    assert minimum_input(zf5.layers) == zf5.min_input == 39
+    with torch.no_grad():
+        assert zf5(zf5.normalize(np.zeros((10, 10, 3), np.uint8))).shape == (1, zf5.out_channels, 1, 1)
+
+
+def test_zf5_normalisation_subtracts_128():
+    x = ZF5(width=0.05).normalize(np.full((2, 3, 3), 130, np.uint8))
+    assert x.shape == (1, 3, 2, 3) and x.dtype == torch.float32 and torch.all(x == 2.0)
+
+
+def test_shorter_side_goes_to_the_scale_and_max_size_caps_the_longer():
+    (s,) = scaled_sizes(375, 500, [688])
+    assert (s.height, s.width) == (688, 917)
+    (s,) = scaled_sizes(100, 1000, [688], max_size=2000)
+    assert (s.height, s.width) == (200, 2000)
+
+
+def test_best_scale_is_the_one_whose_scaled_area_is_closest_to_224_squared():
+    sizes = scaled_sizes(375, 500, [480, 688])  # factors 1.28 and 1.8347
+    windows = torch.tensor([[0, 0, 100, 100], [0, 0, 300, 300], [10, 10, 185, 185], [0, 0, 0, 0]], dtype=torch.float32)
+    # 175^2 * 1.28^2 = 50176 exactly; a zero-area window ties everywhere: the first scale
+    assert best_scale(windows, sizes, 224 ** 2).tolist() == [1, 0, 0, 0]
+    assert best_scale(windows, sizes[:1], 224 ** 2).tolist() == [0, 0, 0, 0]
+
+
+ZF5_MAP = (42, 56)  # conv5 of a 688 x 917 image
+
+
+@pytest.mark.parametrize("rule, window, cells", [
+    ("paper", [0, 0, 917, 688], [0, 0, 55, 40]),          # whole image: left edges clamp, right edges shrink
+    ("paper", [100, 36, 164, 100], [5, 1, 7, 3]),          # floor((x-20)/16), ceil((x-20)/16) - 2
+    ("paper", [300, 300, 300, 300], [16, 16, 16, 16]),     # zero width: the middle cell
+    ("paper", [900, 680, 917, 688], [55, 40, 55, 40]),     # bottom-right corner: stays on the map
+    ("release", [0, 0, 917, 688], [0, 0, 55, 41]),
+    ("release", [100, 36, 164, 100], [5, 1, 9, 5]),        # snapped to the nearest centres 16j+20 after 6.5 px
+    ("release", [300, 300, 300, 300], [17, 17, 17, 17]),
+    ("release", [-50, -50, 10, 10], [0, 0, 0, 0]),         # outside the image on the left/top: clamped
+])
+def test_projection_of_hand_computed_windows(rule, window, cells):
+    out = project_windows(torch.tensor([window], dtype=torch.float32), ZF5_MAP, 16, 20.0, rule, 6.5)
+    assert out.tolist() == [cells]
+
+
+def test_projection_never_leaves_the_map_and_never_collapses():
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=gen) * 1000 - 50
+    wh = torch.rand(500, 2, generator=gen) ** 3 * 600
+    windows = torch.cat([xy, xy + wh], dim=1)
+    for rule in ("paper", "release"):
+        c = project_windows(windows, ZF5_MAP, 16, 20.0, rule)
+        assert (c[:, 0] >= 0).all() and (c[:, 1] >= 0).all() and (c[:, 2] <= 55).all() and (c[:, 3] <= 41).all()
+        assert (c[:, 2] >= c[:, 0]).all() and (c[:, 3] >= c[:, 1]).all()
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+def tiny_model(scales=(64,)):
+    cfg = compose_config(["model=zf5_narrow", "model.width=0.05", "model.fc_dim=16", f"model.scales=[{','.join(map(str, scales))}]"])
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval()
+
+
+def tiny_record(tmp_path, name="img", seed=0):
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    return ImageRecord(name, path, 50, 40, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                       np.zeros(0, bool), np.zeros(0, bool))
+
+
+def test_feature_cache_hit_miss_and_invalidation(tmp_path):
+    record = tiny_record(tmp_path)
+    cache = FeatureCache(tmp_path / "cache", tiny_model())
+    maps = cache.conv5(record)
+    assert cache.stats["misses"] == 1 and cache.stats["hits"] == 0
+    assert len(maps) == 1 and maps[0].dtype == torch.float16 and maps[0].device.type == "cpu"
+    with torch.no_grad():
+        assert torch.allclose(maps[0].float(), cache.model.conv5(record.load_image())[0], atol=1e-2, rtol=1e-2)
+
+    again = FeatureCache(tmp_path / "cache", tiny_model())  # a new process, same settings and weights
+    assert torch.equal(again.conv5(record)[0], maps[0]) and again.stats == {**again.stats, "hits": 1, "misses": 0}
+    assert again.bytes_per_image() > 0
+
+    flipped = again.conv5(record.flip())  # the mirrored image is another entry
+    assert again.stats["misses"] == 1 and not torch.equal(flipped[0], maps[0])
+
+    other_scales = FeatureCache(tmp_path / "cache", tiny_model(scales=(64, 80)))
+    assert len(other_scales.conv5(record)) == 2 and other_scales.stats["misses"] == 1
+
+    retrained = tiny_model()
+    with torch.no_grad():
+        retrained.backbone.body[0].bias.add_(1.0)
+    assert weights_hash(retrained.backbone) != weights_hash(tiny_model().backbone)
+    changed = FeatureCache(tmp_path / "cache", retrained)
+    changed.conv5(record)
+    assert changed.stats["misses"] == 1
+
+    # an edited image file is a new key
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(record.path)
+    assert not again.contains(record)
