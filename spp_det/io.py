@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -35,12 +33,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def save_torch(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically. Save only tensors, numbers, strings, lists and dicts, so the
     file loads with ``torch.load(..., weights_only=True)``."""
+    import torch  # here, not at the top: worker processes that only write numpy caches skip torch's import
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_torch(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True``: never unpickles arbitrary objects."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

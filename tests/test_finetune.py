@@ -226,3 +226,141 @@ def test_no_foreground_is_a_clear_error():
                                   np.arange(len(pool.labels)), 1)
     with pytest.raises(UserError, match="no foreground"):
         finetune.train_fc(toy_net(), only_bg, pool, loop_cfg(), 0, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------- the stage (real engine)
+
+SYNTH_CLASSES = ["circle", "square", "triangle"]
+SYNTH = {"seed": 1, "num_images": 20, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
+         "max_side": 128, "objects_per_image": [1, 2], "min_object": 20, "max_object_frac": 0.6,
+         "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from spp_det.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, SYNTH, SYNTH_CLASSES, progress=False)
+    return root
+
+
+def fake_proposals(records, proposals_cfg, cache_dir, workers=0, progress=True):
+    """Stand-in for selective search (slow, and not what is tested here): jittered ground-truth
+    boxes and random boxes, deterministic per image, of the unflipped image."""
+    out = {}
+    for r in records:
+        rng = np.random.default_rng(abs(hash(r.image_id)) % 2**32)
+        jitter = np.concatenate([r.boxes + rng.normal(0, 4, r.boxes.shape) for _ in range(6)]) if len(r.boxes) else \
+            np.zeros((0, 4))
+        boxes = np.concatenate([jitter, random_boxes(rng, 30, min(r.width, r.height))]).astype(np.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, r.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, r.height)
+        out[r.image_id] = boxes[(boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)]
+    return out
+
+
+@pytest.fixture
+def stage(monkeypatch, synth_root, tmp_path):
+    """A tiny ZF-5 finetune config on the synthetic set, with stand-in proposals."""
+    pytest.importorskip("spp_det.model", reason="the SPP engine (spp_det.model) is not built yet")
+    import sys
+    import types
+
+    try:
+        import spp_det.proposals as proposals_module
+        monkeypatch.setattr(proposals_module, "load_proposals", fake_proposals, raising=False)
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "spp_det.proposals", types.SimpleNamespace(load_proposals=fake_proposals))
+    from spp_det.runtime import compose_config
+
+    def make(work="work", *extra):
+        cfg = compose_config([
+            "data=synth", "model=zf5_narrow", "model.width=0.125", "model.fc_dim=64", "model.scales=[96]",
+            "device=cpu", f"work_dir={tmp_path / work}", f"cache_dir={tmp_path / 'cache'}",
+            f"data.classes=[{','.join(SYNTH_CLASSES)}]", "finetune.iterations=30", "finetune.val_every=10",
+            "finetune.checkpoint_every=10", "finetune.batch_size=32", "finetune.lr=0.01", "finetune.lr_steps=[20]",
+            *extra], stage="finetune")
+        cfg.data.root = str(synth_root)
+        return cfg
+
+    return make
+
+
+def test_finetune_writes_a_weights_only_artifact_with_a_k_plus_1_way_fc8(stage, tmp_path):
+    cfg = stage()
+    assert finetune.run(cfg) == 0
+    ckpt = torch.load(tmp_path / "work" / "finetune.pt", weights_only=True)
+    assert ckpt["fc8"]["weight"].shape == (len(SYNTH_CLASSES) + 1, 64)
+    assert ckpt["meta"]["classes"] == SYNTH_CLASSES
+    assert any(k.startswith("head.fc6") for k in ckpt["state_dict"])
+    assert ckpt["val"]["best_iteration"] in (10, 20, 30)
+    assert [h["iteration"] for h in ckpt["val"]["history"]] == [10, 20, 30]
+    assert not (tmp_path / "work" / finetune.STATE).exists()
+    from spp_det.model import build_model
+
+    build_model(cfg.model).load_state_dict(ckpt["state_dict"])  # a complete SPPNet state
+
+
+def test_a_killed_finetune_stage_resumes_to_the_same_artifact(stage, tmp_path):
+    assert finetune.run(stage("full")) == 0
+
+    def kill(it, net):
+        if it == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(stage("resumed"), on_iteration=kill)
+    assert (tmp_path / "resumed" / finetune.STATE).exists() and not (tmp_path / "resumed" / "finetune.pt").exists()
+    assert finetune.run(stage("resumed")) == 0
+    a = torch.load(tmp_path / "full" / "finetune.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "finetune.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert torch.equal(a["fc8"]["weight"], b["fc8"]["weight"]) and a["val"] == b["val"]
+
+
+def test_a_pretrain_checkpoint_from_another_config_is_refused(stage, tmp_path):
+    cfg = stage()
+    other = {**finetune.io.checkpoint_meta(cfg), "classes": ["cat", "dog"]}
+    finetune.io.save_torch({"backbone": {}, "meta": other}, tmp_path / "work" / "pretrain.pt")
+    with pytest.raises(UserError, match="another configuration"):
+        finetune.run(cfg)
+
+
+class FakeModel:
+    """pool5 = a function of the window's coordinates, so rows can be checked."""
+
+    pool5_dim = 4
+
+    def pool5(self, maps, image_hw, windows):
+        return windows.float() / 100
+
+
+class FakeCache:
+    def __init__(self):
+        self.calls = 0
+
+    def conv5(self, record):
+        self.calls += 1
+        return [torch.zeros(1, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("in_memory_mb", [2048, 0])
+def test_the_window_pool_holds_each_windows_pool5_in_memory_or_on_disk(tmp_path, in_memory_mb):
+    rec = make_record([[10, 10, 60, 60]], [2])
+    proposals = {"img": np.array([[12, 11, 61, 59], [30, 30, 80, 80], [150, 150, 190, 190]], np.float32)}
+    cfg = OmegaConf.merge(FCFG, {"pool_in_memory_mb": in_memory_mb})
+    records = [rec, rec.flip()]
+    cache = FakeCache()
+    pool = finetune.build_pool(FakeModel(), cache, records, proposals, cfg, False, 0, torch.device("cpu"),
+                               tmp_path, "key", "test")
+    # per image: the GT box and the near proposal are foreground; the IoU-0.1..0.5 one is background
+    assert pool.labels.tolist() == [2, 2, 0, 2, 2, 0] and pool.fg.tolist() == [0, 1, 3, 4]
+    flipped_gt = rec.flip().boxes[0]
+    assert np.allclose(pool.pool5[3].astype(np.float32), flipped_gt / 100, atol=1e-3)  # mirrored windows
+    assert (tmp_path / "key.npy").exists() == (in_memory_mb == 0)
+    if in_memory_mb == 0:  # a second build reads the on-disk cache instead of pooling again
+        again = finetune.build_pool(FakeModel(), cache, records, proposals, cfg, False, 0, torch.device("cpu"),
+                                    tmp_path, "key", "test")
+        assert cache.calls == 2 and np.array_equal(np.asarray(again.pool5), np.asarray(pool.pool5))

@@ -393,7 +393,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
                                workers=int(cfg.get("num_workers", 0)), progress=True)
     if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
         train = train + [r.flip() for r in train]
-    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    cache = FeatureCache(cfg.cache_dir, model)  # the same cache the features stage fills
     use_difficult = bool(cfg.data.get("use_difficult", False))
     store = Path(cfg.cache_dir) / "finetune_pool5"
     train_pool = build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,

@@ -95,6 +95,8 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.update(weights=None, backbone_checkpoint=None, checkpoint=None)
     model = build_model(OmegaConf.create(model_cfg))
+    if cfg.pretrain.get("init", "kaiming") == "kaiming":
+        init_from_scratch(model.backbone)
     levels = tuple(int(n) for n in cfg.model.pyramid_levels)
     classifier = SPPClassifier(model.backbone, lambda x: whole_map_pyramid(x, levels), model.head,
                                num_classes, model.head.out_dim)

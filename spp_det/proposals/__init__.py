@@ -1,0 +1,21 @@
+"""Selective-search proposals: backends, post-processing, a content-keyed cache, precomputed files.
+
+Public API (docs/CONTRACTS.md "Proposals"):
+
+- ``compute_proposals(image uint8 [H, W, 3], proposals_cfg) -> float32 [N, 4]``
+- ``load_proposals(records, proposals_cfg, cache_dir, workers=0, progress=True) -> {image_id: float32 [N, 4]}``
+- ``proposals_for_file(path, image, proposals_cfg, cache_dir) -> float32 [N, 4]``
+"""
+from spp_det.proposals.cache import (
+    ProposalImageError,
+    compute_proposals,
+    load_proposals,
+    proposals_for_file,
+    proposals_for_paths,
+)
+from spp_det.proposals.precomputed import ProposalFileError, read_mat, read_schema, write_schema
+
+__all__ = [
+    "ProposalFileError", "ProposalImageError", "compute_proposals", "load_proposals", "proposals_for_file",
+    "proposals_for_paths", "read_mat", "read_schema", "write_schema",
+]

@@ -1,0 +1,193 @@
+"""Selective-search backends: an RGB ``uint8 [H, W, 3]`` image -> ranked boxes ``float32 [N, 4]``.
+
+Every backend returns boxes in the internal convention (0-based continuous ``x1, y1, x2, y2``,
+pixel column ``x`` covers ``[x, x + 1)``) in its ranking order, best first; clipping, duplicate
+removal and the ``max_boxes`` cut are done once, in ``postprocess``.
+
+Selective search (Uijlings et al., IJCV 2013) groups a Felzenszwalb-Huttenlocher
+over-segmentation hierarchically; *diversification* runs several hierarchies (colour spaces x
+Felzenszwalb k x similarity strategies) and merges them. Each box gets Uijlings' rank
+``rand * position-in-its-hierarchy`` so the first boxes of the merged list come from every
+hierarchy. The randomness is seeded (``proposals.seed``), so the same image and settings always
+give the same boxes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import cv2
+import numpy as np
+
+from spp_det.errors import UserError
+from spp_det.proposals.postprocess import interleave
+
+# Colour spaces by the names Uijlings et al. use (Sec. 3.2); the image arrives as RGB.
+COLOR_SPACES = {
+    "rgb": None,
+    "hsv": cv2.COLOR_RGB2HSV,
+    "lab": cv2.COLOR_RGB2Lab,
+    "ycrcb": cv2.COLOR_RGB2YCrCb,
+    "gray": cv2.COLOR_RGB2GRAY,
+}
+
+
+def _convert(image: np.ndarray, space: str) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]`` -> the colour space ``space`` (uint8, 3 channels except gray)."""
+    key = str(space).lower()
+    if key not in COLOR_SPACES:
+        raise UserError(f"proposals.color_spaces: unknown colour space {space!r} (choose from {', '.join(COLOR_SPACES)})")
+    return image if COLOR_SPACES[key] is None else cv2.cvtColor(image, COLOR_SPACES[key])
+
+
+def _resolutions(resize_to) -> list[int | None]:
+    """``proposals.resize_to`` as a list: ``null`` -> ``[None]``, ``300`` -> ``[300]``, lists kept."""
+    if resize_to is None:
+        return [None]
+    if isinstance(resize_to, (int, float)):
+        return [int(resize_to)]
+    out = [None if r is None else int(r) for r in resize_to]
+    if not out or any(r is not None and r <= 0 for r in out):
+        raise UserError(f"proposals.resize_to must be null, a positive shorter side or a list of them, not {list(resize_to)!r}")
+    return out
+
+
+def _shrink(image: np.ndarray, shorter_side: int | None) -> tuple[np.ndarray, float]:
+    """Downscale so the shorter side is ``shorter_side`` (never upscale) -> (image, factor)."""
+    h, w = image.shape[:2]
+    if shorter_side is None or min(h, w) <= shorter_side:
+        return image, 1.0
+    factor = shorter_side / min(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), factor
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None)
+
+
+def _seed_c_rand(seed: int) -> None:
+    """OpenCV ranks regions with the C library's ``rand()`` (selectivesearchsegmentation.cpp),
+    which is never seeded: the order would depend on what the process ran before. Seed it."""
+    try:
+        _libc().srand(ctypes.c_uint(int(seed)))
+    except (OSError, AttributeError):  # no libc symbol table (not Linux/macOS): order may vary
+        pass
+
+
+# Similarity strategies by letters: c colour, t texture, s size, f fill (Uijlings Sec. 3.2).
+_STRATEGY_FACTORIES = {
+    "c": "createSelectiveSearchSegmentationStrategyColor",
+    "t": "createSelectiveSearchSegmentationStrategyTexture",
+    "s": "createSelectiveSearchSegmentationStrategySize",
+    "f": "createSelectiveSearchSegmentationStrategyFill",
+}
+
+
+def _opencv_strategy(letters: str):
+    seg = cv2.ximgproc.segmentation
+    letters = str(letters).lower()
+    if not letters or any(ch not in _STRATEGY_FACTORIES for ch in letters):
+        raise UserError(f"proposals.strategies: {letters!r} is not a combination of c (colour), t (texture), "
+                        "s (size), f (fill), e.g. 'ctsf'")
+    multiple = seg.createSelectiveSearchSegmentationStrategyMultiple()
+    for ch in letters:
+        multiple.addStrategy(getattr(seg, _STRATEGY_FACTORIES[ch])(), 1.0 / len(letters))
+    return multiple
+
+
+def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
+    """One OpenCV selective-search run on RGB ``image`` -> ranked ``float32 [N, 4]`` boxes."""
+    if not hasattr(cv2, "ximgproc"):
+        raise UserError("proposals.backend=opencv needs OpenCV's contrib modules (cv2.ximgproc): install "
+                        "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
+    seg = cv2.ximgproc.segmentation
+    ss = seg.createSelectiveSearchSegmentation()
+    mode = str(cfg.get("mode", "fast"))
+    sigma = float(cfg.get("sigma", 0.8))
+    if mode in ("fast", "quality", "single"):
+        ss.setBaseImage(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))  # OpenCV's presets convert from BGR
+        base_k, inc_k = int(cfg.get("base_k", 150)), int(cfg.get("inc_k", 150))
+        if mode == "fast":
+            ss.switchToSelectiveSearchFast(base_k, inc_k, sigma)
+        elif mode == "quality":
+            ss.switchToSelectiveSearchQuality(base_k, inc_k, sigma)
+        else:
+            ss.switchToSingleStrategy(base_k, sigma)
+    elif mode == "custom":
+        for space in cfg.get("color_spaces", ["hsv", "lab"]):
+            ss.addImage(_convert(image, space))
+        min_region = int(cfg.get("min_region", 100))
+        for k in cfg.get("k", [150, 300, 450]):
+            ss.addGraphSegmentation(seg.createGraphSegmentation(sigma, float(k), min_region))
+        for letters in cfg.get("strategies", ["ctsf", "tsf"]):
+            ss.addStrategy(_opencv_strategy(letters))
+    else:
+        raise UserError(f"proposals.mode must be fast, quality, single or custom, not {mode!r}")
+    _seed_c_rand(int(cfg.get("seed", 0)))
+    rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h in pixels
+    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+
+
+def opencv_boxes(image: np.ndarray, cfg) -> np.ndarray:
+    """OpenCV selective search at each ``resize_to`` resolution, boxes scaled back and interleaved.
+
+    ``float32 [N, 4]`` in original-image pixels, ranked.
+    """
+    lists, done = [], set()
+    for shorter_side in _resolutions(cfg.get("resize_to")):
+        small, factor = _shrink(image, shorter_side)
+        if small.shape in done:  # image already smaller than this resolution: same run again
+            continue
+        done.add(small.shape)
+        lists.append(_opencv_once(small, cfg) / factor)
+    return interleave(lists)
+
+
+def _uijlings_rank(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Uijlings et al. Sec. 4.4: a region at position ``p`` of its hierarchy (1 = the whole image,
+    the last merge) gets value ``rand * p``; lower values come first."""
+    position = np.arange(n, 0, -1, dtype=np.float64)  # regions are listed first-created first
+    return rng.random(n) * position
+
+
+def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
+    """The ``selectivesearch`` package over colour spaces x Felzenszwalb k values, merged by rank.
+
+    ``float32 [N, 4]`` ranked. The package returns regions in creation order; its rects are
+    ``(min_x, min_y, max_x - min_x, max_y - min_y)`` with inclusive max pixels, hence the ``+ 1``.
+    """
+    import selectivesearch
+
+    lists = []
+    for shorter_side in _resolutions(cfg.get("resize_to")):
+        small, factor = _shrink(image, shorter_side)
+        for space in cfg.get("color_spaces", ["hsv", "lab"]):
+            converted = _convert(small, space)
+            if converted.ndim == 2:
+                converted = np.repeat(converted[:, :, None], 3, axis=2)
+            for k in cfg.get("scales", [100, 200, 300, 500]):
+                _, regions = selectivesearch.selective_search(
+                    converted, scale=float(k), sigma=float(cfg.get("sigma", 0.8)), min_size=int(cfg.get("min_region", 50)))
+                rects = np.array([r["rect"] for r in regions], dtype=np.float32).reshape(-1, 4)
+                boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] + 1.0], axis=1) / factor
+                lists.append(boxes)
+    if not lists:
+        return np.zeros((0, 4), np.float32)
+    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    ranks = np.concatenate([_uijlings_rank(len(b), rng) for b in lists])
+    return np.concatenate(lists)[np.argsort(ranks, kind="stable")].astype(np.float32)
+
+
+BACKENDS = {
+    "opencv": opencv_boxes,
+    "selectivesearch": selectivesearch_boxes,
+}
+
+# Settings that change the boxes, per backend (the cache key hashes exactly these, plus the
+# post-processing settings). `export`, `split` and `file` only say where boxes go or come from.
+BACKEND_SETTINGS = {
+    "opencv": ("mode", "resize_to", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
+    "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
+}

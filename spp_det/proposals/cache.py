@@ -1,0 +1,235 @@
+"""Proposals: compute, cache one entry per image, fill the cache for many images in parallel.
+
+Cache layout (DESIGN.md "every cache is keyed by what produced it")::
+
+    <cache_dir>/proposals/<backend>-<settings hash>/settings.json       what the hash covers
+    <cache_dir>/proposals/<backend>-<settings hash>/<sha1[:2]>/<sha1>.npy   float32 [N, 4]
+
+``sha1`` is the image file's content hash (``spp_det.io.hash_file``), so a renamed or copied
+image hits and an edited one misses; the settings hash covers every setting that changes the
+boxes, so a changed setting computes new entries and never reads stale ones. Each entry is
+written atomically as soon as its image is done, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from spp_det.errors import UserError
+from spp_det.io import atomic_path, hash_file, hash_settings, write_json
+from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS
+from spp_det.proposals.postprocess import postprocess_boxes
+from spp_det.proposals.precomputed import precomputed_boxes
+
+log = logging.getLogger(__name__)
+
+# Bump when the code that turns an image into boxes changes its output for the same settings.
+ALGORITHM_VERSION = 1
+
+
+class ProposalImageError(UserError):
+    """Some images of a set could not be read; ``bad`` maps each file to its reason."""
+
+    def __init__(self, bad: dict[str, str]):
+        self.bad = dict(bad)
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in sorted(self.bad.items()))
+        super().__init__(f"proposals: {len(self.bad)} image(s) could not be read (every other image's boxes "
+                         f"are cached):\n{lines}")
+
+
+def _plain(cfg) -> dict:
+    """A DictConfig or dict -> plain dict (picklable for worker processes)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]`` -> ``float32 [N, 4]`` proposals (backend + post-processing, no cache).
+
+    Boxes are 0-based continuous ``x1, y1, x2, y2`` in ``image``'s pixels, clipped, without
+    duplicates or boxes with a side under ``proposals.min_size``, at most ``proposals.max_boxes``,
+    in the backend's ranking order.
+    """
+    cfg = proposals_cfg
+    backend = str(cfg.get("backend", "opencv"))
+    if backend == "precomputed":
+        raise UserError("proposals.backend=precomputed reads boxes by image id: use load_proposals / "
+                        "proposals_for_file, not compute_proposals")
+    if backend not in BACKENDS:
+        raise UserError(f"proposals.backend must be one of {', '.join([*BACKENDS, 'precomputed'])}, not {backend!r}")
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"compute_proposals expects an RGB uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
+    h, w = image.shape[:2]
+    boxes = BACKENDS[backend](np.ascontiguousarray(image), cfg)
+    return postprocess_boxes(boxes, w, h, float(cfg.get("min_size", 2)), cfg.get("max_boxes", 2000))
+
+
+def settings_key(proposals_cfg) -> dict:
+    """Every setting that changes the boxes (and nothing that only says where they go)."""
+    cfg = _plain(proposals_cfg)
+    backend = str(cfg.get("backend", "opencv"))
+    key = {
+        "backend": backend,
+        "algorithm_version": ALGORITHM_VERSION,
+        "max_boxes": cfg.get("max_boxes"),
+        "min_size": cfg.get("min_size"),
+    }
+    key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(backend, ())})
+    if backend == "opencv":
+        key["opencv"] = cv2.__version__  # OpenCV's selective search has changed between releases
+    return key
+
+
+def settings_dir(cache_dir: str | Path, proposals_cfg) -> Path:
+    """``<cache_dir>/proposals/<backend>-<settings hash>``."""
+    key = settings_key(proposals_cfg)
+    return Path(cache_dir) / "proposals" / f"{key['backend']}-{hash_settings(key)}"
+
+
+def entry_path(folder: Path, content_hash: str) -> Path:
+    return folder / content_hash[:2] / f"{content_hash}.npy"
+
+
+def read_entry(path: Path) -> np.ndarray | None:
+    """A cached ``float32 [N, 4]`` or ``None`` when absent or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        boxes = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        log.warning("%s: unreadable proposals cache entry (%s); recomputing", path, exc)
+        return None
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        log.warning("%s: proposals cache entry has shape %s, not [N, 4]; recomputing", path, list(boxes.shape))
+        return None
+    return boxes.astype(np.float32, copy=False)
+
+
+def write_entry(path: Path, boxes: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(boxes, dtype=np.float32), allow_pickle=False)
+
+
+def _write_settings(folder: Path, proposals_cfg) -> None:
+    if not (folder / "settings.json").is_file():
+        write_json(settings_key(proposals_cfg), folder / "settings.json")
+
+
+def _compute_entry(task: tuple[str, str, Path, dict]) -> tuple[str, np.ndarray | None, str | None]:
+    """Worker: read one image, compute its boxes, write its cache entry -> (path, boxes, error)."""
+    from spp_det.data.images import ImageError, read_image
+
+    path, _, entry, cfg = task
+    try:
+        image = read_image(path, max_pixels=None)
+    except ImageError as exc:
+        return path, None, exc.reason
+    boxes = compute_proposals(image, cfg)
+    write_entry(entry, boxes)
+    return path, boxes, None
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe the cores
+
+
+def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0,
+                        progress: bool = True, desc: str = "proposals") -> dict[str, np.ndarray]:
+    """``{str(path): float32 [N, 4]}`` for image files, from the cache or computed in parallel.
+
+    Misses run in ``workers`` processes (0 = all cores). Unreadable images do not stop the
+    others: every good image is computed and cached, then ``ProposalImageError`` lists all bad files.
+    """
+    from tqdm import tqdm
+
+    from spp_det.runtime import num_workers
+
+    cfg = _plain(proposals_cfg)
+    folder = settings_dir(cache_dir, cfg)
+    out: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+    misses = []
+    for path in dict.fromkeys(str(p) for p in paths):
+        try:
+            content = hash_file(path)
+        except OSError as exc:
+            bad[path] = f"cannot read file ({exc.strerror or exc})"
+            continue
+        entry = entry_path(folder, content)
+        boxes = read_entry(entry)
+        if boxes is None:
+            misses.append((path, content, entry, cfg))
+        else:
+            out[path] = boxes
+    if misses:
+        _write_settings(folder, cfg)
+        n_proc = min(num_workers(workers), len(misses))
+        log.info("proposals: %d cached, computing %d with %d process(es) into %s", len(out), len(misses), n_proc, folder)
+        bar = tqdm(total=len(misses), desc=desc, unit="img", disable=not progress)
+        if n_proc <= 1:
+            results = map(_compute_entry, misses)
+            pool = None
+        else:
+            # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would copy mid-state.
+            pool = multiprocessing.get_context("spawn").Pool(n_proc, initializer=_init_worker)
+            results = pool.imap_unordered(_compute_entry, misses, chunksize=1)
+        try:
+            for path, boxes, error in results:
+                if error is None:
+                    out[path] = boxes
+                else:
+                    bad[path] = error
+                bar.update(1)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    if bad:
+        raise ProposalImageError(bad)
+    return out
+
+
+def load_proposals(records, proposals_cfg, cache_dir: str | Path, workers: int = 0,
+                   progress: bool = True) -> dict[str, np.ndarray]:
+    """``{image_id: float32 [N, 4]}``: boxes of the *unflipped* image of each ``ImageRecord``.
+
+    ``record.flipped`` is ignored (callers mirror with ``spp_det.boxes.flip_boxes``). Cached
+    entries are read, misses computed in parallel and cached; ``proposals.backend=precomputed``
+    reads ``proposals.file`` instead (a missing id is a ``UserError`` naming it). Raises
+    ``ProposalImageError`` listing every unreadable image after caching all the others.
+    """
+    cfg = _plain(proposals_cfg)
+    records = list({r.image_id: r for r in records}.values())
+    if cfg.get("backend") == "precomputed":
+        return {r.image_id: postprocess_boxes(precomputed_boxes(cfg.get("file"), r.image_id), r.width, r.height,
+                                              float(cfg.get("min_size", 2)), cfg.get("max_boxes"))
+                for r in records}
+    by_path = proposals_for_paths([r.path for r in records], cfg, cache_dir, workers, progress)
+    return {r.image_id: by_path[str(r.path)] for r in records}
+
+
+def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache_dir: str | Path) -> np.ndarray:
+    """``float32 [N, 4]`` proposals of the image file ``path`` whose pixels are ``image``
+    (RGB ``uint8 [H, W, 3]``), cached by the file's content + settings. With the precomputed
+    backend the file's stem is its image id."""
+    cfg = _plain(proposals_cfg)
+    h, w = np.asarray(image).shape[:2]
+    if cfg.get("backend") == "precomputed":
+        return postprocess_boxes(precomputed_boxes(cfg.get("file"), Path(path).stem), w, h,
+                                 float(cfg.get("min_size", 2)), cfg.get("max_boxes"))
+    folder = settings_dir(cache_dir, cfg)
+    entry = entry_path(folder, hash_file(path))
+    boxes = read_entry(entry)
+    if boxes is None:
+        boxes = compute_proposals(image, cfg)
+        _write_settings(folder, cfg)
+        write_entry(entry, boxes)
+    return boxes

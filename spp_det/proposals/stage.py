@@ -1,0 +1,51 @@
+"""``spp-det proposals``: fill the proposals cache for the dataset's splits (or export them).
+
+``proposals.split=NAME`` picks one split; by default ``data.train_split``, ``data.val_split``
+(when set) and ``data.test_split``. ``proposals.export=FILE.npz`` also writes the chosen
+split's boxes in the project schema (``spp_det.proposals.precomputed``). Unreadable images are
+listed together at the end and the stage fails (exit 1); every good image stays cached.
+"""
+from __future__ import annotations
+
+import logging
+
+from spp_det.data.voc import load_split
+from spp_det.proposals.cache import ProposalImageError, load_proposals
+from spp_det.proposals.precomputed import write_schema
+from spp_det.runtime import num_workers
+
+log = logging.getLogger(__name__)
+
+
+def splits_to_fill(cfg) -> list[str]:
+    """``proposals.split`` or the train, val (when set) and test splits, without repeats."""
+    if cfg.proposals.get("split"):
+        return [str(cfg.proposals.split)]
+    names = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split]
+    return list(dict.fromkeys(str(n) for n in names if n))
+
+
+def run(cfg) -> int:
+    splits = splits_to_fill(cfg)
+    export = cfg.proposals.get("export")
+    workers = num_workers(cfg.num_workers)
+    exported: dict = {}
+    bad: dict[str, str] = {}
+    for split in splits:
+        records = load_split(cfg.data, split)
+        try:
+            boxes = load_proposals(records, cfg.proposals, cfg.cache_dir, workers=workers, progress=True)
+        except ProposalImageError as exc:
+            bad.update(exc.bad)
+            continue
+        n = [len(b) for b in boxes.values()]
+        log.info("proposals %s: %d images, %.0f boxes per image (min %d, max %d), backend %s",
+                 split, len(n), sum(n) / max(len(n), 1), min(n, default=0), max(n, default=0), cfg.proposals.backend)
+        exported.update(boxes)
+    if bad:
+        log.error("%s", ProposalImageError(bad))
+        return 1
+    if export:
+        path = write_schema(export, exported)
+        log.info("wrote %d images' boxes (%s) to %s", len(exported), ", ".join(splits), path)
+    return 0
