@@ -21,7 +21,7 @@ from spp_det.data.voc import load_voc  # noqa: E402
 from spp_det.proposals.bench import run_benchmark  # noqa: E402
 from spp_det.runtime import compose_config, num_workers  # noqa: E402
 
-DEFAULT_SETTINGS = ["opencv_fast", "opencv_fast_multires", "selectivesearch"]
+DEFAULT_SETTINGS = ["opencv_fast", "opencv_multires", "selectivesearch"]
 
 
 def main(argv=None) -> int:
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="all")
     p.add_argument("--synth", default="/tmp/synth300", help="synthetic VOC-layout set, used when it exists")
     p.add_argument("--synth-split", default="test")
+    p.add_argument("--synth-max-images", type=int, default=30)
     p.add_argument("--setting", action="append", help="'OPTION [key=value ...]' (repeatable)")
     p.add_argument("--max-images", type=int, default=None, help="first N images of each dataset")
     p.add_argument("--slow-max-images", type=int, default=10, help="image limit for the slow selectivesearch backend")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     if args.synth and Path(args.synth).is_dir():
         try:
             records = _load_any_classes(args.synth, args.synth_split)
-            datasets["synth"] = records[: args.max_images]
+            datasets["synth"] = records[: args.synth_max_images]
         except Exception as exc:  # the synthetic set is optional: say why it was skipped
             print(f"skipping the synthetic set {args.synth}: {exc}", file=sys.stderr)
     settings = {}

@@ -78,6 +78,20 @@ def test_two_resolutions_and_custom_strategies_find_every_shape():
     assert recall(gt, boxes, 0.7) == 1.0
 
 
+def test_passes_merge_every_run_in_turn():
+    image, gt = shapes_image(160)
+    low = {**OPENCV, "resize_to": 80}
+    high = {**OPENCV, "mode": "custom", "color_spaces": ["hsv"], "k": [100], "min_region": 50, "strategies": ["ctsf"]}
+    both = compute_proposals(image, {**OPENCV, "passes": [{"resize_to": 80}, {k: high[k] for k in
+                                                                              ("mode", "color_spaces", "k", "min_region", "strategies")}],
+                                     "max_boxes": 0})
+    a, b = compute_proposals(image, {**low, "max_boxes": 0}), compute_proposals(image, {**high, "max_boxes": 0})
+    assert recall(gt, both, 0.7) == 1.0
+    # every box of either run is kept, once (the order is `interleave`'s, tested above)
+    assert {tuple(x) for x in both} == {tuple(x) for x in np.concatenate([a, b])}
+    assert len(both) == len({tuple(x) for x in both})
+
+
 def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
     cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],

@@ -131,17 +131,23 @@ def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
 
 
 def opencv_boxes(image: np.ndarray, cfg) -> np.ndarray:
-    """OpenCV selective search at each ``resize_to`` resolution, boxes scaled back and interleaved.
+    """OpenCV selective search, once per pass and ``resize_to`` resolution, boxes scaled back and interleaved.
 
-    ``float32 [N, 4]`` in original-image pixels, ranked.
+    ``proposals.passes`` (optional) is a list of setting overrides, one run each (e.g. OpenCV's
+    fast mode on a downscaled image plus a small-k run at full resolution); without it there is
+    one pass with the settings as they are. Returns ``float32 [N, 4]`` in ``image``'s pixels, ranked.
     """
     lists, done = [], set()
-    for shorter_side in _resolutions(cfg.get("resize_to")):
-        small, factor = _shrink(image, shorter_side)
-        if small.shape in done:  # image already smaller than this resolution: same run again
-            continue
-        done.add(small.shape)
-        lists.append(_opencv_once(small, cfg) / factor)
+    base = {k: v for k, v in dict(cfg).items() if k != "passes"}
+    for overrides in cfg.get("passes") or [{}]:
+        settings = {**base, **dict(overrides)}
+        for shorter_side in _resolutions(settings.get("resize_to")):
+            small, factor = _shrink(image, shorter_side)
+            run_key = (small.shape, repr(sorted((k, str(v)) for k, v in settings.items() if k != "resize_to")))
+            if run_key in done:  # image already smaller than this resolution: the same run again
+                continue
+            done.add(run_key)
+            lists.append(_opencv_once(small, settings) / factor)
     return interleave(lists)
 
 
@@ -188,6 +194,6 @@ BACKENDS = {
 # Settings that change the boxes, per backend (the cache key hashes exactly these, plus the
 # post-processing settings). `export`, `split` and `file` only say where boxes go or come from.
 BACKEND_SETTINGS = {
-    "opencv": ("mode", "resize_to", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
+    "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
     "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
 }

@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> int:
     batch = int(bcfg.window_batch)
     cap = int(bcfg.max_per_class) if bcfg.get("max_per_class") else None
     records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
-    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    cache = FeatureCache(cfg.cache_dir, model)
     rng = np.random.default_rng(int(cfg.seed))
     reservoirs = [Reservoir(cap, np.random.default_rng([int(cfg.seed), k])) for k in range(len(classes))]
     norms = NormMeter()

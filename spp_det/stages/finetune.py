@@ -389,7 +389,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     model.eval()
 
     train, val = train_val_split(cfg.data)
-    proposals = load_proposals(train + val, cfg.proposals, Path(cfg.cache_dir) / "proposals",
+    proposals = load_proposals(train + val, cfg.proposals, cfg.cache_dir,  # shared with the proposals stage
                                workers=int(cfg.get("num_workers", 0)), progress=True)
     if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
         train = train + [r.flip() for r in train]

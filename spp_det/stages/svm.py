@@ -76,7 +76,7 @@ def training_records(cfg: DictConfig, flip: bool):
     from spp_det.proposals import load_proposals
 
     records = load_split(cfg.data, cfg.data.train_split)
-    proposals = load_proposals(records, cfg.proposals, Path(cfg.cache_dir) / "proposals",
+    proposals = load_proposals(records, cfg.proposals, cfg.cache_dir,
                                workers=int(cfg.get("num_workers", 0)), progress=True)
     if flip:
         records = records + [r.flip() for r in records]
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> int:
     use_difficult = bool(cfg.data.get("use_difficult", False))
     batch = int(scfg.window_batch)
     records, proposals = training_records(cfg, bool(scfg.get("flip", False)))
-    cache = FeatureCache(Path(cfg.cache_dir) / "features", model)
+    cache = FeatureCache(cfg.cache_dir, model)
     rng = np.random.default_rng(int(cfg.seed))
 
     # pass 1: positives (unscaled fc7 of ground-truth boxes) and the feature scale
