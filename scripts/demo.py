@@ -52,8 +52,8 @@ def main() -> int:
     minutes = (time.perf_counter() - start) / 60
     print("\n" + "=" * 72)
     print(f"demo done in {minutes:.1f} min: VOC07 mAP {metrics['map_voc07']:.3f}, VOC10 mAP {metrics['map_voc10']:.3f}")
-    if "map_voc07_no_bboxreg" in metrics:
-        print(f"  without box regression: VOC07 mAP {metrics['map_voc07_no_bboxreg']:.3f}")
+    if "without_bbox_reg" in metrics:
+        print(f"  SVM scores alone (no box regression): VOC07 mAP {metrics['without_bbox_reg']['map_voc07']:.3f}")
     print(f"  model:            {RUN / 'model.pt'}")
     print(f"  metrics, PR plot: {RUN / 'eval'}/metrics.json, pr_curves.png, comp4_det_test_*.txt")
     print(f"  annotated images: {RUN / 'detect'}/ (detections.jsonl)")

@@ -65,6 +65,22 @@ def test_detector_loads_the_artifact_and_detects(trained, tmp_path):
     assert len(detector.detect(image, np.zeros((0, 4), np.float32), -1e9, 0.3, 100)) == 0
 
 
+def test_detect_pair_equals_detect_with_and_without_box_regression(trained):
+    from spp_det import artifact
+    from spp_det.detection.detector import Detector
+
+    detector = Detector.load(artifact.assemble(trained), "cpu")
+    image = np.full((96, 128, 3), 40, np.uint8)
+    image[20:60, 10:50] = (220, 60, 60)
+    proposals = np.array([[10, 20, 50, 60], [8, 18, 52, 63], [70, 10, 120, 80]], np.float32)
+    with_reg, without = detector.detect_pair(image, proposals, -1e9, 0.3, 100)
+    for got, bbox_reg in ((with_reg, True), (without, False)):
+        expected = detector.detect(image, proposals, -1e9, 0.3, 100, bbox_reg=bbox_reg)
+        assert np.allclose(got.boxes, expected.boxes) and np.allclose(got.scores, expected.scores)
+        assert np.array_equal(got.labels, expected.labels)
+    assert not np.allclose(with_reg.boxes, without.boxes)  # the regressors moved something
+
+
 def test_softmax_scorer_uses_the_fine_tuned_fc8(trained):
     from spp_det import artifact
     from spp_det.detection.detector import Detector

@@ -96,8 +96,7 @@ def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
     cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],
            "sigma": 0.8, "min_region": 20, "seed": 0, "max_boxes": 2000, "min_size": 2}
-    gt96 = gt  # boxes of the 96-pixel image
-    assert recall(gt96, compute_proposals(image, cfg), 0.7) == 1.0
+    assert recall(gt, compute_proposals(image, cfg), 0.7) == 1.0
 
 
 def test_same_image_and_settings_give_identical_boxes():

@@ -72,10 +72,13 @@ def load_proposals(records, cfg) -> dict:
     return load(records, cfg.proposals, cfg.cache_dir, workers=num_workers(cfg.num_workers))
 
 
-def run_detector(detector, records, cfg, proposals: dict | None = None) -> tuple[dict[str, Detections], dict]:
+def run_detector(detector, records, cfg, proposals: dict | None = None,
+                 without_bbox_reg: dict | None = None) -> tuple[dict[str, Detections], dict]:
     """Detections of every record (image id -> ``Detections``) and seconds per image by step.
 
     ``proposals``: image id -> ``f32 [N, 4]``; loaded (cached) with ``cfg.proposals`` when None.
+    ``without_bbox_reg``: a dict to fill with the detections before box regression, from the
+    same pass (needs box regression on and a detector with ``detect_pair``).
     """
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
@@ -88,8 +91,12 @@ def run_detector(detector, records, cfg, proposals: dict | None = None) -> tuple
         start = time.perf_counter()
         image = r.load_image()
         timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
-        detections[r.image_id] = detector.detect(image, proposals[r.image_id], e.score_thresh, e.nms_iou,
-                                                 e.max_per_image, e.bbox_reg, timings)
+        if without_bbox_reg is not None:
+            detections[r.image_id], without_bbox_reg[r.image_id] = detector.detect_pair(
+                image, proposals[r.image_id], e.score_thresh, e.nms_iou, e.max_per_image, timings)
+        else:
+            detections[r.image_id] = detector.detect(image, proposals[r.image_id], e.score_thresh, e.nms_iou,
+                                                     e.max_per_image, e.bbox_reg, timings)
     timings["total"] = time.perf_counter() - start_all
     n = max(len(records), 1)
     return detections, {k: v / n for k, v in timings.items()}
@@ -106,9 +113,16 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
     """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
     bboxreg, nms) and in all (``total``)."""
-    detections, seconds = run_detector(detector, records, cfg, proposals)
+    compare = bool(cfg.eval.bbox_reg and cfg.eval.get("compare_bbox_reg", True) and hasattr(detector, "detect_pair")
+                   and getattr(detector, "bbox_weight", None) is not None)
+    plain: dict | None = {} if compare else None
+    detections, seconds = run_detector(detector, records, cfg, proposals, plain)
+    extra: dict = {"seconds_per_image": seconds}
+    if compare:  # the paper's two rows: SVM scores alone, then with box regression
+        before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
+        extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}
     return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
-                            coco=cfg.eval.get("coco", True), extra={"seconds_per_image": seconds})
+                            coco=cfg.eval.get("coco", True), extra=extra)
 
 
 def format_table(metrics: dict) -> str:
@@ -153,5 +167,10 @@ def run(cfg) -> int:
         check_classes(detector.classes, classes, str(cfg.model.checkpoint))
         metrics = evaluate_detector(detector, records, cfg, out_dir)
     print(format_table(metrics))
+    if "without_bbox_reg" in metrics:
+        w = metrics["without_bbox_reg"]
+        if w["map_voc07"] is not None and metrics["map_voc07"] is not None:
+            print(f"without box regression: mAP VOC07 {100 * w['map_voc07']:.1f}, VOC10 {100 * w['map_voc10']:.1f} "
+                  f"(with: {100 * metrics['map_voc07']:.1f}, {100 * metrics['map_voc10']:.1f})")
     log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "pr_curves.png")
     return 0

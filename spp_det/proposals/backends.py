@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 
 import cv2
 import numpy as np
@@ -174,8 +175,11 @@ def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
             if converted.ndim == 2:
                 converted = np.repeat(converted[:, :, None], 3, axis=2)
             for k in cfg.get("scales", [100, 200, 300, 500]):
-                _, regions = selectivesearch.selective_search(
-                    converted, scale=float(k), sigma=float(cfg.get("sigma", 0.8)), min_size=int(cfg.get("min_region", 50)))
+                with warnings.catch_warnings():
+                    # the package runs scikit-image's LBP on float images; its warning repeats per call
+                    warnings.filterwarnings("ignore", message=".*local_binary_pattern.*", category=UserWarning)
+                    _, regions = selectivesearch.selective_search(
+                        converted, scale=float(k), sigma=float(cfg.get("sigma", 0.8)), min_size=int(cfg.get("min_region", 50)))
                 rects = np.array([r["rect"] for r in regions], dtype=np.float32).reshape(-1, 4)
                 boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] + 1.0], axis=1) / factor
                 lists.append(boxes)
