@@ -12,7 +12,9 @@ On ``bench.num_images`` images of the VOC sample, with ``bench.windows`` windows
 
 The table is printed and written as JSON to ``bench.output`` in the run directory. The timing
 helpers (:func:`time_spp`, :func:`time_rcnn`, :func:`time_engine`) are reusable by other
-benchmarks (proposals, SVM, NMS steps can be added as more keys).
+benchmarks. Then the whole detector by step on the same images (one scale): selective search
+(:func:`time_proposals`, no cache, one process), conv5, pooling, fc, SVM scores, box regression
+and NMS (:func:`time_heads`, random weights of the real shapes for ``data.classes``).
 """
 from __future__ import annotations
 
@@ -86,6 +88,43 @@ def time_rcnn(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size:
     return {"total": t, "per_window": t / max(1, len(windows))}
 
 
+@torch.inference_mode()
+def time_heads(model: SPPNet, image: np.ndarray, windows: np.ndarray, num_classes: int,
+               score_thresh: float = -1.5, nms_iou: float = 0.3, max_per_image: int = 100) -> dict:
+    """Seconds for the test-time steps after fc7 on one image: per-class SVM scores, box
+    regression of every window for every class, and post-processing (threshold, per-class NMS,
+    top-k). Random SVM and regressor weights of the real shapes (cost does not depend on values;
+    random scores keep many windows above the threshold, a pessimistic NMS load)."""
+    from spp_det.detection.postprocess import postprocess
+    from spp_det.heads import bboxreg
+
+    model.eval()
+    sync = _sync_for(model)
+    maps = model.conv5(image)
+    boxes = torch.as_tensor(windows, device=model.device)
+    pool5 = model.pool5(maps, image.shape[:2], boxes)
+    fc7 = model.fc7(pool5)
+    gen = torch.Generator().manual_seed(0)
+    svm_w = (torch.randn(num_classes, fc7.shape[1], generator=gen) * 0.01).to(fc7.device)
+    reg_w = (torch.randn(num_classes, pool5.shape[1] + 1, 4, generator=gen) * 1e-4).to(fc7.device)
+    scores, t_svm = _timed(lambda: fc7 @ svm_w.T, sync)
+    moved, t_reg = _timed(lambda: bboxreg.apply(boxes, bboxreg.predict(pool5, reg_w)), sync)
+    _, t_nms = _timed(lambda: postprocess(moved.cpu(), scores.cpu(), score_thresh, nms_iou, max_per_image), sync)
+    return {"svm": t_svm, "bboxreg": t_reg, "nms": t_nms}
+
+
+def time_proposals(images: Sequence[np.ndarray], proposals_cfg) -> dict:
+    """Seconds per image of selective search (one process, no cache) and boxes per image."""
+    from spp_det.proposals import compute_proposals
+
+    seconds, counts = [], []
+    for image in images:
+        boxes, t = _timed(lambda: compute_proposals(image, proposals_cfg), lambda: None)
+        seconds.append(t)
+        counts.append(len(boxes))
+    return {"seconds": float(np.mean(seconds)), "boxes": float(np.mean(counts))}
+
+
 def time_engine(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
                 rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None) -> dict:
     """Mean seconds per image by step over ``images`` and their ``windows`` (one image at a time).
@@ -141,6 +180,15 @@ def run(cfg) -> int | None:
     res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows))
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
+    heads = [time_heads(one, im, w, len(cfg.data.classes), cfg.eval.score_thresh, cfg.eval.nms_iou,
+                        cfg.eval.max_per_image) for im, w in zip(images, windows)]
+    steps = {k: float(np.mean([h[k] for h in heads])) for k in ("svm", "bboxreg", "nms")}
+    proposals = time_proposals(images, cfg.proposals) if b.get("proposals", True) else None
+    pipeline = {  # one image through the whole detector, one scale, as `spp-det eval` runs it
+        **({"proposals": proposals["seconds"]} if proposals else {}),
+        "conv5": res_one["spp"]["conv5"], "pool": res_one["spp"]["pool"], "fc": res_one["spp"]["fc"], **steps,
+    }
+    pipeline["total"] = float(sum(pipeline.values()))
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -162,6 +210,9 @@ def run(cfg) -> int | None:
         "cache_bytes_per_image": {"1scale": res_one["spp"]["cache_bytes"], "5scale": res_five["spp"]["cache_bytes"]},
         "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image and scaled linearly "
                  f"to {int(b.windows)}"),
+        "detection_steps_1scale": pipeline,
+        "proposals": ({"backend": str(cfg.proposals.backend), "mode": str(cfg.proposals.get("mode")),
+                       "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
     }
     print(format_table(result))
@@ -187,4 +238,10 @@ def format_table(result: dict) -> str:
         f"{'cache MiB per image':<22}{s1['cache_bytes'] / 2**20:>14.2f}{s5['cache_bytes'] / 2**20:>14.2f}{'':>14}",
         f"({result['note']})",
     ]
+    if result.get("detection_steps_1scale"):
+        steps = result["detection_steps_1scale"]
+        lines += ["", "whole detector, seconds per image by step (1 scale"
+                  + (f"; selective search {result['proposals']['backend']} {result['proposals']['mode']}, "
+                     f"{result['proposals']['boxes_per_image']:.0f} boxes" if result.get("proposals") else "") + ")"]
+        lines += [f"  {k:<20}{v:>10.3f}" for k, v in steps.items()]
     return "\n".join(lines)
