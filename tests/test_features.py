@@ -43,6 +43,29 @@ def test_tiny_images_are_padded_to_at_least_one_conv5_cell():
         assert zf5(zf5.normalize(np.zeros((10, 10, 3), np.uint8))).shape == (1, zf5.out_channels, 1, 1)
 
 
+def test_zf5_batchnorm_option_replaces_lrn_and_keeps_the_geometry():
+    from spp_det.errors import UserError
+    from spp_det.features.backbones import WithinChannelLRN, build_backbone
+    from omegaconf import OmegaConf
+
+    paper, bn = ZF5(width=0.05), ZF5(width=0.05, norm="batchnorm")
+    assert sum(isinstance(m, WithinChannelLRN) for m in paper.body) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in paper.body)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.body) == 5
+    assert not any(isinstance(m, WithinChannelLRN) for m in bn.body)
+    assert (bn.stride, bn.centre0, bn.min_input) == (paper.stride, paper.centre0, paper.min_input)
+    with torch.no_grad():
+        assert bn.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, bn.out_channels, 13, 13)
+    # eval mode uses the running statistics: an image's conv5 does not depend on its batch
+    x = torch.randn(3, 3, 80, 80)
+    with torch.no_grad():
+        assert torch.allclose(bn(x)[:1], bn(x[:1]), atol=1e-5)
+    cfg = compose_config(["model=zf5_narrow", "model.norm=batchnorm"]).model
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in build_backbone(cfg).body)
+    with pytest.raises(UserError, match="model.norm"):
+        build_backbone(OmegaConf.merge(cfg, {"norm": "groupnorm"}))
+
+
 def test_zf5_normalisation_subtracts_128():
     x = ZF5(width=0.05).normalize(np.full((2, 3, 3), 130, np.uint8))
     assert x.shape == (1, 3, 2, 3) and x.dtype == torch.float32 and torch.all(x == 2.0)
