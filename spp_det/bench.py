@@ -211,7 +211,9 @@ def run(cfg) -> int | None:
         "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image and scaled linearly "
                  f"to {int(b.windows)}"),
         "detection_steps_1scale": pipeline,
-        "proposals": ({"backend": str(cfg.proposals.backend), "mode": str(cfg.proposals.get("mode")),
+        "proposals": ({"backend": str(cfg.proposals.backend),
+                       "mode": (f"{len(cfg.proposals.passes)} passes" if cfg.proposals.get("passes")
+                                else str(cfg.proposals.get("mode"))),
                        "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
     }
