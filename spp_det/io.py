@@ -94,3 +94,17 @@ def check_checkpoint(meta: dict, cfg, path: str | Path) -> None:
     if diffs:
         raise UserError(f"{path}: checkpoint was made with another configuration; " + "; ".join(diffs)
                         + ". Use a matching config or another work_dir/name.")
+
+
+def artifact_is_current(path: str | Path, settings: str) -> bool:
+    """True when ``path`` holds a stage artifact whose ``meta["settings"]`` equals ``settings``
+    (the stage's hash of everything that changes its result). An unreadable file is not current:
+    the stage trains again and replaces it atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        meta = load_torch(path).get("meta", {})
+    except Exception:  # corrupt or foreign file
+        return False
+    return isinstance(meta, dict) and meta.get("settings") == settings

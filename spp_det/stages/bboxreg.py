@@ -104,13 +104,9 @@ def run(cfg: DictConfig) -> int:
     model, finetune_path = load_finetuned_model(cfg, device)
     artifact = Path(cfg.work_dir) / ARTIFACT
     key = settings_key(cfg, finetune_path)
-    if artifact.is_file():
-        try:
-            if io.load_torch(artifact).get("meta", {}).get("settings") == key:
-                log.info("bboxreg: %s is current; skipped", artifact)
-                return 0
-        except Exception:
-            pass
+    if io.artifact_is_current(artifact, key):
+        log.info("bboxreg: %s is current; skipped", artifact)
+        return 0
     classes = list(cfg.data.classes)
     use_difficult = bool(cfg.data.get("use_difficult", False))
     batch = int(bcfg.window_batch)

@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
-from spp_det.model import build_model
 from spp_det.runtime import resolve_device
+from spp_det.stages.finetune import backbone_source, build_finetune_model
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ def split_records(cfg) -> list:
 
 def run(cfg) -> int | None:
     torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model).to(resolve_device(cfg.device)).eval()
+    # the backbone finetune will use (model.backbone_checkpoint, else work_dir/pretrain.pt), so the
+    # cache it fills is the one finetune, svm and bboxreg read
+    model = build_finetune_model(cfg, backbone_source(cfg)).to(resolve_device(cfg.device)).eval()
     cache = FeatureCache(cfg.cache_dir, model)
     records = split_records(cfg)
     for record in tqdm(records, desc="conv5 features", unit="image"):

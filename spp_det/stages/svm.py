@@ -144,13 +144,9 @@ def run(cfg: DictConfig) -> int:
     model, finetune_path = load_finetuned_model(cfg, device)
     artifact = Path(cfg.work_dir) / ARTIFACT
     key = settings_key(cfg, finetune_path)
-    if artifact.is_file():
-        try:
-            if io.load_torch(artifact).get("meta", {}).get("settings") == key:
-                log.info("svm: %s is current; skipped", artifact)
-                return 0
-        except Exception:  # unreadable: train again and overwrite
-            pass
+    if io.artifact_is_current(artifact, key):
+        log.info("svm: %s is current; skipped", artifact)
+        return 0
     settings = SVMSettings.from_cfg(scfg)
     classes = list(cfg.data.classes)
     num_classes = len(classes)
