@@ -54,13 +54,15 @@ def test_crops_cover_every_object_and_background_crops_avoid_objects(synth_root)
     objects = [c for c in crops if c[2] > 0]
     background = [c for c in crops if c[2] == 0]
     assert len(objects) == n_objects and len(background) > 0
-    for i, box, label in objects:  # the padded crop contains its object
+    for i, box, label, obj in objects:  # the padded crop contains its object
         rec = records[i]
         inside = [(box[:2] <= b[:2] + 1e-4).all() and (box[2:] >= b[2:] - 1e-4).all() for b in rec.boxes]
         assert any(inside)
+        assert any(np.allclose(obj, b) for b in rec.boxes)
         assert box[0] >= 0 and box[1] >= 0 and box[2] <= rec.width and box[3] <= rec.height
-    for i, box, _ in background:  # IoU < 0.3 with every object of its image
+    for i, box, _, inner in background:  # IoU < 0.3 with every object of its image
         assert box_iou(box[None], records[i].boxes).max(initial=0) < 0.3
+        assert (inner[:2] > box[:2]).all() and (inner[2:] < box[2:]).all()  # its "object": the middle part
 
 
 class TinyBackbone(nn.Module):
@@ -179,3 +181,53 @@ def test_bad_settings_are_clear_errors(synth_root, tmp_path):
     with pytest.raises(UserError, match="image_folder"):
         pretrain.run(stage_cfg(synth_root, tmp_path, **{"pretrain.source": "image_folder",
                                                          "pretrain.image_folder": str(tmp_path / "nope")}))
+
+
+def test_channel_shuffle_permutes_colours_of_training_crops_only():
+    # a crop with three distinct constant channels: a shuffled batch holds the same values in other orders
+    crop = torch.stack([torch.full((8, 8), v, dtype=torch.uint8) for v in (10, 120, 240)])
+    crops = pretrain.CropSet(lambda j: crop, np.zeros(64, np.int64), ["bg"])
+    g = torch.Generator().manual_seed(0)
+    images, _ = pretrain.make_batch(crops, np.arange(64), 8, True, 1.0, g, channel_shuffle=True)
+    orders = {tuple(int(images[k, c, 4, 4]) for c in range(3)) for k in range(64)}
+    assert all(sorted(o) == [10, 120, 240] for o in orders) and len(orders) > 3
+    plain, _ = pretrain.make_batch(crops, np.arange(8), 8, True, 1.0, g)
+    assert all(tuple(int(plain[k, c, 4, 4]) for c in range(3)) == (10, 120, 240) for k in range(8))
+    evaluated, _ = pretrain.make_batch(crops, np.arange(8), 8, False, 1.0, g, channel_shuffle=True)
+    assert torch.equal(evaluated, crop.expand(8, 3, 8, 8))  # evaluation: colours untouched
+
+
+def test_optimizer_choice_sgd_or_adam_and_adam_learns(synth_root):
+    model = tiny_classifier(4)
+    assert isinstance(pretrain.make_optimizer(model, PCFG), torch.optim.SGD)
+    adam = OmegaConf.merge(PCFG, {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0})
+    assert isinstance(pretrain.make_optimizer(model, adam), torch.optim.AdamW)
+    with pytest.raises(UserError, match="pretrain.optimizer"):
+        pretrain.make_optimizer(model, OmegaConf.merge(PCFG, {"optimizer": "lbfgs"}))
+    train_set, val_set = crop_sets(synth_root)
+    history = pretrain.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set,
+                                        OmegaConf.merge(adam, {"channel_shuffle": True}), torch.device("cpu"), seed=0)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.1
+
+
+def test_object_windows_follow_the_crop_resize_and_flip_and_object_pooling_uses_them(synth_root):
+    train_set, _ = crop_sets(synth_root)
+    j = int(np.flatnonzero(train_set.labels > 0)[0])
+    frac = train_set.windows[j]
+    assert ((frac >= 0) & (frac <= 1)).all() and (frac[2:] > frac[:2]).all()
+    _, _, wins = pretrain.make_batch(train_set, np.array([j]), 30, False, 1.0, torch.Generator(), return_windows=True)
+    assert torch.allclose(wins[0], torch.tensor(frac * 30), atol=1e-4)  # evaluation: the whole crop resized
+    # a mirrored full-area training crop mirrors the window: x -> size - x
+    crop = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    crop[:, :, :3] = 255  # a bright left band marks which side is which
+    one = pretrain.CropSet(lambda i: crop, np.array([1]), ["bg", "a"], np.array([[0.0, 0.2, 0.3, 0.8]], np.float32))
+    for seed in range(20):
+        image, _, win = pretrain.make_batch(one, np.array([0]), 10, True, 1.0, torch.Generator().manual_seed(seed),
+                                            return_windows=True)
+        left_bright = image[0, 0, 5, 0] > 128
+        assert (win[0, 0] < 5) == bool(left_bright)  # the window stays on the bright band
+    model = tiny_classifier(len(train_set.class_names))
+    model.window_pool = lambda conv5, w: torch.zeros(len(w), 8 * 14)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert not torch.allclose(model(x), model(x, torch.zeros(2, 4)))  # windows switch to the window pool

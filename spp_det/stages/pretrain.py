@@ -66,25 +66,43 @@ def whole_map_pyramid(conv5: torch.Tensor, levels) -> torch.Tensor:
     return spatial_pyramid_pool(conv5, cells, levels=tuple(int(n) for n in levels))
 
 
+def window_pyramid(conv5: torch.Tensor, windows: torch.Tensor, backbone, levels, rule: str = "paper") -> torch.Tensor:
+    """Spatial pyramid pooling of one window per image: ``conv5 Tensor[B, C, h, w]`` and ``windows
+    float Tensor[B, 4]`` (input pixels) -> ``Tensor[B, C * sum(n*n)]``, each window projected onto
+    its map exactly as detection projects proposals (``spp_det.features.projection``)."""
+    from spp_det.features.projection import project_windows
+    from spp_det.ops import spatial_pyramid_pool
+
+    cells = project_windows(windows.to(conv5.device), conv5.shape[-2:], backbone.stride, backbone.centre0, rule,
+                            backbone.release_shrink).to(torch.float32)
+    index = torch.arange(len(cells), dtype=torch.float32, device=conv5.device)[:, None]
+    return spatial_pyramid_pool(conv5, torch.cat([index, cells], 1), levels=tuple(int(n) for n in levels))
+
+
 class SPPClassifier(nn.Module):
     """``backbone`` -> ``pool`` (whole-map pyramid) -> ``head`` (fc6, fc7) -> ``classifier``.
 
     ``forward(images float Tensor[B, 3, S, S], backbone-normalised)`` -> logits ``Tensor[B, classes]``;
-    any ``S`` works (that is the point of the pyramid).
+    any ``S`` works (that is the point of the pyramid). With ``windows`` ``float Tensor[B, 4]``
+    (input pixels) and a ``window_pool``, each image's window is pooled instead of its whole map.
     """
 
     def __init__(self, backbone: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor], head: nn.Module,
-                 num_classes: int, fc_dim: int, classifier_std: float = 0.01):
+                 num_classes: int, fc_dim: int, classifier_std: float = 0.01,
+                 window_pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.backbone = backbone
         self.pool = pool
+        self.window_pool = window_pool
         self.head = head
         self.classifier = nn.Linear(fc_dim, num_classes)
         nn.init.normal_(self.classifier.weight, std=classifier_std)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.pool(self.backbone(images))))
+    def forward(self, images: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
+        conv5 = self.backbone(images)
+        pooled = self.pool(conv5) if windows is None or self.window_pool is None else self.window_pool(conv5, windows)
+        return self.classifier(self.head(pooled))
 
 
 def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, Callable[[torch.Tensor], torch.Tensor]]:
@@ -98,8 +116,10 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, 
     if cfg.pretrain.get("init", "kaiming") == "kaiming":
         init_from_scratch(model.backbone)
     levels = tuple(int(n) for n in cfg.model.pyramid_levels)
+    rule = str(cfg.model.get("projection", "paper"))
     classifier = SPPClassifier(model.backbone, lambda x: whole_map_pyramid(x, levels), model.head,
-                               num_classes, model.head.out_dim)
+                               num_classes, model.head.out_dim,
+                               window_pool=lambda x, w: window_pyramid(x, w, model.backbone, levels, rule))
     return classifier, _normaliser(model)
 
 
@@ -142,6 +162,7 @@ class CropSet:
     get: Callable[[int], torch.Tensor]
     labels: np.ndarray
     class_names: list[str]
+    windows: np.ndarray | None = None  # float32 [N, 4]: the object's box in each crop, fractions of its width/height
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -149,8 +170,9 @@ class CropSet:
 
 def crop_boxes(
     records, crop_context: float, background_per_image: int, rng: np.random.Generator, use_difficult: bool = False
-) -> list[tuple[int, np.ndarray, int]]:
-    """``(record index, box float32 [4], label)`` for every object crop and background crop.
+) -> list[tuple[int, np.ndarray, int, np.ndarray]]:
+    """``(record index, crop box float32 [4], label, object box float32 [4])`` for every object crop
+    and background crop (image pixels).
 
     Object crops: each (non-difficult) ground-truth box padded by ``crop_context`` of its width
     and height on every side, clipped to the image; label = its class (1..K).
@@ -164,7 +186,7 @@ def crop_boxes(
         for box, label in zip(rec.boxes[keep], rec.labels[keep]):
             pad = (box[2:] - box[:2]) * crop_context
             padded = np.concatenate([box[:2] - pad, box[2:] + pad])
-            out.append((i, clip_boxes(padded, rec.width, rec.height)[0], int(label)))
+            out.append((i, clip_boxes(padded, rec.width, rec.height)[0], int(label), box.astype(np.float32)))
         for _ in range(background_per_image if sizes else 0):
             for _try in range(20):  # rejection sampling; a crowded image may give fewer
                 w, h = sizes[rng.integers(len(sizes))]
@@ -172,7 +194,9 @@ def crop_boxes(
                 x, y = rng.uniform(0, rec.width - w), rng.uniform(0, rec.height - h)
                 box = np.array([x, y, x + w, y + h], np.float32)
                 if w >= 2 and h >= 2 and (len(rec.boxes) == 0 or box_iou(box[None], rec.boxes).max() < 0.3):
-                    out.append((i, box, 0))
+                    # its "object": the middle part an object crop's object would fill
+                    inner = (box[2:] - box[:2]) * crop_context / (1 + 2 * crop_context)
+                    out.append((i, box, 0, np.concatenate([box[:2] + inner, box[2:] - inner])))
                     break
     return out
 
@@ -184,9 +208,10 @@ def voc_crop_set(records, classes: list[str], pcfg, store_side: int, rng: np.ran
     boxes = crop_boxes(records, float(pcfg.crop_context),
                        int(pcfg.background_per_image) if pcfg.background_crops else 0, rng, use_difficult)
     by_image: dict[int, list[int]] = {}
-    for j, (i, _, _) in enumerate(boxes):
+    for j, (i, _, _, _) in enumerate(boxes):
         by_image.setdefault(i, []).append(j)
     crops = torch.zeros(len(boxes), 3, store_side, store_side, dtype=torch.uint8)
+    windows = np.zeros((len(boxes), 4), np.float32)
     for i, js in tqdm(by_image.items(), desc=f"pretrain: {desc}", unit="image", leave=False):
         image = torch.tensor(records[i].load_image()).permute(2, 0, 1)  # [3, H, W] (a copy: the decoded array is read-only)
         for j in js:
@@ -194,8 +219,10 @@ def voc_crop_set(records, classes: list[str], pcfg, store_side: int, rng: np.ran
             top, left = int(math.floor(y1)), int(math.floor(x1))
             h, w = max(1, int(math.ceil(y2)) - top), max(1, int(math.ceil(x2)) - left)
             crops[j] = TF.resized_crop(image, top, left, h, w, [store_side, store_side], antialias=True)
-    labels = np.array([lab for _, _, lab in boxes], np.int64)
-    return CropSet(lambda j: crops[j], labels, ["__background__", *classes])
+            obj = boxes[j][3]
+            windows[j] = np.clip(((obj - [left, top, left, top]) / [w, h, w, h]), 0, 1)
+    labels = np.array([lab for _, _, lab, _ in boxes], np.int64)
+    return CropSet(lambda j: crops[j], labels, ["__background__", *classes], windows)
 
 
 def image_folder_sets(root: str | Path, store_side: int, holdout_every: int = 10) -> tuple[CropSet, CropSet]:
@@ -227,17 +254,26 @@ def image_folder_sets(root: str | Path, store_side: int, holdout_every: int = 10
 
 
 def make_batch(crops: CropSet, indices: np.ndarray, size: int, train: bool, scale_jitter: float,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[B, 3, size, size]`` and labels ``int64 [B]``.
+               generator: torch.Generator, channel_shuffle: bool = False, return_windows: bool = False):
+    """uint8 ``[B, 3, size, size]`` and labels ``int64 [B]`` (and with ``return_windows`` the
+    object's box in each output image, ``float32 Tensor[B, 4]`` pixels, from ``crops.windows``:
+    moved with the random crop and the flip; the whole image when the set has none).
 
     Training: a random crop of ``scale_jitter``..1 of the area (aspect 3/4..4/3), resized to
-    ``size``, mirrored with probability 1/2. Evaluation: the whole crop resized to ``size``.
+    ``size``, mirrored with probability 1/2, and with ``channel_shuffle`` its RGB channels in a
+    random order (colour augmentation for data whose classes do not depend on colour).
+    Evaluation: the whole crop resized to ``size``.
     """
     out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+    wins = torch.zeros(len(indices), 4)
     for k, j in enumerate(indices):
         image = crops.get(int(j))
         _, h, w = image.shape
+        frac = crops.windows[int(j)] if crops.windows is not None else np.array([0, 0, 1, 1], np.float32)
+        win = torch.tensor(frac * [w, h, w, h], dtype=torch.float32)  # stored-crop pixels
         if train:
+            if channel_shuffle:
+                image = image[torch.randperm(3, generator=generator)]
             u = torch.rand(5, generator=generator).tolist()
             area = h * w * (scale_jitter + (1 - scale_jitter) * u[0])
             aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
@@ -245,17 +281,24 @@ def make_batch(crops: CropSet, indices: np.ndarray, size: int, train: bool, scal
             ch = min(h, max(1, round(math.sqrt(area / aspect))))
             top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
             image = TF.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+            win = ((win - torch.tensor([left, top, left, top])) * torch.tensor([size / cw, size / ch] * 2)).clamp(0, size)
             if u[4] < 0.5:
                 image = image.flip(-1)
+                win = torch.stack([size - win[2], win[1], size - win[0], win[3]])
         else:
             image = TF.resize(image, [size, size], antialias=True)
+            win = win * torch.tensor([size / w, size / h] * 2)
         out[k] = image
-    return out, torch.from_numpy(crops.labels[np.asarray(indices, np.int64)])
+        wins[k] = win
+    labels = torch.from_numpy(crops.labels[np.asarray(indices, np.int64)])
+    return (out, labels, wins) if return_windows else (out, labels)
 
 
 @torch.no_grad()
-def accuracy(model: SPPClassifier, normalise, crops: CropSet, size: int, device, batch_size: int = 128) -> float:
-    """Top-1 accuracy of ``model`` on every example of ``crops`` at input ``size`` (eval mode)."""
+def accuracy(model: SPPClassifier, normalise, crops: CropSet, size: int, device, batch_size: int = 128,
+             object_pool: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on every example of ``crops`` at input ``size`` (eval mode);
+    ``object_pool``: pool the object's window, not the whole map."""
     if len(crops) == 0:
         return float("nan")
     model.eval()
@@ -263,8 +306,8 @@ def accuracy(model: SPPClassifier, normalise, crops: CropSet, size: int, device,
     g = torch.Generator().manual_seed(0)
     for start in range(0, len(crops), batch_size):
         idx = np.arange(start, min(start + batch_size, len(crops)))
-        images, labels = make_batch(crops, idx, size, False, 1.0, g)
-        logits = model(normalise(images.to(device)))
+        images, labels, windows = make_batch(crops, idx, size, False, 1.0, g, return_windows=True)
+        logits = model(normalise(images.to(device)), windows.to(device) if object_pool else None)
         correct += int((logits.argmax(1).cpu() == labels).sum())
     return correct / len(crops)
 
@@ -325,6 +368,7 @@ def train_classifier(
         else:
             log.info("pretrain: %s was written with other settings; starting over", state_path)
     n, bs = len(train_set), int(pcfg.batch_size)
+    object_pool = str(pcfg.get("pool", "image")) == "object"
     for epoch in range(start, int(pcfg.epochs)):
         t0 = time.perf_counter()
         size = sizes[epoch % len(sizes)]
@@ -339,8 +383,10 @@ def train_classifier(
         bar = tqdm(range(0, n, bs), desc=f"pretrain epoch {epoch + 1}/{pcfg.epochs} size {size}",
                    unit="batch", leave=False)
         for s in bar:
-            images, labels = make_batch(train_set, order[s:s + bs], size, True, float(pcfg.scale_jitter), g)
-            loss = F.cross_entropy(model(normalise(images.to(device))), labels.to(device))
+            images, labels, windows = make_batch(train_set, order[s:s + bs], size, True, float(pcfg.scale_jitter), g,
+                                                 bool(pcfg.get("channel_shuffle", False)), return_windows=True)
+            logits = model(normalise(images.to(device)), windows.to(device) if object_pool else None)
+            loss = F.cross_entropy(logits, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -351,7 +397,7 @@ def train_classifier(
             count += len(labels)
             bar.set_postfix(loss=f"{total / count:.3f}")
         entry = {"epoch": epoch, "size": size, "lr": lr, "loss": total / max(count, 1),
-                 "val_acc": accuracy(model, normalise, val_set, sizes[0], device),
+                 "val_acc": accuracy(model, normalise, val_set, sizes[0], device, object_pool=object_pool),
                  "seconds": time.perf_counter() - t0}
         history.append(entry)
         log.info("pretrain epoch %d/%d: size %d, lr %.4g, loss %.4f, held-out accuracy %.3f (%.1f s)",
@@ -395,6 +441,11 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
             log.info("pretrain: %s is current; skipped", artifact)
             return 0
     sizes = [int(s) for s in pcfg.sizes]
+    object_pool = str(pcfg.get("pool", "image")) == "object"
+    if str(pcfg.get("pool", "image")) not in ("image", "object"):
+        raise UserError(f"pretrain.pool={pcfg.pool!r}: use image or object")
+    if object_pool and pcfg.source != "voc_crops":
+        raise UserError("pretrain.pool=object needs pretrain.source=voc_crops (object boxes)")
     if not sizes or min(sizes) < 16:
         raise UserError(f"pretrain.sizes={sizes}: give one or more input sizes of at least 16 px")
     device = resolve_device(cfg.device)
@@ -429,7 +480,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
     model, normalise = build_classifier(cfg, len(train_set.class_names))
     history = train_classifier(model, normalise, train_set, val_set, pcfg, device, int(cfg.seed),
                                state_path, settings, on_epoch)
-    final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device) for s in sizes}
+    final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
     meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": settings,
             "class_names": train_set.class_names, "source": str(pcfg.source)}
     model.cpu()
