@@ -369,11 +369,9 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     source = backbone_source(cfg)
     settings = settings_key(cfg, source)
-    if artifact.is_file():
-        meta = io.load_torch(artifact).get("meta", {})
-        if meta.get("settings") == settings:
-            log.info("finetune: %s is current; skipped", artifact)
-            return 0
+    if io.artifact_is_current(artifact, settings):
+        log.info("finetune: %s is current; skipped", artifact)
+        return 0
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     seed = int(cfg.seed)
