@@ -28,7 +28,8 @@ from spp_det.errors import UserError
 from spp_det.heads.bboxreg import fit_regressor
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.runtime import peak_rss_mb, resolve_device
-from spp_det.stages.svm import load_finetuned_model, record_proposals, training_records, window_features
+from spp_det.stages.svm import (load_finetuned_model, record_proposals, settings_key, training_records,
+                                 window_features)
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,6 @@ def regression_examples(record, proposals: np.ndarray, min_iou: float, use_diffi
     return windows[keep], gt[best[keep]], labels[best[keep]].astype(np.int64)
 
 
-def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("checkpoint", None)
-    return io.hash_settings({"bboxreg": cfg.bboxreg, "model": model, "data": cfg.data, "proposals": cfg.proposals,
-                             "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
-
-
 def run(cfg: DictConfig) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
     from spp_det.features.cache import FeatureCache
@@ -103,7 +97,7 @@ def run(cfg: DictConfig) -> int:
     device = resolve_device(cfg.device)
     model, finetune_path = load_finetuned_model(cfg, device)
     artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path)
+    key = settings_key(cfg, finetune_path, "bboxreg")
     if io.artifact_is_current(artifact, key):
         log.info("bboxreg: %s is current; skipped", artifact)
         return 0
