@@ -12,6 +12,10 @@ non-difficult ground-truth object of the training split, padded by ``crop_contex
 background class of random crops with IoU < 0.3 to every object) or on a class-per-folder image
 set (``source=image_folder``). With ImageNet weights (``model.weights``) it is skipped.
 
+``source=windows`` (not the paper) removes the crop/detection mismatch: the same layers plus a
+(K+1)-way classifier train on windows pooled from conv5 of *whole* training images at their best
+scale, exactly as ``SPPNet.pool5`` pools proposals (``sample_windows``, ``train_windows``).
+
 Writes ``work_dir/pretrain.pt`` = ``{"backbone": state_dict, "head": fc6/fc7 state_dict,
 "classifier": state_dict, "meta": checkpoint_meta(cfg) + sizes + settings, "history": [...]}``
 atomically; ``work_dir/pretrain_state.pt`` holds a resumable per-epoch checkpoint (weights,
@@ -440,6 +444,8 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
         if meta.get("settings") == settings:
             log.info("pretrain: %s is current; skipped", artifact)
             return 0
+    if pcfg.source == "windows":
+        return run_windows(cfg, artifact, state_path, settings, on_epoch)
     sizes = [int(s) for s in pcfg.sizes]
     object_pool = str(pcfg.get("pool", "image")) == "object"
     if str(pcfg.get("pool", "image")) not in ("image", "object"):
@@ -470,7 +476,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
             raise UserError("pretrain.source=image_folder needs pretrain.image_folder=DIR (class-per-folder images)")
         train_set, val_set = image_folder_sets(pcfg.image_folder, store_side)
     else:
-        raise UserError(f"pretrain.source={pcfg.source!r}: use voc_crops or image_folder")
+        raise UserError(f"pretrain.source={pcfg.source!r}: use voc_crops, image_folder or windows")
     counts = np.bincount(train_set.labels, minlength=len(train_set.class_names))
     log.info("pretrain: %d training and %d held-out examples; per class %s",
              len(train_set), len(val_set), dict(zip(train_set.class_names, counts.tolist())))
@@ -490,4 +496,242 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
     state_path.unlink(missing_ok=True)
     log.info("pretrain: wrote %s in %.1f s; held-out accuracy by input size %s", artifact,
              time.perf_counter() - t0, {s: round(a, 4) for s, a in final_acc.items()})
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# source=windows (not the paper): windows pooled from conv5 of whole training images
+# --------------------------------------------------------------------------------------------
+
+
+def jitter_boxes(boxes: np.ndarray, n: int, max_shift: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random copies of random rows of ``boxes`` ``float32 [N, 4]``: centre shifted by up to
+    ``max_shift`` of the width/height, width and height scaled by ``exp(U(-max_shift, max_shift))``.
+    Returns ``float32 [n, 4]`` (not clipped)."""
+    src = boxes[rng.integers(len(boxes), size=n)].astype(np.float64)
+    wh = src[:, 2:] - src[:, :2]
+    centre = (src[:, :2] + src[:, 2:]) / 2 + wh * rng.uniform(-max_shift, max_shift, (n, 2))
+    wh = wh * np.exp(rng.uniform(-max_shift, max_shift, (n, 2)))
+    return np.concatenate([centre - wh / 2, centre + wh / 2], 1).astype(np.float32)
+
+
+def random_boxes(width: int, height: int, n: int, min_side: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` boxes ``float32 [n, 4]`` inside a ``width x height`` image, sides log-uniform between
+    ``min_side`` and the image side (objects and proposals span that range)."""
+    sides = np.exp(rng.uniform(np.log(min_side), np.log([max(width, min_side + 1), max(height, min_side + 1)]),
+                               (n, 2)))
+    sides = np.minimum(sides, [width, height])
+    xy = rng.uniform(0, 1, (n, 2)) * ([width, height] - sides)
+    return np.concatenate([xy, xy + sides], 1).astype(np.float32)
+
+
+def sample_windows(rec, scale_of: Callable[[np.ndarray], np.ndarray], windows_per_image: int, fg_fraction: float,
+                   fg_iou: float, rng: np.random.Generator, use_difficult: bool = False
+                   ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Training windows of one image, sampled like detection's (R-CNN/SPP fine-tuning, Sec. 3.1.2 of
+    the SPP paper: 25% foreground with IoU >= 0.5 to a ground-truth box, labelled with its class; the
+    rest background, IoU < 0.5, label 0), all of ONE scale: ``(scale index, boxes float32 [K, 4]
+    image pixels, labels int64 [K])``.
+
+    ``scale_of(boxes [M, 4]) -> int [M]`` gives each window's best scale (``SPPNet``'s rule); the
+    scale is that of a random ground-truth object (a random one when the image has none), and only
+    candidates whose best scale it is are kept, so every window is pooled on the map detection would
+    pool it on. Foreground: the ground-truth boxes and jittered copies; background: random boxes and
+    jittered copies that fall below ``fg_iou``.
+    """
+    keep = np.ones(len(rec.boxes), bool) if use_difficult else ~rec.difficult
+    gt, gt_labels = rec.boxes[keep].astype(np.float32), rec.labels[keep]
+    min_side = 8.0
+    candidates = [random_boxes(rec.width, rec.height, 400, min_side, rng)]
+    if len(gt):
+        candidates += [gt, jitter_boxes(gt, 300, 0.25, rng), jitter_boxes(gt, 200, 0.6, rng)]
+    boxes = clip_boxes(np.concatenate(candidates), rec.width, rec.height)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    boxes = boxes[(wh >= 2).all(1)]
+    scales = scale_of(boxes)
+    if len(gt):
+        iou = box_iou(boxes, gt)
+        best, arg = iou.max(1), iou.argmax(1)
+        labels = np.where(best >= fg_iou, gt_labels[arg], 0).astype(np.int64)
+        s = int(scales[len(candidates[0]) + int(rng.integers(len(gt)))])  # a ground-truth box's best scale
+    else:
+        labels = np.zeros(len(boxes), np.int64)
+        s = int(scales[rng.integers(len(scales))])
+    on_scale = scales == s
+    fg, bg = np.flatnonzero(on_scale & (labels > 0)), np.flatnonzero(on_scale & (labels == 0))
+    n_fg = min(len(fg), int(round(windows_per_image * fg_fraction)))
+    n_bg = min(len(bg), windows_per_image - n_fg)
+    pick = np.concatenate([rng.choice(fg, n_fg, replace=False), rng.choice(bg, n_bg, replace=False)]).astype(np.int64)
+    return s, boxes[pick], labels[pick]
+
+
+class WindowTrainer:
+    """Backbone + pyramid + fc6/fc7 + a (K+1)-way classifier trained on windows pooled from conv5
+    of whole images at one of ``model.scales``, exactly as detection pools them (``SPPNet.pool5``'s
+    projection and pyramid, ``SPPNet.conv5``'s resize and normalisation, with gradients)."""
+
+    def __init__(self, model, classifier: nn.Linear):
+        self.model, self.classifier = model, classifier
+
+    def scale_sizes(self, rec):
+        from spp_det.features.scales import scaled_sizes
+
+        return scaled_sizes(rec.height, rec.width, self.model.scales, self.model.max_size)
+
+    def scale_of(self, rec) -> Callable[[np.ndarray], np.ndarray]:
+        from spp_det.features.scales import best_scale
+
+        sizes = self.scale_sizes(rec)
+        return lambda boxes: best_scale(torch.from_numpy(boxes), sizes, self.model.best_scale_area).numpy()
+
+    def logits(self, image: np.ndarray, rec, s: int, boxes: np.ndarray) -> torch.Tensor:
+        """``image`` uint8 ``[H, W, 3]`` at scale index ``s`` -> logits ``Tensor[K, classes]`` of
+        ``boxes`` ``[K, 4]`` (image pixels), all pooled on that scale's conv5 map."""
+        from spp_det.features.projection import project_windows
+        from spp_det.features.scales import resize_image, scale_windows
+
+        m = self.model
+        size = self.scale_sizes(rec)[s]
+        fmap = m.backbone(m.backbone.normalize(resize_image(image, size)))  # SPPNet.conv5, with gradients
+        windows = torch.from_numpy(boxes).to(fmap.device)
+        cells = project_windows(scale_windows(windows, size), fmap.shape[-2:], m.backbone.stride,
+                                m.backbone.centre0, m.projection, m.backbone.release_shrink)
+        cells = torch.cat([cells.new_zeros((cells.shape[0], 1)), cells], dim=1)  # as SPPNet.pool5
+        return self.classifier(m.head(m.pyramid(fmap, cells)))
+
+    def parameters(self):
+        return [*self.model.parameters(), *self.classifier.parameters()]
+
+
+def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_difficult: bool = False) -> float:
+    """Accuracy on windows of ``records`` sampled as in training (fixed seed), in eval mode: the
+    fraction of held-out windows (foreground and background) classified right; nan without records."""
+    if not records:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    right = total = 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for rec in records:
+            s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
+                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult)
+            if len(boxes):
+                pred = trainer.logits(rec.load_image(), rec, s, boxes).argmax(1).cpu().numpy()
+                right += int((pred == labels).sum())
+                total += len(labels)
+    trainer.model.train()
+    return right / max(total, 1)
+
+
+def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed: int,
+                  state_path: Path | None = None, settings: str = "", use_difficult: bool = False,
+                  on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """``pcfg.iterations`` steps, each on one training image (mirrored with probability 1/2) at the
+    best scale of one of its objects, ``windows_per_image`` windows, cross-entropy, ``pcfg.optimizer``;
+    lr times ``lr_gamma`` at each of ``pcfg.iteration_lr_steps``. Every ``pcfg.log_every`` steps a
+    history entry ``{"epoch", "iteration", "lr", "loss", "val_acc", "seconds"}`` (mean training loss
+    since the last entry) is logged and a resumable checkpoint goes to ``state_path``; the sampling
+    of each block is seeded from ``(seed, block)``, so a restarted run ends with the same weights."""
+    params = nn.ModuleList([trainer.model, trainer.classifier])
+    optimizer = make_optimizer(params, pcfg)
+    iterations, every = int(pcfg.iterations), max(1, int(pcfg.log_every))
+    history: list[dict] = []
+    start = 0
+    if state_path is not None and state_path.is_file():
+        state = io.load_torch(state_path)
+        if state.get("settings") == settings:
+            params.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = int(state["epoch"]) + 1, list(state["history"])
+            log.info("pretrain: resuming from %s after block %d", state_path, start)
+    params.train()
+    blocks = -(-iterations // every)
+    for block in range(start, blocks):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([seed, block])
+        torch.manual_seed(seed * 100_003 + block)  # dropout
+        total, count = 0.0, 0
+        bar = tqdm(range(block * every, min(iterations, (block + 1) * every)),
+                   desc=f"pretrain windows {block + 1}/{blocks}", unit="it", leave=False)
+        for it in bar:
+            lr = lr_at(it, float(pcfg.lr), pcfg.get("iteration_lr_steps", []), float(pcfg.get("lr_gamma", 0.1)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rec = train_records[int(rng.integers(len(train_records)))]
+            if rng.random() < 0.5:
+                rec = rec.flip()
+            s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
+                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult)
+            if len(boxes) == 0:
+                continue
+            logits = trainer.logits(rec.load_image(), rec, s, boxes)
+            loss = F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
+            if not torch.isfinite(loss):
+                raise UserError(f"pretrain: the loss became {loss.item()} at iteration {it + 1}; lower pretrain.lr "
+                                f"(now {pcfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        last = block == blocks - 1
+        entry = {"epoch": block, "iteration": min(iterations, (block + 1) * every), "lr": lr,
+                 "loss": total / max(count, 1),
+                 "val_acc": window_accuracy(trainer, val_records, pcfg, seed, use_difficult)
+                 if last or pcfg.get("val_every_block", False) else None,
+                 "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        log.info("pretrain windows: iteration %d/%d, lr %.4g, loss %.4f, held-out window accuracy %s (%.1f s)",
+                 entry["iteration"], iterations, lr, entry["loss"],
+                 "-" if entry["val_acc"] is None else f"{entry['val_acc']:.3f}", entry["seconds"])
+        if state_path is not None:
+            io.save_torch({"model": params.state_dict(), "optimizer": optimizer.state_dict(), "epoch": block,
+                           "history": history, "settings": settings}, state_path)
+        if on_epoch is not None:
+            on_epoch(block, entry)
+    return history
+
+
+def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
+                on_epoch: Callable[[int, dict], None] | None = None) -> int:
+    """``source=windows``: train on windows of whole training images and write ``pretrain.pt``."""
+    from spp_det.data.voc import train_val_split
+    from spp_det.model import build_model
+
+    pcfg = cfg.pretrain
+    if int(pcfg.iterations) < 1 or not 0 < float(pcfg.fg_fraction) <= 1 or int(pcfg.windows_per_image) < 1:
+        raise UserError(f"pretrain: source=windows needs iterations >= 1, windows_per_image >= 1 and 0 < fg_fraction "
+                        f"<= 1 (got {pcfg.iterations}, {pcfg.windows_per_image}, {pcfg.fg_fraction})")
+    t0 = time.perf_counter()
+    classes = list(cfg.data.classes)
+    train_records, val_records = train_val_split(cfg.data)
+    if not train_records:
+        raise UserError(f"pretrain: no training images in {cfg.data.root} split {cfg.data.train_split}")
+    use_difficult = bool(cfg.data.get("use_difficult", False))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(weights=None, backbone_checkpoint=None, checkpoint=None)
+    model = build_model(OmegaConf.create(model_cfg)).to(resolve_device(cfg.device))
+    if pcfg.get("init", "kaiming") == "kaiming":
+        init_from_scratch(model.backbone)
+    classifier = nn.Linear(model.head.out_dim, len(classes) + 1)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    classifier.to(model.device)
+    trainer = WindowTrainer(model, classifier)
+    log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
+             len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
+             list(model.scales))
+    history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, settings,
+                            use_difficult, on_epoch)
+    meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": settings,
+            "class_names": ["__background__", *classes], "source": "windows"}
+    model.cpu()
+    classifier.cpu()
+    val_acc = history[-1]["val_acc"] if history and history[-1]["val_acc"] is not None else float("nan")
+    io.save_torch({"backbone": model.backbone.state_dict(), "head": model.head.state_dict(),
+                   "classifier": classifier.state_dict(), "meta": meta, "history": history,
+                   "val_acc": {"windows": val_acc}}, artifact)
+    state_path.unlink(missing_ok=True)
+    log.info("pretrain: wrote %s in %.1f s; held-out window accuracy %.3f", artifact, time.perf_counter() - t0, val_acc)
     return 0
