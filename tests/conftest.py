@@ -13,6 +13,17 @@ VOC_SAMPLE = Path(os.environ.get("SPP_DET_VOC_SAMPLE", REPO.parent / "shared" / 
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny tensors: avoids OpenMP spin-waits on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def voc_sample() -> Path:
     """The 100-image VOC 2012 sample, read in place (never copied into the repository)."""
     if not (VOC_SAMPLE / "VOC2012" / "ImageSets" / "Main" / "all.txt").is_file():

@@ -22,13 +22,7 @@ HAS_ENGINE = all(importlib.util.find_spec(m) is not None for m in ("spp_det.mode
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------- sampling

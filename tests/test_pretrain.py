@@ -21,13 +21,7 @@ SYNTH = {"seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "
          "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

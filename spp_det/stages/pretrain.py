@@ -326,6 +326,22 @@ def lr_at(epoch: int, lr: float, lr_steps, gamma: float) -> float:
     return lr * gamma ** sum(int(epoch >= s) for s in lr_steps)
 
 
+def resume(state_path: Path | None, settings: str, module: nn.Module, optimizer, unit: str) -> tuple[int, list]:
+    """Load the resumable checkpoint at ``state_path`` into ``module`` and ``optimizer`` when it was
+    written with the same ``settings``; returns (first ``unit`` to run, history so far)."""
+    if state_path is None or not state_path.is_file():
+        return 0, []
+    state = io.load_torch(state_path)
+    if state.get("settings") != settings:
+        log.info("pretrain: %s was written with other settings; starting over", state_path)
+        return 0, []
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["epoch"]) + 1
+    log.info("pretrain: resuming from %s after %s %d", state_path, unit, start)
+    return start, list(state["history"])
+
+
 def make_optimizer(model: nn.Module, pcfg) -> torch.optim.Optimizer:
     """``pcfg.optimizer``: ``sgd`` (the paper's recipe: momentum, weight decay) or ``adam`` (not the
     paper: Adam with decoupled weight decay, for short from-scratch CPU runs that SGD makes too slow)."""
@@ -360,17 +376,7 @@ def train_classifier(
     sizes = [int(s) for s in pcfg.sizes]
     model.to(device)
     optimizer = make_optimizer(model, pcfg)
-    history: list[dict] = []
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = io.load_torch(state_path)
-        if state.get("settings") == settings:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, history = int(state["epoch"]) + 1, list(state["history"])
-            log.info("pretrain: resuming from %s after epoch %d", state_path, start)
-        else:
-            log.info("pretrain: %s was written with other settings; starting over", state_path)
+    start, history = resume(state_path, settings, model, optimizer, "epoch")
     n, bs = len(train_set), int(pcfg.batch_size)
     object_pool = str(pcfg.get("pool", "image")) == "object"
     for epoch in range(start, int(pcfg.epochs)):
@@ -635,15 +641,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
     params = nn.ModuleList([trainer.model, trainer.classifier])
     optimizer = make_optimizer(params, pcfg)
     iterations, every = int(pcfg.iterations), max(1, int(pcfg.log_every))
-    history: list[dict] = []
-    start = 0
-    if state_path is not None and state_path.is_file():
-        state = io.load_torch(state_path)
-        if state.get("settings") == settings:
-            params.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, history = int(state["epoch"]) + 1, list(state["history"])
-            log.info("pretrain: resuming from %s after block %d", state_path, start)
+    start, history = resume(state_path, settings, params, optimizer, "block")
     params.train()
     blocks = -(-iterations // every)
     for block in range(start, blocks):
