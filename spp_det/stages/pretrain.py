@@ -342,6 +342,14 @@ def resume(state_path: Path | None, settings: str, module: nn.Module, optimizer,
     return start, list(state["history"])
 
 
+def save_state(state_path: Path | None, settings: str, module: nn.Module, optimizer, done: int,
+               history: list) -> None:
+    """Write the resumable checkpoint ``resume`` reads (``done``: the last finished epoch or block)."""
+    if state_path is not None:
+        io.save_torch({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
+                       "history": history, "settings": settings}, state_path)
+
+
 def make_optimizer(model: nn.Module, pcfg) -> torch.optim.Optimizer:
     """``pcfg.optimizer``: ``sgd`` (the paper's recipe: momentum, weight decay) or ``adam`` (not the
     paper: Adam with decoupled weight decay, for short from-scratch CPU runs that SGD makes too slow)."""
@@ -412,9 +420,7 @@ def train_classifier(
         history.append(entry)
         log.info("pretrain epoch %d/%d: size %d, lr %.4g, loss %.4f, held-out accuracy %.3f (%.1f s)",
                  epoch + 1, pcfg.epochs, size, lr, entry["loss"], entry["val_acc"], entry["seconds"])
-        if state_path is not None:
-            io.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                           "history": history, "settings": settings}, state_path)
+        save_state(state_path, settings, model, optimizer, epoch, history)
         if on_epoch is not None:
             on_epoch(epoch, entry)
     return history
@@ -683,9 +689,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
         log.info("pretrain windows: iteration %d/%d, lr %.4g, loss %.4f, held-out window accuracy %s (%.1f s)",
                  entry["iteration"], iterations, lr, entry["loss"],
                  "-" if entry["val_acc"] is None else f"{entry['val_acc']:.3f}", entry["seconds"])
-        if state_path is not None:
-            io.save_torch({"model": params.state_dict(), "optimizer": optimizer.state_dict(), "epoch": block,
-                           "history": history, "settings": settings}, state_path)
+        save_state(state_path, settings, params, optimizer, block, history)
         if on_epoch is not None:
             on_epoch(block, entry)
     return history
