@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """`make demo`: SPP-net end to end on the synthetic dataset, on the CPU, with nothing downloaded.
 
-synth (data/synth) -> train (experiment=demo: narrow ZF-5 pretrained on the synthetic crops,
-selective-search proposals, fine-tuning, SVMs, box regression) -> eval on the held-out test
+synth (data/synth: 300 detection images + 1,000 pretraining images) -> train (experiment=demo:
+narrow ZF-5 pretrained on synthetic crops then windows, selective-search proposals, fine-tuning,
+SVMs, box regression) -> eval on the held-out test
 split -> detect on a folder of test images. Ends with the mAP, the per-class table and where
 the outputs are. Each step is an ordinary `spp-det` command, printed before it runs, so a user
 can rerun any of them by hand.
@@ -32,10 +33,13 @@ def step(*args: str) -> None:
 
 def main() -> int:
     start = time.perf_counter()
-    if not (REPO / SYNTH / "ImageSets" / "Main" / "test.txt").is_file():
-        step("synth", "experiment=demo", f"data.root={SYNTH}")
-    else:
+    splits = REPO / SYNTH / "ImageSets" / "Main"
+    if (splits / "test.txt").is_file() and (splits / "pretrain.txt").is_file():
         print(f"\n{SYNTH} exists: using it (delete it to regenerate)")
+    elif (REPO / SYNTH / "synth_summary.json").is_file():  # an older demo dataset without the pretraining split
+        step("synth", "experiment=demo", f"data.root={SYNTH}", "synth.overwrite=true")
+    else:
+        step("synth", "experiment=demo", f"data.root={SYNTH}")
     step("train", "experiment=demo")
     model = RUN / "model.pt"
     step("eval", "experiment=demo", f"model.checkpoint={model}", f"hydra.run.dir={RUN}/eval")

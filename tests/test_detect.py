@@ -100,7 +100,7 @@ def hashes(root: Path) -> dict[str, str]:
 @pytest.fixture
 def fake(monkeypatch):
     detector = FakeDetector()
-    monkeypatch.setattr(stage, "load_detector", lambda cfg: detector)
+    monkeypatch.setattr(stage, "load_detector", lambda cfg, scorer="svm": detector)
     monkeypatch.setattr(stage, "proposals_for_file", fake_proposals)
     return detector
 

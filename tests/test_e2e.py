@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SPP_DET = [sys.executable, "-m", "spp_det.cli"]
-SMALL = ["pretrain.epochs=12", "finetune.iterations=400", "finetune.val_every=100", "finetune.checkpoint_every=200"]
+SMALL = ["pretrain.epochs=6", "pretrain.lr_steps=[5]", "pretrain.iterations=400", "pretrain.iteration_lr_steps=[320]",
+         "finetune.iterations=400", "finetune.val_every=100", "finetune.checkpoint_every=200"]
 
 
 def spp_det(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     common = ["experiment=demo", f"data.root={root / 'synth'}", f"cache_dir={root / 'cache'}",
               f"work_dir={root / 'work'}", "device=cpu"]
-    spp_det("synth", *common, "synth.num_images=60", cwd=root)
+    spp_det("synth", *common, "synth.num_images=60", "synth.pretrain_images=150", cwd=root)
     train = spp_det("train", *common, *SMALL, cwd=root)
     spp_det("eval", *common, f"model.checkpoint={root / 'work' / 'model.pt'}", f"hydra.run.dir={root / 'eval'}",
             cwd=root)

@@ -349,7 +349,7 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
     from spp_det.runtime import compose_config
 
     root, records, classes = synth_set
-    monkeypatch.setattr(detection_stage, "load_detector", lambda cfg: FakeDetector(records, classes))
+    monkeypatch.setattr(detection_stage, "load_detector", lambda cfg, scorer="svm": FakeDetector(records, classes))
     monkeypatch.setattr(stage, "load_proposals", lambda recs, cfg: {r.image_id: np.zeros((0, 4), np.float32) for r in recs})
     monkeypatch.chdir(tmp_path)
     overrides = ["data=synth", f"data.root={root}", "data.year=null", "model.checkpoint=model.pt", "device=cpu"]

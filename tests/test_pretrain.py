@@ -272,3 +272,30 @@ def test_windows_source_trains_on_whole_images_and_writes_a_loadable_artifact(sy
     model.head.load_state_dict(ckpt["head"])
     assert pretrain.run(cfg) == 0  # current: skipped, artifact unchanged
     assert torch.load(tmp_path / "work" / "pretrain.pt", weights_only=True)["history"] == history
+
+
+def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
+    """source=crops+windows: crop training writes pretrain_crops.pt, window training starts from
+    it; pretrain.train_split picks the images (here synth's extra `pretrain` split only)."""
+    pytest.importorskip("spp_det.model", reason="the SPP engine (spp_det.model) is not built yet")
+    root = tmp_path / "synth"
+    write_synthetic(root, {**SYNTH, "num_images": 8, "pretrain_images": 5}, CLASSES, progress=False)
+    windows = {"pretrain.source": "crops+windows", "pretrain.train_split": "pretrain", "pretrain.iterations": 4,
+               "pretrain.log_every": 2, "pretrain.windows_per_image": 8, "pretrain.epochs": 1,
+               "model.scales": "[64,96]", "model.best_scale_area": 1600}
+    cfg = stage_cfg(root, tmp_path, **windows)
+    with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):
+        assert pretrain.run(cfg) == 0
+    work = tmp_path / "work"
+    crops = torch.load(work / pretrain.CROPS_ARTIFACT, weights_only=True)
+    final = torch.load(work / pretrain.ARTIFACT, weights_only=True)
+    assert crops["meta"]["source"] == "voc_crops" and final["meta"]["source"] == "windows"
+    assert f"window training starts from {work / pretrain.CROPS_ARTIFACT}" in caplog.text
+    assert "windows of 5 training images" in caplog.text  # the pretrain split, not data.train_split
+    # a windows-only change keeps the crop phase
+    caplog.clear()
+    with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):
+        assert pretrain.run(stage_cfg(root, tmp_path, **{**windows, "pretrain.iterations": 6})) == 0
+    assert "pretrain_crops.pt is current" in caplog.text
+    assert torch.load(work / pretrain.CROPS_ARTIFACT, weights_only=True)["history"] == crops["history"]
+    assert torch.load(work / pretrain.ARTIFACT, weights_only=True)["history"][-1]["iteration"] == 6

@@ -191,3 +191,22 @@ def test_finetune_checkpoint_of_other_classes_is_refused(tmp_path, monkeypatch):
         cfg.data.classes = ["disc", "ring"]
     with pytest.raises(UserError, match="another configuration.*classes"):
         svm_stage.run(cfg)
+
+
+def test_trivial_objective_is_that_of_w_zero_b_minus_one_and_flags_unseparable_classes():
+    from spp_det.stages.svm import trivial_objective
+
+    s = SVMSettings()  # R-CNN's C = 1e-3, w1 = 2, B = 10
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(500, 32, generator=g))
+    x = x * feature_scale(float(x.norm(dim=1).mean()), 20.0)
+    y = torch.cat([torch.ones(50), -torch.ones(450)])
+    assert trivial_objective(50, s) == pytest.approx(svm_objective(torch.zeros(32), -1.0, x, y, s))
+    # positives drawn like the negatives: the best SVM is (nearly) the trivial one
+    w, b = train_linear_svm(x[y > 0], x[y < 0], s)
+    assert svm_objective(w, b, x, y, s) >= 0.9 * trivial_objective(50, s)
+    # a separable class: far below it
+    x_sep = x.clone()
+    x_sep[:50, 0] += 30.0
+    w, b = train_linear_svm(x_sep[y > 0], x_sep[y < 0], s)
+    assert svm_objective(w, b, x_sep, y, s) < 0.5 * trivial_objective(50, s)

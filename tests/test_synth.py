@@ -24,7 +24,7 @@ N_IMAGES = 20
 
 def settings(**changes):
     cfg = OmegaConf.to_container(SYNTH_CFG)
-    cfg.update(changes)
+    cfg.update({"pretrain_images": 0, **changes})  # the default's 1,000 pretraining images: only where a test asks
     return cfg
 
 
@@ -155,6 +155,24 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes(), f
 
 
+def test_pretrain_images_are_an_extra_split_that_leaves_the_others_unchanged(tmp_path):
+    small = dict(num_images=4, max_side=240)
+    synth.write_synthetic(tmp_path / "a", settings(**small), CLASSES, progress=False)
+    summary = synth.write_synthetic(tmp_path / "b", settings(**small, pretrain_images=3), CLASSES, progress=False)
+    main_a, main_b = tmp_path / "a" / "ImageSets" / "Main", tmp_path / "b" / "ImageSets" / "Main"
+    assert not (main_a / "pretrain.txt").exists()
+    assert (main_b / "pretrain.txt").read_text().split() == ["000005", "000006", "000007"]
+    for split in ("train", "val", "test", "trainval"):
+        assert (main_a / f"{split}.txt").read_text() == (main_b / f"{split}.txt").read_text()
+    for image_id in (main_a / "trainval.txt").read_text().split() + (main_a / "test.txt").read_text().split():
+        assert (tmp_path / "a" / "JPEGImages" / f"{image_id}.jpg").read_bytes() == \
+            (tmp_path / "b" / "JPEGImages" / f"{image_id}.jpg").read_bytes()
+    records, _ = load_voc(tmp_path / "b", "pretrain", CLASSES)
+    assert len(records) == 3 and summary["images"]["pretrain"] == 3 and summary["images"]["total"] == 7
+    assert summary["objects"]["pretrain"] == sum(len(r.boxes) for r in records)
+    assert "pretrain" in synth.format_summary(summary)
+
+
 def test_refuses_a_non_empty_root_and_overwrite_keeps_other_files(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()
@@ -225,7 +243,8 @@ def test_cli_writes_the_dataset_and_refuses_to_write_it_twice(tmp_path):
     if not exe.exists():
         pytest.skip(f"{exe} not installed (run `make setup`)")
     root = tmp_path / "cli_synth"
-    cmd = [str(exe), "synth", f"data.root={root}", "synth.num_images=12", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [str(exe), "synth", f"data.root={root}", "synth.num_images=12", "synth.pretrain_images=3",
+           f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -234,6 +253,7 @@ def test_cli_writes_the_dataset_and_refuses_to_write_it_twice(tmp_path):
         assert name in done.stdout  # the per-class table
     records, _ = load_voc(root, "test", CLASSES)
     assert len(records) == 5  # 12 images at 0.5 / 0.1 / 0.4 -> 6 / 1 / 5
+    assert len(load_voc(root, "pretrain", CLASSES)[0]) == 3
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert again.returncode == 1
     assert "not empty" in again.stderr + again.stdout and str(root) in again.stderr + again.stdout

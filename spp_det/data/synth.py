@@ -13,6 +13,8 @@ Layout written under ``root`` (``spp_det.data.voc.find_voc_dir`` accepts ``root`
 
     JPEGImages/<id>.jpg  Annotations/<id>.xml
     ImageSets/Main/{train,val,test,trainval}.txt  ImageSets/Main/<class>_<split>.txt
+    ImageSets/Main/pretrain.txt  (with pretrain_images > 0: extra images, ids after the first
+                                  num_images, for backbone pretraining; the demo's ImageNet)
     synth_summary.json   (settings and counts)
 
 Boxes: internally ``x1, y1, x2, y2`` 0-based continuous; a rasterised object covering pixel
@@ -46,6 +48,7 @@ from spp_det.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+PRETRAIN_SPLIT = "pretrain"  # pretrain_images extra images for backbone pretraining (the demo's stand-in for ImageNet)
 DISTRACTORS = ("ellipse", "line", "arc", "zigzag")
 # What the generator writes into root (and, with overwrite=true, replaces; nothing else is touched).
 MANAGED = ("ImageSets", "Annotations", "JPEGImages", "synth_summary.json")
@@ -63,6 +66,7 @@ class SynthSettings:
 
     seed: int = 0
     num_images: int = 300
+    pretrain_images: int = 0
     fractions: tuple[tuple[str, float], ...] = (("train", 0.5), ("val", 0.1), ("test", 0.4))
     min_side: int = 200
     max_side: int = 640
@@ -112,6 +116,7 @@ class SynthSettings:
     def validate(self) -> None:
         checks = [
             (self.num_images >= 1, "synth.num_images must be >= 1"),
+            (self.pretrain_images >= 0, "synth.pretrain_images must be >= 0"),
             (all(f >= 0 for _, f in self.fractions) and sum(f for _, f in self.fractions) > 0,
              "synth.fractions must be non-negative and not all zero"),
             (16 <= self.min_side <= self.max_side, "synth.min_side must be >= 16 and <= synth.max_side"),
@@ -502,13 +507,17 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
     start = time.perf_counter()
 
     counts = split_counts(s.num_images, s.fractions)
-    ids = [f"{i + 1:06d}" for i in range(s.num_images)]
+    ids = [f"{i + 1:06d}" for i in range(s.num_images + s.pretrain_images)]
     order = np.random.default_rng([s.seed, 1 << 30]).permutation(s.num_images)
     split_of, k = {}, 0
     for name in SPLITS:
         for j in order[k: k + counts.get(name, 0)]:
             split_of[ids[j]] = name
         k += counts.get(name, 0)
+    # the extra images after the first num_images (which stay the same whatever pretrain_images is)
+    splits = SPLITS + ((PRETRAIN_SPLIT,) if s.pretrain_images else ())
+    for image_id in ids[s.num_images:]:
+        split_of[image_id] = PRETRAIN_SPLIT
 
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=root))
@@ -517,7 +526,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
         (partial / "Annotations").mkdir()
         main = partial / "ImageSets" / "Main"
         main.mkdir(parents=True)
-        zero = lambda: {**{n: 0 for n in SPLITS}, "trainval": 0, "total": 0}  # noqa: E731
+        zero = lambda: {**{n: 0 for n in splits}, "trainval": 0, "total": 0}  # noqa: E731
         summary = {
             "root": str(root), "seed": s.seed, "classes": classes,
             "images": zero(), "objects": zero(), "difficult": zero(), "truncated": zero(),
@@ -525,7 +534,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
             "per_class": {c: {"objects": 0, "difficult": 0, "truncated": 0} for c in classes},
         }
         # per split, per class: image id -> 1 (a non-difficult object), 0 (only difficult ones)
-        present: dict[str, dict[str, dict[str, int]]] = {sp: {c: {} for c in classes} for sp in SPLITS}
+        present: dict[str, dict[str, dict[str, int]]] = {sp: {c: {} for c in classes} for sp in splits}
         for i, image_id in enumerate(tqdm(ids, desc="synth", unit="img", disable=not progress)):
             image, objects, dropped = draw_image(s.seed, i, s, classes)
             ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
@@ -552,7 +561,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
                     seen = present[split][o.name]
                     seen[image_id] = max(seen.get(image_id, 0), 0 if o.difficult else 1)
 
-        split_ids = {sp: sorted(i for i in ids if split_of.get(i) == sp) for sp in SPLITS}
+        split_ids = {sp: sorted(i for i in ids if split_of.get(i) == sp) for sp in splits}
         split_ids["trainval"] = sorted(split_ids["train"] + split_ids["val"])
         present["trainval"] = {c: {**present["train"][c], **present["val"][c]} for c in classes}
         for sp, members in split_ids.items():
@@ -581,7 +590,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
 
 def format_summary(summary: dict) -> str:
     """The summary as a plain-text table (images, objects, difficult, truncated per split and class)."""
-    cols = [*SPLITS, "trainval", "total"]
+    cols = [*(c for c in summary["images"] if c not in ("trainval", "total")), "trainval", "total"]
     rows = [f"{'':<12}" + "".join(f"{c:>10}" for c in cols)]
     for key in ("images", "objects", "difficult", "truncated"):
         rows.append(f"{key:<12}" + "".join(f"{summary[key][c]:>10}" for c in cols))

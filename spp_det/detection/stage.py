@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
 
-def load_detector(cfg):
-    """``Detector.load(model.checkpoint, device)``; a clear error when no checkpoint is given."""
+def load_detector(cfg, scorer: str = "svm"):
+    """``Detector.load(model.checkpoint, device, scorer=scorer)``; a clear error when no checkpoint is given."""
     checkpoint = cfg.model.get("checkpoint")
     if not checkpoint:
         raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs model.checkpoint=PATH (a model.pt written by `spp-det train`)")
@@ -52,7 +52,7 @@ def load_detector(cfg):
     from spp_det.detection.detector import Detector
     from spp_det.runtime import resolve_device
 
-    return Detector.load(checkpoint, resolve_device(cfg.device))
+    return Detector.load(checkpoint, resolve_device(cfg.device), scorer=str(scorer))
 
 
 def proposals_for_file(path: Path, image: np.ndarray, cfg) -> np.ndarray:
@@ -143,7 +143,7 @@ def run(cfg) -> int:
         raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
     input_set = {p.resolve() for p in paths}
 
-    detector = load_detector(cfg)
+    detector = load_detector(cfg, cfg.detect.get("scorer", "svm"))
     classes = list(detector.classes)
     keep_labels = _class_filter(d.get("classes"), classes)
     annotated_dir = output / "annotated"

@@ -163,7 +163,7 @@ def run(cfg) -> int:
                             "(a folder of comp4_det_<split>_<class>.txt files)")
         from spp_det.detection import stage as detection_stage
 
-        detector = detection_stage.load_detector(cfg)
+        detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
         check_classes(detector.classes, classes, str(cfg.model.checkpoint))
         metrics = evaluate_detector(detector, records, cfg, out_dir)
     print(format_table(metrics))

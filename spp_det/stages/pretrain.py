@@ -15,6 +15,10 @@ set (``source=image_folder``). With ImageNet weights (``model.weights``) it is s
 ``source=windows`` (not the paper) removes the crop/detection mismatch: the same layers plus a
 (K+1)-way classifier train on windows pooled from conv5 of *whole* training images at their best
 scale, exactly as ``SPPNet.pool5`` pools proposals (``sample_windows``, ``train_windows``).
+``source=crops+windows`` runs ``voc_crops`` first (``work_dir/pretrain_crops.pt``) and then
+``windows`` starting from those weights: crops teach the shapes cheaply, windows adapt the
+features to whole-image pooling. ``pretrain.train_split`` may name a split detection never
+trains on (the demo's extra synthetic ``pretrain`` images, standing in for ImageNet).
 
 Writes ``work_dir/pretrain.pt`` = ``{"backbone": state_dict, "head": fc6/fc7 state_dict,
 "classifier": state_dict, "meta": checkpoint_meta(cfg) + sizes + settings, "history": [...]}``
@@ -47,6 +51,11 @@ log = logging.getLogger(__name__)
 
 ARTIFACT = "pretrain.pt"
 STATE = "pretrain_state.pt"
+CROPS_ARTIFACT = "pretrain_crops.pt"  # source=crops+windows: the first phase's weights, where the second starts
+CROPS_STATE = "pretrain_crops_state.pt"
+# settings only source=windows reads: a change to them keeps crops+windows' crop phase current
+WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
+               "start_from", "val_every_block")
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,15 +435,19 @@ def train_classifier(
     return history
 
 
-def settings_key(cfg: DictConfig) -> str:
-    """Hash of every setting that changes the pretrained weights."""
+def settings_key(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
+    """Hash of every setting that changes the pretrained weights (``drop``: pretrain keys that do not)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for k in ("checkpoint", "backbone_checkpoint", "scales", "max_size", "best_scale_area", "projection",
               "rcnn_context", "rcnn_input"):
         model.pop(k, None)  # detection-time settings: do not change the classifier
     data = {k: cfg.data.get(k) for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
                                           "use_difficult", "max_images")}
-    return io.hash_settings({"pretrain": cfg.pretrain, "model": model, "data": data, "seed": cfg.seed})
+    start = cfg.pretrain.get("start_from")
+    start_hash = io.hash_file(start) if start and Path(start).is_file() else None  # its weights, not just its name
+    pcfg = {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k not in drop}
+    return io.hash_settings({"pretrain": pcfg, "model": model, "data": data, "seed": cfg.seed,
+                             "start_from": start_hash})
 
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
@@ -451,13 +464,38 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     settings = settings_key(cfg)
-    if artifact.is_file():
-        meta = io.load_torch(artifact).get("meta", {})
-        if meta.get("settings") == settings:
-            log.info("pretrain: %s is current; skipped", artifact)
-            return 0
+    if artifact_current(artifact, settings):
+        log.info("pretrain: %s is current; skipped", artifact)
+        return 0
     if pcfg.source == "windows":
         return run_windows(cfg, artifact, state_path, settings, on_epoch)
+    if pcfg.source == "crops+windows":  # crops first, then windows starting from them
+        crops_cfg = OmegaConf.merge(cfg, {"pretrain": {"source": "voc_crops"}})
+        crops_artifact, crops_settings = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, WINDOW_KEYS)
+        if artifact_current(crops_artifact, crops_settings):
+            log.info("pretrain: %s is current; window training starts from it", crops_artifact)
+        else:
+            run_crops(crops_cfg, crops_artifact, work_dir / CROPS_STATE, crops_settings, on_epoch)
+        return run_windows(cfg, artifact, state_path, settings, on_epoch, start=crops_artifact)
+    return run_crops(cfg, artifact, state_path, settings, on_epoch)
+
+
+def artifact_current(artifact: Path, settings: str) -> bool:
+    """Whether ``artifact`` exists and was written with ``settings``."""
+    return artifact.is_file() and io.load_torch(artifact).get("meta", {}).get("settings") == settings
+
+
+def pretrain_data(cfg: DictConfig) -> DictConfig:
+    """``cfg.data`` with ``pretrain.train_split`` / ``pretrain.val_split`` in place of the data's
+    splits when set: the backbone may pretrain on a split detection never trains on (the demo's
+    ``pretrain`` split of extra synthetic images, standing in for ImageNet)."""
+    return OmegaConf.merge(cfg.data, {k: cfg.pretrain[k] for k in ("train_split", "val_split") if cfg.pretrain.get(k)})
+
+
+def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
+              on_epoch: Callable[[int, dict], None] | None = None) -> int:
+    """``source=voc_crops`` or ``image_folder``: the multi-size crop classifier; writes ``artifact``."""
+    pcfg = cfg.pretrain
     sizes = [int(s) for s in pcfg.sizes]
     object_pool = str(pcfg.get("pool", "image")) == "object"
     if str(pcfg.get("pool", "image")) not in ("image", "object"):
@@ -475,20 +513,20 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
         from spp_det.data.voc import train_val_split
 
         classes = list(cfg.data.classes)
-        train_records, val_records = train_val_split(cfg.data)
+        train_records, val_records = train_val_split(pretrain_data(cfg))
         use_difficult = bool(cfg.data.get("use_difficult", False))
         train_set = voc_crop_set(train_records, classes, pcfg, store_side, rng, use_difficult, "training crops")
         val_set = voc_crop_set(val_records, classes, pcfg, store_side, rng, use_difficult, "held-out crops")
         missing = [c for k, c in enumerate(classes, 1) if not (train_set.labels == k).any()]
         if missing:
             raise UserError(f"pretrain: no training object of class {', '.join(missing)} in "
-                            f"{cfg.data.root} split {cfg.data.train_split}")
+                            f"{cfg.data.root} split {pretrain_data(cfg).train_split}")
     elif pcfg.source == "image_folder":
         if not pcfg.image_folder:
             raise UserError("pretrain.source=image_folder needs pretrain.image_folder=DIR (class-per-folder images)")
         train_set, val_set = image_folder_sets(pcfg.image_folder, store_side)
     else:
-        raise UserError(f"pretrain.source={pcfg.source!r}: use voc_crops, image_folder or windows")
+        raise UserError(f"pretrain.source={pcfg.source!r}: use voc_crops, image_folder, windows or crops+windows")
     counts = np.bincount(train_set.labels, minlength=len(train_set.class_names))
     log.info("pretrain: %d training and %d held-out examples; per class %s",
              len(train_set), len(val_set), dict(zip(train_set.class_names, counts.tolist())))
@@ -695,9 +733,30 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
     return history
 
 
+def start_from(path: Path, model, classifier: nn.Linear) -> None:
+    """Initialise backbone, fc6/fc7 and (when its shape fits) the classifier from an earlier
+    ``pretrain.pt`` (e.g. crop pretraining), so window training refines features instead of
+    learning them from nothing."""
+    if not path.is_file():
+        raise UserError(f"pretrain.start_from={path}: file not found")
+    state = io.load_torch(path)
+    if not {"backbone", "head"} <= set(state):
+        raise UserError(f"pretrain.start_from={path}: not a pretrain.pt (no backbone/head weights)")
+    try:
+        model.backbone.load_state_dict(state["backbone"])
+        model.head.load_state_dict(state["head"])
+    except RuntimeError as exc:
+        raise UserError(f"pretrain.start_from={path}: weights do not fit model={model.__class__.__name__} "
+                        f"({str(exc).splitlines()[0]})") from None
+    if state.get("classifier", {}).get("weight", torch.empty(0)).shape == classifier.weight.shape:
+        classifier.load_state_dict(state["classifier"])
+    log.info("pretrain: window training starts from %s", path)
+
+
 def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
-                on_epoch: Callable[[int, dict], None] | None = None) -> int:
-    """``source=windows``: train on windows of whole training images and write ``pretrain.pt``."""
+                on_epoch: Callable[[int, dict], None] | None = None, start: Path | None = None) -> int:
+    """``source=windows``: train on windows of whole training images and write ``artifact``,
+    starting from ``pretrain.start_from`` or ``start`` (a crop-pretrained ``pretrain.pt``) when given."""
     from spp_det.data.voc import train_val_split
     from spp_det.model import build_model
 
@@ -707,18 +766,21 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
                         f"<= 1 (got {pcfg.iterations}, {pcfg.windows_per_image}, {pcfg.fg_fraction})")
     t0 = time.perf_counter()
     classes = list(cfg.data.classes)
-    train_records, val_records = train_val_split(cfg.data)
+    data = pretrain_data(cfg)
+    train_records, val_records = train_val_split(data)
     if not train_records:
-        raise UserError(f"pretrain: no training images in {cfg.data.root} split {cfg.data.train_split}")
+        raise UserError(f"pretrain: no training images in {data.root} split {data.train_split}")
     use_difficult = bool(cfg.data.get("use_difficult", False))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.update(weights=None, backbone_checkpoint=None, checkpoint=None)
     model = build_model(OmegaConf.create(model_cfg)).to(resolve_device(cfg.device))
-    if pcfg.get("init", "kaiming") == "kaiming":
-        init_from_scratch(model.backbone)
     classifier = nn.Linear(model.head.out_dim, len(classes) + 1)
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
+    if pcfg.get("start_from") or start is not None:
+        start_from(Path(pcfg.get("start_from") or start), model, classifier)
+    elif pcfg.get("init", "kaiming") == "kaiming":
+        init_from_scratch(model.backbone)
     classifier.to(model.device)
     trainer = WindowTrainer(model, classifier)
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",

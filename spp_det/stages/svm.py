@@ -126,6 +126,12 @@ def window_features(model, maps, record, windows: np.ndarray, batch: int, layer:
     return out
 
 
+def trivial_objective(positives: int, settings: SVMSettings) -> float:
+    """The objective of the trivial SVM ``w = 0, b = -1`` (every window scored -1): each positive
+    pays the hinge 2 at weight ``C w1``, no negative pays, the bias costs ``0.5 (1 / B)^2``."""
+    return 2 * settings.C * settings.pos_weight * positives + 0.5 / settings.bias_multiplier ** 2
+
+
 def settings_key(cfg: DictConfig, finetune_path: Path, section: str = "svm") -> str:
     """Hash of everything that changes a head trained on the fine-tuned net (``section``: the
     ``svm`` or ``bboxreg`` settings): its settings, data, model, proposals, and the fine-tuned
@@ -219,6 +225,12 @@ def run(cfg: DictConfig) -> int:
         log.info("svm: %-12s %5d positives, %6d hard negatives cached (%d added, %d evicted), %d trainings, "
                  "objective %.4f", s.name, len(s.positives), len(s.negatives), s.total_added, s.total_evicted,
                  s.retrains, last["objective"])
+    trivial = [n for n, st in stats.items() if st["objective"] >= 0.9 * trivial_objective(st["positives"], settings)]
+    if trivial:
+        log.warning("svm: %d of %d SVMs are near the trivial solution (every window scored -1; objective >= 90%% of "
+                    "its %s): fc7 barely separates these classes at svm.C=%g: %s. Their scores rank windows "
+                    "poorly; stronger features (pretraining, finetune) or a larger svm.C help", len(trivial), len(svms),
+                    "2 C w1 P", settings.C, ", ".join(trivial))
     meta = {**io.checkpoint_meta(cfg), "settings": key}
     io.save_torch({"weight": torch.stack([s.w for s in svms]).float(), "bias": torch.tensor([s.b for s in svms]).float(),
                    "feature_scale": float(scale), "meta": meta, "stats": stats}, artifact)
