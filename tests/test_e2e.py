@@ -53,13 +53,14 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline):
     assert sorted(p.name for p in (root / "eval").glob("comp4_det_test_*.txt"))  # devkit result files
     lines = (root / "detect" / "detections.jsonl").read_text().splitlines()
     assert lines and {"file", "class", "score", "box"} <= set(json.loads(lines[0]))
-    assert len(list((root / "detect" / "annotated").iterdir())) == 60
+    assert len(list((root / "detect" / "annotated").iterdir())) == 60 + 150  # detection + pretraining images
     # a second `train` finds every trained stage current and leaves its artifact alone
     assert again.count("skipped (current)") == 4
 
 
-@pytest.mark.xfail(strict=False, reason="issue 7: the from-scratch demo backbone does not yet learn on a "
-                                        "60-image set (VOC07 mAP 0.02 measured); 0.46 on the 300-image demo")
+@pytest.mark.xfail(strict=False, reason="issue 7: the from-scratch demo backbone does not yet learn enough from "
+                                        "this tiny set in a few minutes (VOC07 mAP 0.09 measured); 0.78 on the "
+                                        "300-image demo")
 def test_map_is_well_above_chance(pipeline):
     # chance is about 0.02 here (random scores over ~400 proposals per image)
     assert pipeline[3]["map_voc07"] > 0.3, pipeline[3]["ap_voc07"]
