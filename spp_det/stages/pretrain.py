@@ -464,7 +464,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     settings = settings_key(cfg)
-    if artifact_current(artifact, settings):
+    if io.artifact_is_current(artifact, settings):
         log.info("pretrain: %s is current; skipped", artifact)
         return 0
     if pcfg.source == "windows":
@@ -472,17 +472,12 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
     if pcfg.source == "crops+windows":  # crops first, then windows starting from them
         crops_cfg = OmegaConf.merge(cfg, {"pretrain": {"source": "voc_crops"}})
         crops_artifact, crops_settings = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, WINDOW_KEYS)
-        if artifact_current(crops_artifact, crops_settings):
+        if io.artifact_is_current(crops_artifact, crops_settings):
             log.info("pretrain: %s is current; window training starts from it", crops_artifact)
         else:
             run_crops(crops_cfg, crops_artifact, work_dir / CROPS_STATE, crops_settings, on_epoch)
         return run_windows(cfg, artifact, state_path, settings, on_epoch, start=crops_artifact)
     return run_crops(cfg, artifact, state_path, settings, on_epoch)
-
-
-def artifact_current(artifact: Path, settings: str) -> bool:
-    """Whether ``artifact`` exists and was written with ``settings``."""
-    return artifact.is_file() and io.load_torch(artifact).get("meta", {}).get("settings") == settings
 
 
 def pretrain_data(cfg: DictConfig) -> DictConfig:
