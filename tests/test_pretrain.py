@@ -246,6 +246,37 @@ def test_window_sampling_labels_by_iou_and_keeps_one_scale(synth_root):
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= rec.width).all() and (boxes[:, 3] <= rec.height).all()
 
 
+def test_window_sampling_draws_background_from_proposals_mirrored_with_the_image(synth_root):
+    records = load_split(data_cfg(synth_root), "train")
+    rec = next(r for r in records if len(r.boxes)).flip()
+    # a proposal far from every object (IoU 0), in unflipped image coordinates
+    far = np.array([[0, 0, 6, 6], [rec.width - 6, rec.height - 6, rec.width, rec.height]], np.float32)
+    far = far[box_iou(far, rec.boxes).max(1) == 0][:1]
+    assert len(far) == 1
+    unflipped = {rec.image_id: np.array([[rec.width - far[0, 2], far[0, 1], rec.width - far[0, 0], far[0, 3]]],
+                                        np.float32)}
+    assert np.allclose(pretrain.record_proposals(unflipped, rec), far)  # mirrored as the record is
+    assert pretrain.record_proposals(None, rec) is None
+    one_scale = lambda b: np.zeros(len(b), int)
+    rng = np.random.default_rng(0)
+    _, boxes, labels = pretrain.sample_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True, far)
+    assert (boxes == far).all(1).any() and labels[(boxes == far).all(1)].max() == 0  # drawn, as background
+    rng = np.random.default_rng(0)
+    _, plain, _ = pretrain.sample_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True)
+    near_far = lambda b: (box_iou(b, far)[:, 0] > 0.5).sum()  # the proposal and its jittered copies
+    assert near_far(boxes) > near_far(plain) + 100
+
+
+def test_window_settings_cover_what_windows_depend_on(synth_root, tmp_path):
+    base = {"pretrain.source": "crops+windows"}
+    key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}))
+    crop_key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}), pretrain.WINDOW_KEYS)
+    props = {"pretrain.window_proposals": "{mode: single, resize_to: 200}"}
+    assert key(**props) != key() and crop_key(**props) == crop_key()
+    assert key(**props) != key(**props, **{"proposals.max_boxes": 100})  # the boxes it reads
+    assert key(**{"model.scales": "[64]"}) != key() and crop_key(**{"model.scales": "[64]"}) == crop_key()
+
+
 def test_windows_source_trains_on_whole_images_and_writes_a_loadable_artifact(synth_root, tmp_path):
     pytest.importorskip("spp_det.model", reason="the SPP engine (spp_det.model) is not built yet")
     cfg = stage_cfg(synth_root, tmp_path, **{"pretrain.source": "windows", "pretrain.iterations": 60,
@@ -282,7 +313,8 @@ def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
     write_synthetic(root, {**SYNTH, "num_images": 8, "pretrain_images": 5}, CLASSES, progress=False)
     windows = {"pretrain.source": "crops+windows", "pretrain.train_split": "pretrain", "pretrain.iterations": 4,
                "pretrain.log_every": 2, "pretrain.windows_per_image": 8, "pretrain.epochs": 1,
-               "model.scales": "[64,96]", "model.best_scale_area": 1600}
+               "model.scales": "[64,96]", "model.best_scale_area": 1600,
+               "pretrain.window_proposals": "{mode: single, resize_to: 96}"}
     cfg = stage_cfg(root, tmp_path, **windows)
     with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):
         assert pretrain.run(cfg) == 0
@@ -292,6 +324,8 @@ def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
     assert crops["meta"]["source"] == "voc_crops" and final["meta"]["source"] == "windows"
     assert f"window training starts from {work / pretrain.CROPS_ARTIFACT}" in caplog.text
     assert "windows of 5 training images" in caplog.text  # the pretrain split, not data.train_split
+    assert "proposals of the pretraining images" in caplog.text
+    assert len(list((tmp_path / "cache" / "proposals").glob("*/*"))) >= 5  # cached like detection's
     # a windows-only change keeps the crop phase
     caplog.clear()
     with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):

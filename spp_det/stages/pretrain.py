@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spp_det import io
-from spp_det.boxes import box_iou, clip_boxes
+from spp_det.boxes import box_iou, clip_boxes, flip_boxes
 from spp_det.errors import UserError
 from spp_det.runtime import resolve_device
 
@@ -55,7 +55,7 @@ CROPS_ARTIFACT = "pretrain_crops.pt"  # source=crops+windows: the first phase's 
 CROPS_STATE = "pretrain_crops_state.pt"
 # settings only source=windows reads: a change to them keeps crops+windows' crop phase current
 WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
-               "start_from", "val_every_block")
+               "start_from", "val_every_block", "window_proposals")
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,16 +438,20 @@ def train_classifier(
 def settings_key(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
     """Hash of every setting that changes the pretrained weights (``drop``: pretrain keys that do not)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    for k in ("checkpoint", "backbone_checkpoint", "scales", "max_size", "best_scale_area", "projection",
-              "rcnn_context", "rcnn_input"):
-        model.pop(k, None)  # detection-time settings: do not change the classifier
+    windows = cfg.pretrain.get("source") in ("windows", "crops+windows") and "iterations" not in drop
+    for k in ("checkpoint", "backbone_checkpoint", "rcnn_context", "rcnn_input",
+              *(() if windows else ("scales", "max_size", "best_scale_area", "projection"))):
+        model.pop(k, None)  # detection-time settings: do not change the classifier (window training pools as detection)
     data = {k: cfg.data.get(k) for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
                                           "use_difficult", "max_images")}
     start = cfg.pretrain.get("start_from")
     start_hash = io.hash_file(start) if start and Path(start).is_file() else None  # its weights, not just its name
     pcfg = {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k not in drop}
-    return io.hash_settings({"pretrain": pcfg, "model": model, "data": data, "seed": cfg.seed,
-                             "start_from": start_hash})
+    key = {"pretrain": pcfg, "model": model, "data": data, "seed": cfg.seed, "start_from": start_hash}
+    if windows and pcfg.get("window_proposals"):  # the boxes they give change the training windows
+        key["proposals"] = OmegaConf.to_container(OmegaConf.merge(cfg.proposals, pcfg["window_proposals"]),
+                                                  resolve=True)
+    return io.hash_settings(key)
 
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
@@ -571,8 +575,8 @@ def random_boxes(width: int, height: int, n: int, min_side: float, rng: np.rando
 
 
 def sample_windows(rec, scale_of: Callable[[np.ndarray], np.ndarray], windows_per_image: int, fg_fraction: float,
-                   fg_iou: float, rng: np.random.Generator, use_difficult: bool = False
-                   ) -> tuple[int, np.ndarray, np.ndarray]:
+                   fg_iou: float, rng: np.random.Generator, use_difficult: bool = False,
+                   proposals: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """Training windows of one image, sampled like detection's (R-CNN/SPP fine-tuning, Sec. 3.1.2 of
     the SPP paper: 25% foreground with IoU >= 0.5 to a ground-truth box, labelled with its class; the
     rest background, IoU < 0.5, label 0), all of ONE scale: ``(scale index, boxes float32 [K, 4]
@@ -582,7 +586,9 @@ def sample_windows(rec, scale_of: Callable[[np.ndarray], np.ndarray], windows_pe
     scale is that of a random ground-truth object (a random one when the image has none), and only
     candidates whose best scale it is are kept, so every window is pooled on the map detection would
     pool it on. Foreground: the ground-truth boxes and jittered copies; background: random boxes and
-    jittered copies that fall below ``fg_iou``.
+    jittered copies that fall below ``fg_iou``. ``proposals`` (``float32 [P, 4]`` of this image,
+    as ``rec`` is: mirrored with it) and jittered copies of them join the candidates: the object-like
+    non-objects (distractors, parts of objects) detection will have to reject.
     """
     keep = np.ones(len(rec.boxes), bool) if use_difficult else ~rec.difficult
     gt, gt_labels = rec.boxes[keep].astype(np.float32), rec.labels[keep]
@@ -590,6 +596,8 @@ def sample_windows(rec, scale_of: Callable[[np.ndarray], np.ndarray], windows_pe
     candidates = [random_boxes(rec.width, rec.height, 400, min_side, rng)]
     if len(gt):
         candidates += [gt, jitter_boxes(gt, 300, 0.25, rng), jitter_boxes(gt, 200, 0.6, rng)]
+    if proposals is not None and len(proposals):
+        candidates += [proposals, jitter_boxes(proposals, 400, 0.1, rng)]
     boxes = clip_boxes(np.concatenate(candidates), rec.width, rec.height)
     wh = boxes[:, 2:] - boxes[:, :2]
     boxes = boxes[(wh >= 2).all(1)]
@@ -648,9 +656,11 @@ class WindowTrainer:
         return [*self.model.parameters(), *self.classifier.parameters()]
 
 
-def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_difficult: bool = False) -> float:
-    """Accuracy on windows of ``records`` sampled as in training (fixed seed), in eval mode: the
-    fraction of held-out windows (foreground and background) classified right; nan without records."""
+def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_difficult: bool = False,
+                    proposals: dict[str, np.ndarray] | None = None) -> float:
+    """Accuracy on windows of ``records`` sampled as in training (fixed seed; ``proposals`` by image
+    id as in ``train_windows``), in eval mode: the fraction of held-out windows (foreground and
+    background) classified right; nan without records."""
     if not records:
         return float("nan")
     rng = np.random.default_rng(seed)
@@ -659,7 +669,8 @@ def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_diffic
     with torch.no_grad():
         for rec in records:
             s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
-                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult)
+                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult,
+                                              record_proposals(proposals, rec))
             if len(boxes):
                 pred = trainer.logits(rec.load_image(), rec, s, boxes).argmax(1).cpu().numpy()
                 right += int((pred == labels).sum())
@@ -668,9 +679,19 @@ def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_diffic
     return right / max(total, 1)
 
 
+def record_proposals(proposals: dict[str, np.ndarray] | None, rec) -> np.ndarray | None:
+    """The proposals of ``rec``'s image from ``{image_id: float32 [P, 4]}`` (unflipped), mirrored
+    when ``rec`` is; None without proposals."""
+    if proposals is None:
+        return None
+    boxes = proposals[rec.image_id]
+    return flip_boxes(boxes, rec.width) if rec.flipped else boxes
+
+
 def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed: int,
                   state_path: Path | None = None, settings: str = "", use_difficult: bool = False,
-                  on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+                  on_epoch: Callable[[int, dict], None] | None = None,
+                  proposals: dict[str, np.ndarray] | None = None) -> list[dict]:
     """``pcfg.iterations`` steps, each on one training image (mirrored with probability 1/2) at the
     best scale of one of its objects, ``windows_per_image`` windows, cross-entropy, ``pcfg.optimizer``;
     lr times ``lr_gamma`` at each of ``pcfg.iteration_lr_steps``. Every ``pcfg.log_every`` steps a
@@ -698,7 +719,8 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
             if rng.random() < 0.5:
                 rec = rec.flip()
             s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
-                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult)
+                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult,
+                                              record_proposals(proposals, rec))
             if len(boxes) == 0:
                 continue
             logits = trainer.logits(rec.load_image(), rec, s, boxes)
@@ -715,7 +737,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
         last = block == blocks - 1
         entry = {"epoch": block, "iteration": min(iterations, (block + 1) * every), "lr": lr,
                  "loss": total / max(count, 1),
-                 "val_acc": window_accuracy(trainer, val_records, pcfg, seed, use_difficult)
+                 "val_acc": window_accuracy(trainer, val_records, pcfg, seed, use_difficult, proposals)
                  if last or pcfg.get("val_every_block", False) else None,
                  "seconds": time.perf_counter() - t0}
         history.append(entry)
@@ -781,8 +803,17 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
              len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
              list(model.scales))
+    proposals = None
+    if pcfg.get("window_proposals"):  # selective search with these overrides of `proposals`, cached like it
+        from spp_det.proposals import load_proposals
+
+        proposals_cfg = OmegaConf.merge(cfg.proposals, pcfg.window_proposals)
+        log.info("pretrain: proposals of the pretraining images with %s",
+                 OmegaConf.to_container(pcfg.window_proposals, resolve=True))
+        proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,
+                                   workers=int(cfg.get("num_workers", 0)), progress=True)
     history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, settings,
-                            use_difficult, on_epoch)
+                            use_difficult, on_epoch, proposals)
     meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": settings,
             "class_names": ["__background__", *classes], "source": "windows"}
     model.cpu()
