@@ -448,10 +448,17 @@ def settings_key(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
     start_hash = io.hash_file(start) if start and Path(start).is_file() else None  # its weights, not just its name
     pcfg = {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k not in drop}
     key = {"pretrain": pcfg, "model": model, "data": data, "seed": cfg.seed, "start_from": start_hash}
-    if windows and pcfg.get("window_proposals"):  # the boxes they give change the training windows
-        key["proposals"] = OmegaConf.to_container(OmegaConf.merge(cfg.proposals, pcfg["window_proposals"]),
-                                                  resolve=True)
+    proposals = window_proposals_cfg(cfg) if windows else None
+    if proposals is not None:  # the boxes they give change the training windows
+        key["proposals"] = OmegaConf.to_container(proposals, resolve=True)
     return io.hash_settings(key)
+
+
+def window_proposals_cfg(cfg: DictConfig) -> DictConfig | None:
+    """``proposals`` with ``pretrain.window_proposals``' overrides: how window training's background
+    boxes are computed; None when it is unset."""
+    over = cfg.pretrain.get("window_proposals")
+    return OmegaConf.merge(cfg.proposals, over) if over else None
 
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
@@ -803,11 +810,10 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
              len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
              list(model.scales))
-    proposals = None
-    if pcfg.get("window_proposals"):  # selective search with these overrides of `proposals`, cached like it
+    proposals, proposals_cfg = None, window_proposals_cfg(cfg)
+    if proposals_cfg is not None:  # selective search, cached like detection's
         from spp_det.proposals import load_proposals
 
-        proposals_cfg = OmegaConf.merge(cfg.proposals, pcfg.window_proposals)
         log.info("pretrain: proposals of the pretraining images with %s",
                  OmegaConf.to_container(pcfg.window_proposals, resolve=True))
         proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,
