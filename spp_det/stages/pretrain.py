@@ -519,14 +519,15 @@ def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
         from spp_det.data.voc import train_val_split
 
         classes = list(cfg.data.classes)
-        train_records, val_records = train_val_split(pretrain_data(cfg))
+        data = pretrain_data(cfg)
+        train_records, val_records = train_val_split(data)
         use_difficult = bool(cfg.data.get("use_difficult", False))
         train_set = voc_crop_set(train_records, classes, pcfg, store_side, rng, use_difficult, "training crops")
         val_set = voc_crop_set(val_records, classes, pcfg, store_side, rng, use_difficult, "held-out crops")
         missing = [c for k, c in enumerate(classes, 1) if not (train_set.labels == k).any()]
         if missing:
             raise UserError(f"pretrain: no training object of class {', '.join(missing)} in "
-                            f"{cfg.data.root} split {pretrain_data(cfg).train_split}")
+                            f"{data.root} split {data.train_split}")
     elif pcfg.source == "image_folder":
         if not pcfg.image_folder:
             raise UserError("pretrain.source=image_folder needs pretrain.image_folder=DIR (class-per-folder images)")
