@@ -161,3 +161,16 @@ def test_feature_cache_hit_miss_and_invalidation(tmp_path):
     # an edited image file is a new key
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(record.path)
     assert not again.contains(record)
+
+
+def test_the_features_stage_caches_train_flips_and_val_but_not_test(tmp_path):
+    from conftest import write_voc
+    from spp_det.stages.features import split_records
+
+    root = tmp_path / "voc"
+    obj = [("circle", (5, 5, 30, 30), False)]
+    for split, ids in (("train", ["a", "b"]), ("val", ["c"]), ("test", ["d", "e"])):
+        write_voc(root, {i: {"objects": obj} for i in ids}, split)
+    cfg = compose_config(["data=synth", "data.flip=true", f"data.root={root}", "data.val_split=val"])
+    got = [(r.image_id, r.flipped) for r in split_records(cfg)]
+    assert got == [("a", False), ("a", True), ("b", False), ("b", True), ("c", False)]

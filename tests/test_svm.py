@@ -70,6 +70,19 @@ def test_no_duplicate_negatives_across_epochs():
     assert len(torch.unique(svm.neg_keys)) == len(svm.neg_keys) == 3 * 205
 
 
+def test_the_demo_presets_svms_never_evict_a_cached_negative():
+    import dataclasses
+
+    from spp_det.runtime import compose_config
+
+    settings = SVMSettings.from_cfg(compose_config(["experiment=demo"]).svm)  # evict_thresh: -.inf
+    positives, stream = separable_stream()
+    svm = ClassSVM("toy", positives, dataclasses.replace(settings, retrain_limit=50))
+    mine(svm, stream)
+    assert svm.retrains > 1 and svm.total_evicted == 0
+    assert len(svm.negatives) == svm.total_added  # the first image's 200 easy negatives included
+
+
 def test_torch_solver_and_liblinear_reach_the_same_objective():
     g = torch.Generator().manual_seed(1)
     x = torch.relu(torch.randn(400, 64, generator=g))

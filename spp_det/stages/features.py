@@ -1,5 +1,7 @@
 """``spp-det features``: fill the conv5 cache for the training split (and its flips when
-``data.flip``), the validation split and the test split, so later stages only read it."""
+``data.flip``) and the validation split, so finetune, svm and bboxreg only read it. Not the test
+split: eval and detect compute conv5 of the images they see (the per-image test timing of the
+paper, Table 6), so test maps in the cache would only take disk and time."""
 from __future__ import annotations
 
 import logging
@@ -16,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def split_records(cfg) -> list:
-    """Unique records of the train split (+ flips), val split and test split, in that order."""
-    splits = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split]
+    """Unique records of the train split (+ flips) and the val split, in that order."""
+    splits = [cfg.data.train_split, cfg.data.get("val_split")]
     records, seen = [], set()
     for i, split in enumerate(s for s in splits if s):
         for r in load_split(cfg.data, split):
