@@ -1,7 +1,7 @@
 """``spp-det features``: fill the conv5 cache for the training split (and its flips when
 ``data.flip``) and the validation split, so finetune, svm and bboxreg only read it. Not the test
-split: eval and detect compute conv5 of the images they see (the per-image test timing of the
-paper, Table 6), so test maps in the cache would only take disk and time."""
+split: eval and detect compute conv5 of the images they see (and time it per image), so test
+maps in the cache would only take disk and time."""
 from __future__ import annotations
 
 import logging
