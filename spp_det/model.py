@@ -71,9 +71,16 @@ class SPPNet(nn.Module):
         return next(self.parameters()).device
 
     def conv5(self, image: np.ndarray) -> list[Tensor]:
-        """RGB ``uint8 [H, W, 3]`` -> one conv5 map ``Tensor[1, C, h_s, w_s]`` per scale, on the device."""
+        """RGB ``uint8 [H, W, 3]`` -> one conv5 map ``Tensor[1, C, h_s, w_s]`` per scale, on the device.
+
+        Scales that ``max_size`` caps to the same size share one map (computed once).
+        """
         sizes = scaled_sizes(image.shape[0], image.shape[1], self.scales, self.max_size)
-        return [self.backbone(self.backbone.normalize(resize_image(image, size))) for size in sizes]
+        maps: dict[tuple[int, int], Tensor] = {}
+        for size in sizes:
+            if (size.height, size.width) not in maps:
+                maps[size.height, size.width] = self.backbone(self.backbone.normalize(resize_image(image, size)))
+        return [maps[size.height, size.width] for size in sizes]
 
     def pool5(self, conv5_maps: Sequence[Tensor], image_hw: tuple[int, int], windows) -> Tensor:
         """Pyramid vectors ``Tensor[K, pool5_dim]`` of image windows ``[K, 4]`` (image pixels).

@@ -37,6 +37,18 @@ def test_conv5_is_one_map_per_scale(model):
     assert all(m.shape[:2] == (1, model.backbone.out_channels) for m in maps)
 
 
+def test_scales_capped_to_the_same_size_share_one_conv5_map():
+    torch.manual_seed(0)
+    capped = build_model(tiny_cfg("model.scales=[48,64,96]", "model.max_size=100").model).eval()
+    calls = []
+    hook = capped.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape[2:])))
+    with torch.no_grad():
+        maps = capped.conv5(image(50, 100))  # 48 -> 48x96; 64 and 96 both capped to 50x100
+    hook.remove()
+    assert calls == [(48, 96), (50, 100)]
+    assert len(maps) == 3 and maps[1] is maps[2] and maps[0] is not maps[1]
+
+
 def test_features_give_pool5_and_fc7_of_the_documented_sizes(model):
     windows = torch.tensor([[0, 0, 80, 60], [10, 10, 30, 25], [5, 5, 5, 5]], dtype=torch.float32)
     pool5, fc7 = model.features(image(), windows)

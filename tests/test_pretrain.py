@@ -12,6 +12,7 @@ from spp_det.boxes import box_iou
 from spp_det.data.synth import write_synthetic
 from spp_det.data.voc import load_split
 from spp_det.errors import UserError
+from spp_det.proposals import record_proposals
 from spp_det.runtime import compose_config
 from spp_det.stages import pretrain
 
@@ -255,8 +256,7 @@ def test_window_sampling_draws_background_from_proposals_mirrored_with_the_image
     assert len(far) == 1
     unflipped = {rec.image_id: np.array([[rec.width - far[0, 2], far[0, 1], rec.width - far[0, 0], far[0, 3]]],
                                         np.float32)}
-    assert np.allclose(pretrain.record_proposals(unflipped, rec), far)  # mirrored as the record is
-    assert pretrain.record_proposals(None, rec) is None
+    assert np.allclose(record_proposals(rec, unflipped), far)  # mirrored as the record is
     one_scale = lambda b: np.zeros(len(b), int)
     rng = np.random.default_rng(0)
     _, boxes, labels = pretrain.sample_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True, far)

@@ -84,7 +84,9 @@ class FeatureCache:
         self.model.eval()
         try:
             with torch.no_grad():
-                maps = [m.detach().to("cpu", torch.float16).contiguous() for m in self.model.conv5(image)]
+                full = self.model.conv5(image)
+                half = {id(m): m.detach().to("cpu", torch.float16).contiguous() for m in full}
+                maps = [half[id(m)] for m in full]  # a map shared by capped scales is saved once
         finally:
             self.model.train(was_training)
         save_torch({"conv5": maps, "image_hw": [int(image.shape[0]), int(image.shape[1])]}, path)

@@ -5,6 +5,7 @@ Public API (docs/CONTRACTS.md "Proposals"):
 - ``compute_proposals(image uint8 [H, W, 3], proposals_cfg) -> float32 [N, 4]``
 - ``load_proposals(records, proposals_cfg, cache_dir, workers=0, progress=True) -> {image_id: float32 [N, 4]}``
 - ``proposals_for_file(path, image, proposals_cfg, cache_dir) -> float32 [N, 4]``
+- ``record_proposals(record, proposals) -> float32 [N, 4]`` (mirrored for a flipped record)
 """
 from spp_det.proposals.cache import (
     ProposalImageError,
@@ -12,10 +13,11 @@ from spp_det.proposals.cache import (
     load_proposals,
     proposals_for_file,
     proposals_for_paths,
+    record_proposals,
 )
 from spp_det.proposals.precomputed import ProposalFileError, read_mat, read_schema, write_schema
 
 __all__ = [
     "ProposalFileError", "ProposalImageError", "compute_proposals", "load_proposals", "proposals_for_file",
-    "proposals_for_paths", "read_mat", "read_schema", "write_schema",
+    "proposals_for_paths", "read_mat", "record_proposals", "read_schema", "write_schema",
 ]

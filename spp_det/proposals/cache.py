@@ -20,6 +20,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from spp_det.boxes import flip_boxes
 from spp_det.errors import UserError
 from spp_det.io import atomic_path, hash_file, hash_settings, write_json
 from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS
@@ -214,6 +215,13 @@ def load_proposals(records, proposals_cfg, cache_dir: str | Path, workers: int =
                 for r in records}
     by_path = proposals_for_paths([r.path for r in records], cfg, cache_dir, workers, progress)
     return {r.image_id: by_path[str(r.path)] for r in records}
+
+
+def record_proposals(record, proposals: dict[str, np.ndarray]) -> np.ndarray:
+    """The proposal boxes ``float32 [N, 4]`` of ``record``'s image from ``load_proposals``'s
+    ``{image_id: boxes}`` (unflipped images), mirrored when ``record`` is a flipped record."""
+    boxes = np.asarray(proposals[record.image_id], np.float32).reshape(-1, 4)
+    return flip_boxes(boxes, record.width) if record.flipped else boxes
 
 
 def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache_dir: str | Path) -> np.ndarray:

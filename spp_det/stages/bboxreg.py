@@ -27,9 +27,9 @@ from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 from spp_det.heads.bboxreg import fit_regressor
 from spp_det.heads.svm import NormMeter, feature_scale
+from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
-from spp_det.stages.svm import (load_finetuned_model, record_proposals, settings_key, training_records,
-                                 window_features)
+from spp_det.stages.svm import load_finetuned_model, settings_key, training_records, window_features
 
 log = logging.getLogger(__name__)
 

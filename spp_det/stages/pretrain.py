@@ -43,8 +43,9 @@ from torch import nn
 from tqdm import tqdm
 
 from spp_det import io
-from spp_det.boxes import box_iou, clip_boxes, flip_boxes
+from spp_det.boxes import box_iou, clip_boxes
 from spp_det.errors import UserError
+from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -645,6 +646,14 @@ class WindowTrainer:
         sizes = self.scale_sizes(rec)
         return lambda boxes: best_scale(torch.from_numpy(boxes), sizes, self.model.best_scale_area).numpy()
 
+    def sample(self, rec, pcfg, rng: np.random.Generator, use_difficult: bool,
+               proposals: dict[str, np.ndarray] | None) -> tuple[int, np.ndarray, np.ndarray]:
+        """``sample_windows`` of ``rec`` with ``pcfg``'s settings at this model's scales; ``proposals``
+        (``{image_id: float32 [P, 4]}``, unflipped, or None) add their windows."""
+        return sample_windows(rec, self.scale_of(rec), int(pcfg.windows_per_image), float(pcfg.fg_fraction),
+                              float(pcfg.fg_iou), rng, use_difficult,
+                              None if proposals is None else record_proposals(rec, proposals))
+
     def logits(self, image: np.ndarray, rec, s: int, boxes: np.ndarray) -> torch.Tensor:
         """``image`` uint8 ``[H, W, 3]`` at scale index ``s`` -> logits ``Tensor[K, classes]`` of
         ``boxes`` ``[K, 4]`` (image pixels), all pooled on that scale's conv5 map."""
@@ -676,24 +685,13 @@ def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_diffic
     trainer.model.eval()
     with torch.no_grad():
         for rec in records:
-            s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
-                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult,
-                                              record_proposals(proposals, rec))
+            s, boxes, labels = trainer.sample(rec, pcfg, rng, use_difficult, proposals)
             if len(boxes):
                 pred = trainer.logits(rec.load_image(), rec, s, boxes).argmax(1).cpu().numpy()
                 right += int((pred == labels).sum())
                 total += len(labels)
     trainer.model.train()
     return right / max(total, 1)
-
-
-def record_proposals(proposals: dict[str, np.ndarray] | None, rec) -> np.ndarray | None:
-    """The proposals of ``rec``'s image from ``{image_id: float32 [P, 4]}`` (unflipped), mirrored
-    when ``rec`` is; None without proposals."""
-    if proposals is None:
-        return None
-    boxes = proposals[rec.image_id]
-    return flip_boxes(boxes, rec.width) if rec.flipped else boxes
 
 
 def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed: int,
@@ -726,9 +724,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
             rec = train_records[int(rng.integers(len(train_records)))]
             if rng.random() < 0.5:
                 rec = rec.flip()
-            s, boxes, labels = sample_windows(rec, trainer.scale_of(rec), int(pcfg.windows_per_image),
-                                              float(pcfg.fg_fraction), float(pcfg.fg_iou), rng, use_difficult,
-                                              record_proposals(proposals, rec))
+            s, boxes, labels = trainer.sample(rec, pcfg, rng, use_difficult, proposals)
             if len(boxes) == 0:
                 continue
             logits = trainer.logits(rec.load_image(), rec, s, boxes)
@@ -813,8 +809,6 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
              list(model.scales))
     proposals, proposals_cfg = None, window_proposals_cfg(cfg)
     if proposals_cfg is not None:  # selective search, cached like detection's
-        from spp_det.proposals import load_proposals
-
         log.info("pretrain: proposals of the pretraining images with %s",
                  OmegaConf.to_container(pcfg.window_proposals, resolve=True))
         proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,

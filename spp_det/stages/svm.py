@@ -31,9 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from spp_det import io
-from spp_det.boxes import box_iou, flip_boxes
+from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
+from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,6 @@ def training_records(cfg: DictConfig, flip: bool):
     if flip:
         records = records + [r.flip() for r in records]
     return records, proposals
-
-
-def record_proposals(record, proposals: dict) -> np.ndarray:
-    """Proposal boxes ``float32 [N, 4]`` of a record, mirrored for a flipped one."""
-    boxes = np.asarray(proposals[record.image_id], np.float32).reshape(-1, 4)
-    return flip_boxes(boxes, record.width) if record.flipped else boxes
 
 
 def image_windows(record, proposals: np.ndarray, num_classes: int, use_difficult: bool):
