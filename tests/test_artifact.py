@@ -65,6 +65,22 @@ def test_detector_loads_the_artifact_and_detects(trained, tmp_path):
     assert len(detector.detect(image, np.zeros((0, 4), np.float32), -1e9, 0.3, 100)) == 0
 
 
+def test_test_scales_replace_the_training_scales_at_test_time(trained):
+    from spp_det import artifact
+    from spp_det.detection.detector import Detector
+
+    path = artifact.assemble(trained)
+    assert Detector.load(path, "cpu").model.scales == [96]  # as trained
+    given = Detector.load(path, "cpu", test_scales=[64, 96], test_max_size=300).model
+    assert given.scales == [64, 96] and given.max_size == 300
+    stored = torch.load(path, weights_only=True)
+    stored["config"].update(test_scales=[96, 128], test_max_size=None)
+    torch.save(stored, path)
+    from_artifact = Detector.load(path, "cpu").model
+    assert from_artifact.scales == [96, 128] and from_artifact.max_size == trained.model.max_size
+    assert Detector.load(path, "cpu", test_scales=[80]).model.scales == [80]  # the caller's first
+
+
 def test_detect_pair_equals_detect_with_and_without_box_regression(trained):
     from spp_det import artifact
     from spp_det.detection.detector import Detector

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -317,6 +318,7 @@ class FakeDetector:
         self.classes = classes
         self.records = records
         self.calls = 0
+        self.model = SimpleNamespace(scales=[160, 320], max_size=640)
 
     def detect(self, image, proposals, score_thresh, nms_iou, max_per_image, bbox_reg=True, timings=None):
         r = self.records[self.calls]
@@ -338,6 +340,7 @@ def test_evaluate_detector_runs_over_the_split_and_reports_times(synth_set, tmp_
     assert detector.calls == len(records)
     assert metrics["map_voc10"] == pytest.approx(1.0)
     assert metrics["seconds_per_image"]["svm"] == pytest.approx(0.001)
+    assert metrics["scales"] == [160, 320] and metrics["max_size"] == 640  # the scales it was tested at
     assert len(list(tmp_path.glob("comp4_det_test_*.txt"))) == len(classes)
     with pytest.raises(UserError, match="data.classes"):
         check_classes(["a"], classes, "model.pt")

@@ -333,3 +333,23 @@ def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
     assert "pretrain_crops.pt is current" in caplog.text
     assert torch.load(work / pretrain.CROPS_ARTIFACT, weights_only=True)["history"] == crops["history"]
     assert torch.load(work / pretrain.ARTIFACT, weights_only=True)["history"][-1]["iteration"] == 6
+    # frozen_convs=1: window training leaves conv1 and its norm as the crop phase wrote them
+    assert pretrain.run(stage_cfg(root, tmp_path, **{**windows, "pretrain.frozen_convs": 1})) == 0
+    fixed = torch.load(work / pretrain.ARTIFACT, weights_only=True)["backbone"]
+    conv1, conv2 = "body.0.weight", "body.4.weight"
+    assert torch.equal(fixed[conv1], crops["backbone"][conv1])
+    assert not torch.equal(fixed[conv2], crops["backbone"][conv2])
+    assert not torch.equal(final["backbone"][conv1], crops["backbone"][conv1])  # trained without it
+
+
+def test_frozen_convs_fix_leading_convs_and_their_norms():
+    from spp_det.model import build_model
+
+    backbone = build_model(compose_config(["model=zf5_narrow", "model.width=0.05", "model.norm=batchnorm"]).model).backbone
+    assert pretrain.freeze_leading_convs(backbone, 0) == 0
+    fixed = pretrain.freeze_leading_convs(backbone, 2)
+    frozen = [n for n, p in backbone.named_parameters() if not p.requires_grad]
+    assert frozen == ["body.0.weight", "body.1.weight", "body.1.bias", "body.4.weight", "body.5.weight", "body.5.bias"]
+    assert fixed == sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    with pytest.raises(UserError, match="has 5 conv layers"):
+        pretrain.freeze_leading_convs(backbone, 6)

@@ -61,12 +61,17 @@ class Detector:
         return self.model.device
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", **kwargs) -> "Detector":
-        """Rebuild the detector from a model artifact (``spp_det.artifact``) on ``device``."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", test_scales=None, test_max_size=None,
+             **kwargs) -> "Detector":
+        """Rebuild the detector from a model artifact (``spp_det.artifact``) on ``device``, at
+        ``test_scales`` / ``test_max_size`` when given, else the artifact's ``model.test_scales`` /
+        ``test_max_size``, else the scales it was trained at."""
         from spp_det.model import build_model
 
         art = model_artifact.load(path)
         model_cfg = dict(art["config"])
+        model_cfg["scales"] = list(test_scales or model_cfg.get("test_scales") or model_cfg["scales"])
+        model_cfg["max_size"] = test_max_size or model_cfg.get("test_max_size") or model_cfg.get("max_size")
         model_cfg.update(weights=None, backbone_checkpoint=None)  # never download: the file holds every weight
         model = build_model(OmegaConf.create(model_cfg))
         try:

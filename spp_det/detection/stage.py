@@ -43,7 +43,7 @@ MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limi
 
 
 def load_detector(cfg, scorer: str = "svm"):
-    """``Detector.load(model.checkpoint, device, scorer=scorer)``; a clear error when no checkpoint is given."""
+    """``Detector.load(model.checkpoint, ...)`` at ``model.test_scales`` when set; a clear error when no checkpoint is given."""
     checkpoint = cfg.model.get("checkpoint")
     if not checkpoint:
         raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs model.checkpoint=PATH (a model.pt written by `spp-det train`)")
@@ -52,7 +52,10 @@ def load_detector(cfg, scorer: str = "svm"):
     from spp_det.detection.detector import Detector
     from spp_det.runtime import resolve_device
 
-    return Detector.load(checkpoint, resolve_device(cfg.device), scorer=str(scorer))
+    detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg.model.get("test_scales"),
+                             cfg.model.get("test_max_size"), scorer=str(scorer))
+    log.info("%s: scales %s, max_size %s", cfg.get("stage", "detect"), detector.model.scales, detector.model.max_size)
+    return detector
 
 
 def proposals_for_file(path: Path, image: np.ndarray, cfg) -> np.ndarray:

@@ -117,7 +117,8 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
                    and getattr(detector, "bbox_weight", None) is not None)
     plain: dict | None = {} if compare else None
     detections, seconds = run_detector(detector, records, cfg, proposals, plain)
-    extra: dict = {"seconds_per_image": seconds}
+    extra: dict = {"seconds_per_image": seconds, "scales": list(detector.model.scales),
+                   "max_size": detector.model.max_size}
     if compare:  # the paper's two rows: SVM scores alone, then with box regression
         before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}

@@ -56,7 +56,7 @@ CROPS_ARTIFACT = "pretrain_crops.pt"  # source=crops+windows: the first phase's 
 CROPS_STATE = "pretrain_crops_state.pt"
 # settings only source=windows reads: a change to them keeps crops+windows' crop phase current
 WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
-               "start_from", "val_every_block", "window_proposals")
+               "start_from", "val_every_block", "window_proposals", "frozen_convs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,11 +364,12 @@ def make_optimizer(model: nn.Module, pcfg) -> torch.optim.Optimizer:
     """``pcfg.optimizer``: ``sgd`` (the paper's recipe: momentum, weight decay) or ``adam`` (not the
     paper: Adam with decoupled weight decay, for short from-scratch CPU runs that SGD makes too slow)."""
     name = str(pcfg.get("optimizer", "sgd"))
+    params = [p for p in model.parameters() if p.requires_grad]  # not the fixed ones (frozen_convs)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=float(pcfg.lr), momentum=float(pcfg.momentum),
+        return torch.optim.SGD(params, lr=float(pcfg.lr), momentum=float(pcfg.momentum),
                                weight_decay=float(pcfg.weight_decay))
     if name == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay))
+        return torch.optim.AdamW(params, lr=float(pcfg.lr), weight_decay=float(pcfg.weight_decay))
     raise UserError(f"pretrain.optimizer={name!r}: use sgd or adam")
 
 
@@ -774,6 +775,28 @@ def start_from(path: Path, model, classifier: nn.Linear) -> None:
     log.info("pretrain: window training starts from %s", path)
 
 
+def freeze_leading_convs(backbone: nn.Module, n: int) -> int:
+    """Fix (``requires_grad=False``) the first ``n`` conv layers of ``backbone`` and every layer before
+    its ``n + 1``-th conv (their norms), in module order; returns the number of parameters fixed.
+
+    Why: the first layers learn generic edges and blobs, and their backward pass at full image
+    resolution costs most of a step (Fast R-CNN, Sec. 4.5, fixes conv1 for the same reasons)."""
+    if n <= 0:
+        return 0
+    convs = fixed = 0
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            convs += 1
+            if convs > n:
+                return fixed
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+            fixed += p.numel()
+    if convs < n:
+        raise UserError(f"pretrain.frozen_convs={n}, but the backbone has {convs} conv layers")
+    return fixed
+
+
 def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
                 on_epoch: Callable[[int, dict], None] | None = None, start: Path | None = None) -> int:
     """``source=windows``: train on windows of whole training images and write ``artifact``,
@@ -803,6 +826,9 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     elif pcfg.get("init", "kaiming") == "kaiming":
         init_from_scratch(model.backbone)
     classifier.to(model.device)
+    fixed = freeze_leading_convs(model.backbone, int(pcfg.get("frozen_convs", 0)))
+    if fixed:
+        log.info("pretrain: the first %d conv layers (%d parameters) stay fixed", int(pcfg.frozen_convs), fixed)
     trainer = WindowTrainer(model, classifier)
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
              len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
