@@ -275,6 +275,22 @@ def test_window_settings_cover_what_windows_depend_on(synth_root, tmp_path):
     assert key(**props) != key() and crop_key(**props) == crop_key()
     assert key(**props) != key(**props, **{"proposals.max_boxes": 100})  # the boxes it reads
     assert key(**{"model.scales": "[64]"}) != key() and crop_key(**{"model.scales": "[64]"}) == crop_key()
+    assert key(**{"pretrain.frozen_convs": 2}) != key() and crop_key(**{"pretrain.frozen_convs": 2}) == crop_key()
+    test_only = {"model.test_scales": "[64,96]", "model.test_max_size": 300}  # eval / detect settings
+    assert key(**test_only) == key() and crop_key(**test_only) == crop_key()
+
+
+def test_test_only_model_settings_never_make_trained_stages_stale(tmp_path):
+    from spp_det.stages import finetune, svm
+
+    base = compose_config(["experiment=demo"])
+    tested = compose_config(["experiment=demo", "model.test_scales=[160,896]", "model.test_max_size=1300",
+                             "model.checkpoint=x.pt"])
+    assert finetune.settings_key(tested, None) == finetune.settings_key(base, None)
+    (tmp_path / "finetune.pt").write_bytes(b"weights")
+    assert svm.settings_key(tested, tmp_path / "finetune.pt") == svm.settings_key(base, tmp_path / "finetune.pt")
+    trained = compose_config(["experiment=demo", "model.scales=[160,896]"])
+    assert finetune.settings_key(trained, None) != finetune.settings_key(base, None)
 
 
 def test_windows_source_trains_on_whole_images_and_writes_a_loadable_artifact(synth_root, tmp_path):

@@ -326,9 +326,7 @@ def backbone_source(cfg: DictConfig) -> Path | None:
 
 def settings_key(cfg: DictConfig, source: Path | None) -> str:
     """Hash of every setting (and the backbone file's bytes) that changes the fine-tuned weights."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("checkpoint", None)
-    model.pop("backbone_checkpoint", None)  # its bytes count instead, below
+    model = io.model_settings(cfg.model, ("backbone_checkpoint",))  # its bytes count instead, below
     return io.hash_settings({"finetune": cfg.finetune, "model": model, "data": cfg.data, "proposals": cfg.proposals,
                              "seed": cfg.seed, "backbone": io.hash_file(source) if source else None})
 

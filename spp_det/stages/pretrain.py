@@ -439,11 +439,10 @@ def train_classifier(
 
 def settings_key(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
     """Hash of every setting that changes the pretrained weights (``drop``: pretrain keys that do not)."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
     windows = cfg.pretrain.get("source") in ("windows", "crops+windows") and "iterations" not in drop
-    for k in ("checkpoint", "backbone_checkpoint", "rcnn_context", "rcnn_input",
-              *(() if windows else ("scales", "max_size", "best_scale_area", "projection"))):
-        model.pop(k, None)  # detection-time settings: do not change the classifier (window training pools as detection)
+    # detection-time settings do not change the classifier (window training pools as detection does)
+    model = io.model_settings(cfg.model, ("backbone_checkpoint", "rcnn_context", "rcnn_input",
+                                          *(() if windows else ("scales", "max_size", "best_scale_area", "projection"))))
     data = {k: cfg.data.get(k) for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
                                           "use_difficult", "max_images")}
     start = cfg.pretrain.get("start_from")

@@ -131,9 +131,7 @@ def settings_key(cfg: DictConfig, finetune_path: Path, section: str = "svm") -> 
     """Hash of everything that changes a head trained on the fine-tuned net (``section``: the
     ``svm`` or ``bboxreg`` settings): its settings, data, model, proposals, and the fine-tuned
     weights' bytes."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("checkpoint", None)
-    return io.hash_settings({section: cfg[section], "model": model, "data": cfg.data, "proposals": cfg.proposals,
+    return io.hash_settings({section: cfg[section], "model": io.model_settings(cfg.model), "data": cfg.data, "proposals": cfg.proposals,
                              "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
 
 
