@@ -19,5 +19,5 @@ from spp_det.proposals.precomputed import ProposalFileError, read_mat, read_sche
 
 __all__ = [
     "ProposalFileError", "ProposalImageError", "compute_proposals", "load_proposals", "proposals_for_file",
-    "proposals_for_paths", "read_mat", "record_proposals", "read_schema", "write_schema",
+    "proposals_for_paths", "read_mat", "read_schema", "record_proposals", "write_schema",
 ]
