@@ -669,9 +669,6 @@ class WindowTrainer:
         cells = torch.cat([cells.new_zeros((cells.shape[0], 1)), cells], dim=1)  # as SPPNet.pool5
         return self.classifier(m.head(m.pyramid(fmap, cells)))
 
-    def parameters(self):
-        return [*self.model.parameters(), *self.classifier.parameters()]
-
 
 def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_difficult: bool = False,
                     proposals: dict[str, np.ndarray] | None = None) -> float:
