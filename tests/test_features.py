@@ -87,21 +87,86 @@ def test_best_scale_is_the_one_whose_scaled_area_is_closest_to_224_squared():
 
 
 ZF5_MAP = (42, 56)  # conv5 of a 688 x 917 image
+S, C = 16, 20.0  # ZF-5: stride 16, cell j centred at pixel 16 j + 20
+
+
+def paper_cells_by_enumeration(x1: float, x2: float, n: int) -> list[int]:
+    """The paper's rule written out, independently of the code: the cells (of ``n``) whose
+    receptive-field centres ``S j + C`` lie strictly inside ``(x1, x2)``."""
+    return [j for j in range(n) if x1 < S * j + C < x2]
+
+
+def project(window, rule="paper", map_hw=ZF5_MAP):
+    return project_windows(torch.tensor([window], dtype=torch.float64), map_hw, S, C, rule, 6.5)[0].tolist()
 
 
 @pytest.mark.parametrize("rule, window, cells", [
-    ("paper", [0, 0, 917, 688], [0, 0, 55, 40]),          # whole image: left edges clamp, right edges shrink
-    ("paper", [100, 36, 164, 100], [5, 1, 7, 3]),          # floor((x-20)/16), ceil((x-20)/16) - 2
-    ("paper", [300, 300, 300, 300], [16, 16, 16, 16]),     # zero width: the middle cell
-    ("paper", [900, 680, 917, 688], [55, 40, 55, 40]),     # bottom-right corner: stays on the map
+    # paper: cells with centres strictly inside. x: centres 116, 132, 148 lie in (100, 164); 100 is on the edge
+    ("paper", [100, 36, 164, 100], [6, 2, 8, 4]),     # y: centres 52, 68 in (36, 100); 36 and 100 on the edges
+    ("paper", [99.9, 35.9, 164.1, 100.1], [5, 1, 9, 5]),  # a hair outside the centres takes them in
+    ("paper", [0, 0, 917, 688], [0, 0, 55, 41]),      # whole image: every cell (last centres 900 and 676)
+    ("paper", [300, 300, 300, 300], [17, 17, 17, 17]),  # no centre inside: the middle of the crossed edges
+    ("paper", [900, 680, 917, 688], [55, 41, 55, 41]),  # bottom-right corner: stays on the map
     ("release", [0, 0, 917, 688], [0, 0, 55, 41]),
-    ("release", [100, 36, 164, 100], [5, 1, 9, 5]),        # snapped to the nearest centres 16j+20 after 6.5 px
+    ("release", [100, 36, 164, 100], [5, 1, 9, 5]),   # snapped to the nearest centres 16j+20 after 6.5 px
     ("release", [300, 300, 300, 300], [17, 17, 17, 17]),
-    ("release", [-50, -50, 10, 10], [0, 0, 0, 0]),         # outside the image on the left/top: clamped
+    ("release", [-50, -50, 10, 10], [0, 0, 0, 0]),    # outside the image on the left/top: clamped
 ])
 def test_projection_of_hand_computed_windows(rule, window, cells):
-    out = project_windows(torch.tensor([window], dtype=torch.float32), ZF5_MAP, 16, 20.0, rule, 6.5)
-    assert out.tolist() == [cells]
+    assert project(window, rule) == cells
+
+
+def test_paper_rule_keeps_exactly_the_cells_whose_centres_lie_inside_the_window():
+    H, W = 60, 80
+    gen = torch.Generator().manual_seed(0)
+    extent = torch.tensor([S * (W - 1) + 2 * C, S * (H - 1) + 2 * C], dtype=torch.float64)
+    a = torch.rand(3000, 2, generator=gen, dtype=torch.float64) * extent
+    b = torch.rand(3000, 2, generator=gen, dtype=torch.float64) * extent
+    windows = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+    windows[:200] = windows[:200].round()  # some edges on integer pixels, hence on cell centres
+    cells = project_windows(windows, (H, W), S, C, "paper")
+    checked = 0
+    for w, c in zip(windows.tolist(), cells.tolist()):
+        xs, ys = paper_cells_by_enumeration(w[0], w[2], W), paper_cells_by_enumeration(w[1], w[3], H)
+        if xs and ys:  # windows holding at least one centre each way; the others collapse (next test)
+            assert c == [xs[0], ys[0], xs[-1], ys[-1]], w
+            checked += 1
+    assert checked > 2000
+
+
+def test_a_window_symmetric_about_a_cell_centre_projects_to_cells_symmetric_about_that_cell():
+    centre = S * 10 + C
+    for half in (0.5, 1.0, 1.5, 2.0, 3.5, 5.25):  # in cells
+        x1, x2 = centre - half * S, centre + half * S
+        lo, _, hi, _ = project([x1, x1, x2, x2])
+        assert 10 - lo == hi - 10, (half, lo, hi)
+    assert project([centre - 3.5 * S, 0, centre + 3.5 * S, 0])[::2] == [7, 13]  # the issue's example
+
+
+def test_the_whole_image_projects_to_every_cell_whose_centre_lies_inside_it():
+    for h, w in ((688, 917), (480, 640), (224, 224), (300, 1200)):
+        zf5 = ZF5(width=0.05)
+        H, W = zf5.conv5_size(h, w)
+        cells = project([0, 0, w, h], map_hw=(H, W))
+        xs, ys = paper_cells_by_enumeration(0, w, W), paper_cells_by_enumeration(0, h, H)
+        assert cells == [xs[0], ys[0], xs[-1], ys[-1]] == [0, 0, W - 1, H - 1]
+
+
+def test_a_mirrored_window_on_a_mirrored_image_gives_the_mirrored_cells():
+    H, W = 30, 40
+    width = S * (W - 1) + 2 * C  # the map's centres are symmetric about the image's middle
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(2000, generator=gen, dtype=torch.float64) * width for _ in range(2))
+    x1, x2 = torch.minimum(a, b), torch.maximum(a, b)
+    y = torch.zeros_like(x1)
+    windows = torch.stack([x1, y, x2, y + 100], 1)
+    mirrored = torch.stack([width - x2, y, width - x1, y + 100], 1)
+    c, m = project_windows(windows, (H, W), S, C, "paper"), project_windows(mirrored, (H, W), S, C, "paper")
+    # a collapsed window (no centre inside) keeps floor((lo + hi) / 2), which mirrors only when lo + hi is
+    # even; every window that holds a cell is mirrored exactly
+    held = torch.tensor([bool(paper_cells_by_enumeration(u, v, W)) for u, v in zip(x1.tolist(), x2.tolist())])
+    assert held.sum() > 1500
+    assert torch.equal(c[held, 0], W - 1 - m[held, 2]) and torch.equal(c[held, 2], W - 1 - m[held, 0])
 
 
 def test_projection_never_leaves_the_map_and_never_collapses():

@@ -362,10 +362,48 @@ def test_frozen_convs_fix_leading_convs_and_their_norms():
     from spp_det.model import build_model
 
     backbone = build_model(compose_config(["model=zf5_narrow", "model.width=0.05", "model.norm=batchnorm"]).model).backbone
-    assert pretrain.freeze_leading_convs(backbone, 0) == 0
+    assert pretrain.freeze_leading_convs(backbone, 0) == []
     fixed = pretrain.freeze_leading_convs(backbone, 2)
     frozen = [n for n, p in backbone.named_parameters() if not p.requires_grad]
     assert frozen == ["body.0.weight", "body.1.weight", "body.1.bias", "body.4.weight", "body.5.weight", "body.5.bias"]
-    assert fixed == sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    assert {id(p) for m in fixed for p in m.parameters()} == {id(p) for p in backbone.parameters() if not p.requires_grad}
     with pytest.raises(UserError, match="has 5 conv layers"):
         pretrain.freeze_leading_convs(backbone, 6)
+
+
+def test_frozen_layers_stay_bit_identical_through_window_training(synth_root):
+    """Frozen means frozen: parameters AND BatchNorm buffers (running statistics) of the first two
+    convs are unchanged by window training and the held-out evaluation inside it; later layers move."""
+    from spp_det.model import build_model
+
+    cfg = compose_config(["model=zf5_narrow", "model.width=0.05", "model.fc_dim=16", "model.norm=batchnorm",
+                          "model.scales=[96]", "pretrain.iterations=6", "pretrain.log_every=3",
+                          "pretrain.windows_per_image=16", "pretrain.optimizer=adam", "pretrain.lr=0.01"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    classifier = nn.Linear(model.head.out_dim, len(CLASSES) + 1)
+    fixed = pretrain.freeze_leading_convs(model.backbone, 2)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    records = load_split(data_cfg(synth_root), "train")
+    pretrain.train_windows(pretrain.WindowTrainer(model, classifier, fixed), records[:6], records[6:8], cfg.pretrain, 0)
+    after = model.backbone.state_dict()
+    frozen_keys = [k for k in before if k.split(".")[1] in {"0", "1", "4", "5"}]  # conv1, bn1, conv2, bn2
+    assert any("running_mean" in k for k in frozen_keys) and any("num_batches_tracked" in k for k in frozen_keys)
+    assert all(torch.equal(before[k], after[k]) for k in frozen_keys)
+    assert not torch.equal(before["body.8.weight"], after["body.8.weight"])  # conv3 trains
+    assert not torch.equal(before["body.9.running_mean"], after["body.9.running_mean"])  # and its norm adapts
+    assert all(not m.training for m in fixed) and model.backbone.body[8].training
+
+
+def test_window_sampling_takes_the_scale_of_a_ground_truth_box_after_degenerate_ones_are_dropped(tmp_path):
+    """A ground-truth box narrower than 2 px is dropped from the candidates; the scale is still the
+    best scale of a ground-truth box picked by identity, not of whatever box took its position."""
+    from spp_det.data.voc import ImageRecord
+
+    boxes = np.array([[10, 10, 11, 40], [20, 20, 90, 90]], np.float32)  # degenerate (scale 0), then valid (scale 1)
+    rec = ImageRecord("img", tmp_path / "img.png", 100, 100, boxes, np.array([1, 2]), np.zeros(2, bool),
+                      np.zeros(2, bool))
+    scale_of = lambda b: ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 40 ** 2).astype(int)
+    scales = [pretrain.sample_windows(rec, scale_of, 16, 0.25, 0.5, np.random.default_rng(seed), True)[0]
+              for seed in range(40)]
+    assert 10 <= scales.count(0) <= 30  # the degenerate box is drawn about half the time, and its scale is 0

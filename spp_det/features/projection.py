@@ -6,10 +6,12 @@ cell indices ``x1, y1, x2, y2`` on a conv5 map ``H x W``. Conv5 cell ``j`` (0-ba
 receptive-field centre at pixel ``S * j + c`` (``S`` = stride, ``c`` = ``backbone.centre0``,
 20 for ZF-5).
 
-* ``paper``: "left/top x' = floor(x / S) + 1, right/bottom x' = ceil(x / S) - 1" in 1-based cells,
-  for a network padded by floor(p/2) everywhere (cell centres at ``S * j``); other paddings add an
-  offset, here ``c``. In 0-based cells: ``x1' = floor((x1 - c) / S)``,
-  ``x2' = ceil((x2 - c) / S) - 2``.
+* ``paper``: "left/top x' = floor(x / S) + 1, right/bottom x' = ceil(x / S) - 1", where cell ``x'``
+  has its receptive field centred at pixel ``S x'`` (a network padded by floor(p/2) everywhere);
+  other paddings move the centres by ``c``: ``x1' = floor((x1 - c) / S) + 1``,
+  ``x2' = ceil((x2 - c) / S) - 1``, 0-based. These are exactly the cells whose receptive-field
+  centres lie strictly inside the window. No further "1-based" shift: ``c`` already places the
+  cells (an earlier version subtracted one more cell and pooled every window one cell up-left).
 * ``release``: SPP_net's ``spm_pool_caffe_mex.cpp`` / ``spm_response_boxes.m``: shrink the window
   by ``offset`` (6.5 px) and snap each edge to the nearest cell centre, with 1-based pixels
   ``l = x1 + 1``, ``r = x2`` and ``offset0 = c + 1`` (21 for ZF-5):
@@ -44,8 +46,8 @@ def project_windows(
     x1, y1, x2, y2 = w.unbind(1)
     S, c = float(stride), float(centre0)
     if rule == "paper":
-        first = [torch.floor((v - c) / S) for v in (x1, y1)]
-        last = [torch.ceil((v - c) / S) - 2 for v in (x2, y2)]
+        first = [torch.floor((v - c) / S) + 1 for v in (x1, y1)]
+        last = [torch.ceil((v - c) / S) - 1 for v in (x2, y2)]
     else:
         # 1-based pixels l = x1 + 1, r = x2 and offset0 = c + 1 cancel the +1 on the left edge
         first = [torch.floor((v - c + release_shrink) / S + 0.5) for v in (x1, y1)]

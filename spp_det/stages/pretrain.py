@@ -615,7 +615,10 @@ def sample_windows(rec, scale_of: Callable[[np.ndarray], np.ndarray], windows_pe
         iou = box_iou(boxes, gt)
         best, arg = iou.max(1), iou.argmax(1)
         labels = np.where(best >= fg_iou, gt_labels[arg], 0).astype(np.int64)
-        s = int(scales[len(candidates[0]) + int(rng.integers(len(gt)))])  # a ground-truth box's best scale
+        # a ground-truth box's best scale, computed from the box itself: boxes were filtered above, so a
+        # position in ``boxes`` no longer names a ground-truth box
+        j = int(rng.integers(len(gt)))
+        s = int(scale_of(clip_boxes(gt[j:j + 1], rec.width, rec.height))[0])
     else:
         labels = np.zeros(len(boxes), np.int64)
         s = int(scales[rng.integers(len(scales))])
@@ -632,8 +635,16 @@ class WindowTrainer:
     of whole images at one of ``model.scales``, exactly as detection pools them (``SPPNet.pool5``'s
     projection and pyramid, ``SPPNet.conv5``'s resize and normalisation, with gradients)."""
 
-    def __init__(self, model, classifier: nn.Linear):
-        self.model, self.classifier = model, classifier
+    def __init__(self, model, classifier: nn.Linear, frozen: list[nn.Module] = ()):
+        self.model, self.classifier, self.frozen = model, classifier, list(frozen)
+
+    def train(self) -> None:
+        """Training mode, except for the ``frozen`` layers (``freeze_leading_convs``): they stay in eval
+        mode, so their BatchNorms use and keep their running statistics."""
+        self.model.train()
+        self.classifier.train()
+        for module in self.frozen:
+            module.eval()
 
     def scale_sizes(self, rec):
         from spp_det.features.scales import scaled_sizes
@@ -687,7 +698,7 @@ def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_diffic
                 pred = trainer.logits(rec.load_image(), rec, s, boxes).argmax(1).cpu().numpy()
                 right += int((pred == labels).sum())
                 total += len(labels)
-    trainer.model.train()
+    trainer.train()
     return right / max(total, 1)
 
 
@@ -705,7 +716,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
     optimizer = make_optimizer(params, pcfg)
     iterations, every = int(pcfg.iterations), max(1, int(pcfg.log_every))
     start, history = resume(state_path, settings, params, optimizer, "block")
-    params.train()
+    trainer.train()
     blocks = -(-iterations // every)
     for block in range(start, blocks):
         t0 = time.perf_counter()
@@ -771,23 +782,25 @@ def start_from(path: Path, model, classifier: nn.Linear) -> None:
     log.info("pretrain: window training starts from %s", path)
 
 
-def freeze_leading_convs(backbone: nn.Module, n: int) -> int:
-    """Fix (``requires_grad=False``) the first ``n`` conv layers of ``backbone`` and every layer before
-    its ``n + 1``-th conv (their norms), in module order; returns the number of parameters fixed.
+def freeze_leading_convs(backbone: nn.Module, n: int) -> list[nn.Module]:
+    """Fix the first ``n`` conv layers of ``backbone`` and every layer before its ``n + 1``-th conv
+    (their norms), in module order: ``requires_grad=False`` on their parameters. Returns those (leaf)
+    modules, which must also stay in eval mode (``WindowTrainer.train``): a BatchNorm in training mode
+    normalises by the batch's statistics and keeps updating its running ones, so it would not be fixed.
 
     Why: the first layers learn generic edges and blobs, and their backward pass at full image
     resolution costs most of a step (Fast R-CNN, Sec. 4.5, fixes conv1 for the same reasons)."""
     if n <= 0:
-        return 0
-    convs = fixed = 0
+        return []
+    convs, fixed = 0, []
     for module in backbone.modules():
         if isinstance(module, nn.Conv2d):
             convs += 1
             if convs > n:
                 return fixed
-        for p in module.parameters(recurse=False):
-            p.requires_grad_(False)
-            fixed += p.numel()
+        if next(module.children(), None) is None:  # a leaf layer; containers hold later layers too
+            module.requires_grad_(False)
+            fixed.append(module)
     if convs < n:
         raise UserError(f"pretrain.frozen_convs={n}, but the backbone has {convs} conv layers")
     return fixed
@@ -822,10 +835,11 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     elif pcfg.get("init", "kaiming") == "kaiming":
         init_from_scratch(model.backbone)
     classifier.to(model.device)
-    fixed = freeze_leading_convs(model.backbone, int(pcfg.get("frozen_convs", 0)))
-    if fixed:
-        log.info("pretrain: the first %d conv layers (%d parameters) stay fixed", int(pcfg.frozen_convs), fixed)
-    trainer = WindowTrainer(model, classifier)
+    frozen = freeze_leading_convs(model.backbone, int(pcfg.get("frozen_convs", 0)))
+    if frozen:
+        log.info("pretrain: the first %d conv layers (%d parameters) stay fixed, in eval mode", int(pcfg.frozen_convs),
+                 sum(p.numel() for m in frozen for p in m.parameters()))
+    trainer = WindowTrainer(model, classifier, frozen)
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
              len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
              list(model.scales))
