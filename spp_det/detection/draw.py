@@ -18,20 +18,16 @@ def style_for(width: int, height: int) -> tuple[int, int]:
     return max(1, round(side / 300)), max(10, round(side / 38))
 
 
-def draw_detections(image: np.ndarray, detections: Detections, classes) -> Image.Image:
-    """``image`` RGB ``uint8 [H, W, 3]`` -> a PIL copy with each detection drawn as a box and a
-    ``"<class> <score>"`` label (``classes[label - 1]``). The input array is not modified."""
-    canvas = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+def draw_boxes(canvas: Image.Image, boxes, colours, texts) -> Image.Image:
+    """Draw each box of ``boxes`` ``[D, 4]`` (internal convention, pixels of ``canvas``) in its
+    ``colours`` RGB with its ``texts`` label on a filled tag, in order (later ones on top), onto
+    ``canvas`` (modified and returned)."""
     draw = ImageDraw.Draw(canvas)
     line, font_size = style_for(*canvas.size)
     font = ImageFont.load_default(size=font_size)
-    order = np.argsort(detections.scores, kind="stable")  # most confident drawn last, on top
-    for i in order:
-        x1, y1, x2, y2 = (float(v) for v in detections.boxes[i])
-        label = int(detections.labels[i])
-        colour = PALETTE[(label - 1) % len(PALETTE)]
+    for box, colour, text in zip(boxes, colours, texts):
+        x1, y1, x2, y2 = (float(v) for v in box)
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=line)
-        text = f"{classes[label - 1]} {float(detections.scores[i]):.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left, bottom - top
         pad = max(1, line)
@@ -40,3 +36,13 @@ def draw_detections(image: np.ndarray, detections: Detections, classes) -> Image
         draw.rectangle([tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad], fill=colour)
         draw.text((tx + pad - left, ty + pad - top), text, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def draw_detections(image: np.ndarray, detections: Detections, classes) -> Image.Image:
+    """``image`` RGB ``uint8 [H, W, 3]`` -> a PIL copy with each detection drawn as a box and a
+    ``"<class> <score>"`` label (``classes[label - 1]``). The input array is not modified."""
+    canvas = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    order = np.argsort(detections.scores, kind="stable")  # most confident drawn last, on top
+    labels = [int(detections.labels[i]) for i in order]
+    return draw_boxes(canvas, detections.boxes[order], [PALETTE[(k - 1) % len(PALETTE)] for k in labels],
+                      [f"{classes[k - 1]} {float(detections.scores[i]):.2f}" for k, i in zip(labels, order)])

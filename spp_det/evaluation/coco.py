@@ -42,6 +42,12 @@ def coco_ground_truth(records, classes) -> dict:
 def coco_metrics(records, classes, detections: dict[str, Detections]) -> dict[str, float]:
     """``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (fractions in [0, 1]; pycocotools writes -1
     where no ground truth falls in a size range). ``detections``: image id -> ``Detections``."""
+    return coco_evaluate(records, classes, detections)[0]
+
+
+def coco_evaluate(records, classes, detections: dict[str, Detections]) -> tuple[dict, dict]:
+    """``coco_metrics`` and, per class, ``{"AP", "AP50", "AP75"}`` (all object sizes, 100
+    detections per image; None for a class without ground truth), from one pycocotools run."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -53,7 +59,10 @@ def coco_metrics(records, classes, detections: dict[str, Detections]) -> dict[st
             results.append({"image_id": index[image_id], "category_id": int(label),
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     if not results:  # loadRes cannot take an empty list; no detections score 0 everywhere
-        return {name: 0.0 for name in COCO_METRICS}
+        has_gt = {k for r in records for k in r.labels[~r.difficult].tolist()}
+        return ({name: 0.0 for name in COCO_METRICS},
+                {c: dict.fromkeys(COCO_PER_CLASS, 0.0) if k in has_gt else None
+                 for k, c in enumerate(classes, start=1)})
     captured = io.StringIO()  # pycocotools prints its progress and table; keep it for the debug log
     with contextlib.redirect_stdout(captured):
         gt = COCO()
@@ -65,4 +74,24 @@ def coco_metrics(records, classes, detections: dict[str, Detections]) -> dict[st
         evaluator.accumulate()
         evaluator.summarize()
     log.debug("pycocotools:\n%s", captured.getvalue())
-    return {name: float(v) for name, v in zip(COCO_METRICS, np.asarray(evaluator.stats[:6]))}
+    overall = {name: float(v) for name, v in zip(COCO_METRICS, np.asarray(evaluator.stats[:6]))}
+    # eval["precision"]: [IoU thresholds 0.5:0.05:0.95, 101 recall points, K, area ranges, maxDets];
+    # -1 marks "no ground truth", as in summarize(). Area range 0 is "all", maxDets -1 is 100.
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, name in enumerate(classes):
+        p = precision[:, :, k]
+        per_class[name] = None if not (p > -1).any() else {
+            "AP": float(p[p > -1].mean()),
+            "AP50": float(_mean_valid(p[0])),  # IoU 0.5
+            "AP75": float(_mean_valid(p[5])),  # IoU 0.75
+        }
+    return overall, per_class
+
+
+COCO_PER_CLASS = ("AP", "AP50", "AP75")
+
+
+def _mean_valid(p: np.ndarray) -> float:
+    valid = p[p > -1]
+    return float(valid.mean()) if valid.size else 0.0

@@ -7,8 +7,9 @@ Two modes:
 - ``spp-det eval eval.results_dir=DIR data.root=... data.test_split=test`` scores an existing
   folder of ``comp4_det_<split>_<class>.txt`` files, loading no model (to compare detectors).
 
-Writes in the run directory: the result files (model mode), ``metrics.json``, ``pr_curves.png``;
-prints the per-class table. ``evaluate_detector`` is the same thing as a function, for the
+Writes in the run directory: the result files (model mode), ``metrics.json``, ``pr_curves.png``,
+``eval_data.json`` (ground truth and detections, what the report reads) and ``report.html``
+(``spp_det.evaluation.report``); prints the per-class table. ``evaluate_detector`` is the same thing as a function, for the
 training stages and the demo.
 """
 from __future__ import annotations
@@ -17,12 +18,14 @@ import logging
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from spp_det.detection.postprocess import Detections
 from spp_det.errors import UserError
-from spp_det.evaluation.coco import coco_metrics
+from spp_det.evaluation.coco import coco_evaluate
 from spp_det.evaluation.plots import plot_pr_curves
+from spp_det.evaluation.report import build_report, checkpoint_info, write_eval_data
 from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
@@ -39,18 +42,21 @@ def score_detections(
     write_result_files: bool = True,
     coco: bool = True,
     extra: dict | None = None,
+    run_info: dict | None = None,
 ) -> dict:
     """VOC and COCO numbers of ``detections`` (image id -> ``Detections``) on ``records``.
 
     With ``out_dir``: writes the VOC result files (unless ``write_result_files`` is false),
-    ``metrics.json`` (everything below but the PR curves, plus ``extra``) and ``pr_curves.png``.
-    Returns ``VOCEvaluator.evaluate()``'s dict plus ``coco``, ``num_images``, ``num_detections``.
+    ``metrics.json`` (everything below but the PR curves, plus ``extra``), ``pr_curves.png`` and
+    ``eval_data.json`` (with ``run_info``: config, checkpoint, ...; see ``report``).
+    Returns ``VOCEvaluator.evaluate()``'s dict plus ``coco`` and ``coco_per_class`` (None without
+    COCO numbers), ``num_images``, ``num_detections``.
     """
     evaluator = VOCEvaluator(records, classes)
     for r in records:  # split order, so equal scores rank as in the result files
         evaluator.process(r.image_id, detections.get(r.image_id, Detections.empty()))
     metrics = evaluator.evaluate()
-    metrics["coco"] = coco_metrics(records, classes, detections) if coco else None
+    metrics["coco"], metrics["coco_per_class"] = coco_evaluate(records, classes, detections) if coco else (None, None)
     metrics["num_images"] = len(records)
     metrics["num_detections"] = int(sum(len(d) for d in detections.values()))
     metrics.update(extra or {})
@@ -61,6 +67,7 @@ def score_detections(
                                                    for r in records})
         write_json({k: v for k, v in metrics.items() if k != "pr_curves"}, out_dir / "metrics.json")
         plot_pr_curves(metrics, out_dir / "pr_curves.png", title=f"split {split}")
+        write_eval_data(out_dir, split, classes, records, detections, run_info)
     return metrics
 
 
@@ -109,7 +116,7 @@ def check_classes(detector_classes, data_classes, source: str) -> None:
 
 
 def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
-                      proposals: dict | None = None) -> dict:
+                      proposals: dict | None = None, run_info: dict | None = None) -> dict:
     """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
     bboxreg, nms) and in all (``total``)."""
@@ -123,7 +130,7 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
         before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}
     return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
-                            coco=cfg.eval.get("coco", True), extra=extra)
+                            coco=cfg.eval.get("coco", True), extra=extra, run_info=run_info)
 
 
 def format_table(metrics: dict) -> str:
@@ -152,12 +159,17 @@ def run(cfg) -> int:
     out_dir = run_dir()
     records = load_split(cfg.data, cfg.data.test_split)
     classes = list(cfg.data.classes)
+    similar = cfg.eval.get("similar_classes")
+    run_info = {"config": OmegaConf.to_container(cfg, resolve=True),
+                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.model.get("checkpoint")),
+                "results_dir": str(cfg.eval.results_dir) if cfg.eval.results_dir else None,
+                "similar_classes": None if similar is None else [list(g) for g in similar]}
     if cfg.eval.results_dir:
         detections = read_results(cfg.eval.results_dir, cfg.data.test_split, classes, [r.image_id for r in records])
         # the result files are the input here: never rewrite them
         metrics = score_detections(records, classes, detections, cfg.data.test_split, out_dir,
                                    write_result_files=False, coco=cfg.eval.get("coco", True),
-                                   extra={"results_dir": str(cfg.eval.results_dir)})
+                                   extra={"results_dir": str(cfg.eval.results_dir)}, run_info=run_info)
     else:
         if not cfg.model.get("checkpoint"):
             raise UserError("spp-det eval needs model.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
@@ -166,12 +178,14 @@ def run(cfg) -> int:
 
         detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
         check_classes(detector.classes, classes, str(cfg.model.checkpoint))
-        metrics = evaluate_detector(detector, records, cfg, out_dir)
+        metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)
     print(format_table(metrics))
     if "without_bbox_reg" in metrics:
         w = metrics["without_bbox_reg"]
         if w["map_voc07"] is not None and metrics["map_voc07"] is not None:
             print(f"without box regression: mAP VOC07 {100 * w['map_voc07']:.1f}, VOC10 {100 * w['map_voc10']:.1f} "
                   f"(with: {100 * metrics['map_voc07']:.1f}, {100 * metrics['map_voc10']:.1f})")
-    log.info("wrote %s and %s", out_dir / "metrics.json", out_dir / "pr_curves.png")
+    report = build_report(out_dir)
+    log.info("wrote %s, %s and %s", out_dir / "metrics.json", out_dir / "pr_curves.png", report)
+    print(f"report: {report}")
     return 0

@@ -73,7 +73,11 @@ def voc10_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 @dataclasses.dataclass
 class ClassResult:
     """One class's evaluation: ``recall``/``precision`` ``float64 [D]`` along the detections
-    sorted by score; ``tp``/``fp`` ``bool [D]`` (an ignored detection is neither)."""
+    sorted by score; ``tp``/``fp`` ``bool [D]`` (an ignored detection is neither); ``order``
+    ``int [D]`` the sorted position -> index of the detection as given; ``gt_index`` ``int [D]``
+    the ground-truth box of highest IoU (index among its image's boxes of this class) when that
+    IoU reaches ``min_overlap`` (a hit, a duplicate or a difficult box), else -1; ``iou``
+    ``float64 [D]`` the highest IoU with a box of this class in the image (0 when it has none)."""
 
     npos: int
     num_difficult: int
@@ -84,6 +88,9 @@ class ClassResult:
     fp: np.ndarray
     ap07: float | None
     ap10: float | None
+    order: np.ndarray
+    gt_index: np.ndarray
+    iou: np.ndarray
 
 
 def evaluate_class(
@@ -109,6 +116,7 @@ def evaluate_class(
     matched = [np.zeros(len(b), bool) for b in gt_boxes]
     nd = len(order)
     tp, fp = np.zeros(nd, bool), np.zeros(nd, bool)
+    gt_index, best_iou = np.full(nd, -1, np.int64), np.zeros(nd)
     for d, j in enumerate(order):
         i = det_image[j]
         gt = gt_boxes[i]
@@ -117,7 +125,9 @@ def evaluate_class(
             continue
         overlaps = box_iou(det_boxes[j : j + 1], gt)[0]  # [G_i]
         jmax = int(np.argmax(overlaps))  # first maximum, as the devkit's strict `ov > ovmax`
-        if overlaps[jmax] >= min_overlap:  # devkit: ovmax >= minoverlap (IoU exactly 0.5 is a hit)
+        best_iou[d] = overlaps[jmax]
+        if overlaps[jmax] >= min_overlap:
+            gt_index[d] = jmax  # devkit: ovmax >= minoverlap (IoU exactly 0.5 is a hit)
             if gt_difficult[i][jmax]:
                 continue  # a hit on a difficult box is neither a hit nor a miss
             if matched[i][jmax]:
@@ -138,7 +148,7 @@ def evaluate_class(
     precision = np.where(ctp + cfp > 0, ctp / np.maximum(ctp + cfp, 1), 0.0)
     if npos:
         ap07, ap10 = voc07_ap(recall, precision), voc10_ap(recall, precision)
-    return ClassResult(npos, num_difficult, nd, recall, precision, tp, fp, ap07, ap10)
+    return ClassResult(npos, num_difficult, nd, recall, precision, tp, fp, ap07, ap10, order, gt_index, best_iou)
 
 
 def mean_ap(aps: dict[str, float | None]) -> float | None:
@@ -176,23 +186,27 @@ class VOCEvaluator:
             raise ValueError(f"{image_id}: detection labels must be in 1..{len(self.classes)}, got {sorted(set(labels.tolist()))}")
         self._detections.append((self._index[image_id], detections))
 
+    def class_detections(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every detection of class ``k`` (1..K) in the order processed: record index ``int [D]``,
+        index among that image's detections ``int [D]``, scores ``[D]``, boxes ``[D, 4]``."""
+        image_idx, det_idx, scores, boxes = [], [], [], []
+        for i, dets in self._detections:
+            where = np.nonzero(dets.labels == k)[0]
+            image_idx.append(np.full(len(where), i))
+            det_idx.append(where)
+            scores.append(dets.scores[where])
+            boxes.append(dets.boxes[where])
+        if not image_idx:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4))
+        return np.concatenate(image_idx), np.concatenate(det_idx), np.concatenate(scores), np.concatenate(boxes)
+
     def class_results(self) -> dict[str, ClassResult]:
         out = {}
         for k, name in enumerate(self.classes, start=1):
             gt_boxes = [r.boxes[r.labels == k] for r in self.records]
             gt_difficult = [r.difficult[r.labels == k] for r in self.records]
-            image_idx, scores, boxes = [], [], []
-            for i, dets in self._detections:
-                mask = dets.labels == k
-                image_idx.append(np.full(int(mask.sum()), i))
-                scores.append(dets.scores[mask])
-                boxes.append(dets.boxes[mask])
-            out[name] = evaluate_class(
-                np.concatenate(image_idx) if image_idx else np.zeros(0, np.int64),
-                np.concatenate(scores) if scores else np.zeros(0),
-                np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-                gt_boxes, gt_difficult, self.min_overlap,
-            )
+            image_idx, _, scores, boxes = self.class_detections(k)
+            out[name] = evaluate_class(image_idx, scores, boxes, gt_boxes, gt_difficult, self.min_overlap)
         return out
 
     def evaluate(self) -> dict:
