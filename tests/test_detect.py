@@ -4,11 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path, PurePath
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from spp_det.detection import stage
 from spp_det.detection.draw import draw_detections, style_for
@@ -231,3 +232,73 @@ def test_drawing_is_readable_on_any_size_and_leaves_the_input_alone():
         np.testing.assert_array_equal(image, before)
         if h > 20:
             assert (np.asarray(out) != 30).any(axis=2).sum() > 0  # something was drawn
+
+
+def jsonl_by_file(output: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for line in (output / "detections.jsonl").read_text(encoding="utf-8").splitlines():
+        d = json.loads(line)
+        out.setdefault(d["file"], []).append(d)
+    return out
+
+
+def test_coco_output_loads_in_pycocotools_with_the_jsonl_detections(tmp_path, fake):
+    from pycocotools.coco import COCO
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    good, _ = write_folder(source)
+    assert stage.run(config(source, output, "detect.format=[jsonl,coco]")) == 0
+    assert not (output / "voc").exists()
+    expected = jsonl_by_file(output)
+    gt = COCO(str(output / "coco_images.json"))
+    results = gt.loadRes(str(output / "detections_coco.json"))
+    assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == CLASSES
+    assert sorted(im["file_name"] for im in gt.imgs.values()) == sorted(good)
+    for image_id, image in gt.imgs.items():
+        got = sorted((CLASSES[a["category_id"] - 1], a["score"], [a["bbox"][0], a["bbox"][1],
+                      a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]])
+                     for a in results.loadAnns(results.getAnnIds(imgIds=[image_id])))
+        want = sorted((d["class"], d["score"], d["box"]) for d in expected[image["file_name"]])
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g[2], w[2], atol=0.011)  # both rounded to 0.01 px
+        shown = ImageOps.exif_transpose(Image.open(source / image["file_name"]))  # sizes as displayed
+        assert (image["width"], image["height"]) == shown.size
+
+
+def test_voc_xml_output_parses_with_the_projects_voc_loader(tmp_path, fake):
+    from spp_det.data.voc import LoadStats, parse_annotation
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    good, _ = write_folder(source)
+    assert stage.run(config(source, output, "detect.format=voc")) == 0  # a single name works too
+    assert not (output / "detections_coco.json").exists() and (output / "detections.jsonl").is_file()
+    expected = jsonl_by_file(output)
+    files = sorted((output / "voc").glob("*.xml"))
+    assert len(files) == len(good)  # plain.jpg and plain.png: two files
+    assert (output / "voc" / "plain.xml").is_file()
+    class_index = {c: k for k, c in enumerate(CLASSES, start=1)}
+    seen = set()
+    for xml in files:
+        image_path = Path(ET.parse(xml).getroot().findtext("path"))
+        relative = image_path.relative_to(source.resolve()).as_posix()
+        seen.add(relative)
+        record = parse_annotation(xml, image_path, class_index, "error", LoadStats())
+        want = sorted((d["class"], d["box"]) for d in expected[relative])
+        got = sorted((CLASSES[int(k) - 1], box.tolist()) for k, box in zip(record.labels, record.boxes))
+        assert [g[0] for g in got] == [w[0] for w in want]
+        for g, w in zip(got, want):  # integer VOC pixels: the box to within half a pixel
+            np.testing.assert_allclose(g[1], w[1], atol=0.5 + 0.011)
+        assert not record.difficult.any()
+    assert seen == set(good)
+
+
+def test_unknown_output_format_is_refused_before_the_model_loads(tmp_path, fake):
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (8, 8)).save(source / "a.png")
+    with pytest.raises(UserError, match="detect.format: unknown format.*'yolo'"):
+        stage.run(config(source, tmp_path / "out", "detect.format=[jsonl,yolo]"))
+    assert not fake.images

@@ -14,6 +14,8 @@ folder (``detect.output``; the run directory when null):
   ``file`` is the path relative to ``detect.source`` (the file name for a single image);
   ``score`` the SVM score; ``box`` in pixels of the image as displayed (EXIF orientation
   applied), internal convention: 0-based, continuous, no "+1" (``x2 - x1`` is the width).
+- with ``detect.format=[jsonl,coco,voc]`` also COCO results JSON (``detections_coco.json`` with
+  ``coco_images.json``) and Pascal VOC XML per image (``voc/``): ``spp_det.detection.formats``.
 
 A file that cannot be used (empty, not an image, truncated, too many pixels, detection failed)
 is logged with the reason and skipped; the summary line counts skipped files by reason. The
@@ -34,6 +36,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from spp_det.detection.draw import draw_detections
+from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
 
@@ -140,6 +143,7 @@ def run(cfg) -> int:
     if OmegaConf.is_missing(d, "source"):
         raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
     source = Path(str(d.source))
+    formats = parse_formats(d.get("format", ["jsonl"]))
     output = Path(d.output) if d.output else run_dir()
     paths, base = _inputs(source, output)
     if not paths:
@@ -154,6 +158,8 @@ def run(cfg) -> int:
     jsonl_path = output / "detections.jsonl"
     if jsonl_path.resolve() in input_set:
         raise UserError(f"{jsonl_path}: would overwrite an input file; choose another detect.output")
+    coco = CocoWriter(output, classes) if "coco" in formats else None
+    voc = VocWriter(output, classes) if "voc" in formats else None
 
     start = time.perf_counter()
     done, num_detections = 0, 0
@@ -191,6 +197,11 @@ def run(cfg) -> int:
             with atomic_path(target) as out_tmp:
                 draw_detections(image, dets, classes).save(out_tmp, format="JPEG" if name.endswith(".jpg") else "PNG",
                                                           **({"quality": 92} if name.endswith(".jpg") else {}))
+            height, width = image.shape[:2]
+            if coco is not None:
+                coco.add(relative.as_posix(), width, height, dets)
+            if voc is not None:
+                voc.add(relative.as_posix(), path, width, height, dets, PurePath(name).stem)
             for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
                 jsonl.write(json.dumps({"file": relative.as_posix(), "class": classes[int(label) - 1],
                                         "score": round(float(score), 6),
@@ -198,11 +209,13 @@ def run(cfg) -> int:
             num_detections += len(dets)
             done += 1
 
+    written = [jsonl_path, *(coco.close() if coco is not None else [])]
     seconds = time.perf_counter() - start
     reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
     n_skipped = sum(skipped.values())
     print(f"detect: {done} images done, {n_skipped} skipped" + (f" ({reasons})" if reasons else "")
-          + f", {num_detections} detections, {seconds:.1f} s; wrote {jsonl_path} and {annotated_dir}/")
+          + f", {num_detections} detections, {seconds:.1f} s; wrote {', '.join(map(str, written))}, "
+          + f"{annotated_dir}/" + (f" and {voc.folder}/" if voc is not None else ""))
     if done == 0:
         log.error("no image could be processed")
         return 1
