@@ -93,7 +93,7 @@ def checkpoint_meta(cfg) -> dict:
     """What a checkpoint must agree on with the config that loads it."""
     return {
         "classes": list(cfg.data.classes),
-        "backbone": str(cfg.model.backbone),
+        "backbone": str(cfg.model.backbone) + (f":{cfg.model.timm_name}" if cfg.model.backbone == "timm" else ""),
         "width": float(cfg.model.width),
         "fc_dim": int(cfg.model.fc_dim),
         "pyramid_levels": [int(n) for n in cfg.model.pyramid_levels],

@@ -55,7 +55,7 @@ def test_every_group_option_composes(group):
 
 
 def test_paper_defaults():
-    cfg = compose_config()
+    cfg = compose_config(["~experiment"])  # the groups' values, without the default CPU recipe
     assert list(cfg.model.pyramid_levels) == [6, 3, 2, 1] and cfg.model.scales == [688]
     assert cfg.model.best_scale_area == 224 * 224
     assert (cfg.finetune.batch_size, cfg.finetune.fg_fraction, cfg.finetune.fg_iou) == (128, 0.25, 0.5)

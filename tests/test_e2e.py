@@ -33,7 +33,7 @@ def spp_det(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def pipeline(tmp_path_factory):
     """The whole pipeline once on 60 synthetic images; returns (root, train stdout, metrics)."""
     root = tmp_path_factory.mktemp("e2e")
-    common = ["experiment=demo", f"data.root={root / 'synth'}", f"cache_dir={root / 'cache'}",
+    common = ["experiment=demo_zf5", f"data.root={root / 'synth'}", f"cache_dir={root / 'cache'}",
               f"work_dir={root / 'work'}", "device=cpu", *EASY]
     spp_det("synth", *common, "synth.num_images=60", "synth.pretrain_images=150", cwd=root)
     train = spp_det("train", *common, *SMALL, cwd=root)

@@ -270,7 +270,7 @@ def stage(monkeypatch, synth_root, tmp_path):
 
     def make(work="work", *extra):
         cfg = compose_config([
-            "data=synth", "model=zf5_narrow", "model.width=0.125", "model.fc_dim=64", "model.scales=[96]",
+            "~experiment", "allow_random_backbone=true", "data=synth", "model=zf5_narrow", "model.width=0.125", "model.fc_dim=64", "model.scales=[96]",
             "device=cpu", f"work_dir={tmp_path / work}", f"cache_dir={tmp_path / 'cache'}",
             f"data.classes=[{','.join(SYNTH_CLASSES)}]", "finetune.iterations=30", "finetune.val_every=10",
             "finetune.checkpoint_every=10", "finetune.batch_size=32", "finetune.lr=0.01", "finetune.lr_steps=[20]",

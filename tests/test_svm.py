@@ -75,7 +75,7 @@ def test_the_demo_presets_svms_never_evict_a_cached_negative():
 
     from spp_det.runtime import compose_config
 
-    settings = SVMSettings.from_cfg(compose_config(["experiment=demo"]).svm)  # evict_thresh: -.inf
+    settings = SVMSettings.from_cfg(compose_config(["experiment=demo_zf5"]).svm)  # evict_thresh: -.inf
     positives, stream = separable_stream()
     svm = ClassSVM("toy", positives, dataclasses.replace(settings, retrain_limit=50))
     mine(svm, stream)
@@ -131,7 +131,7 @@ def tiny_setup(tmp_path, monkeypatch, classes=("disc", "block"), present=("disc"
     from spp_det.runtime import compose_config
     from spp_det.stages import svm as svm_stage
 
-    cfg = compose_config(["model=zf5_narrow", "device=cpu", "model.scales=[96]", "model.fc_dim=32",
+    cfg = compose_config(["~experiment", "model=zf5_narrow", "device=cpu", "model.scales=[96]", "model.fc_dim=32",
                           "model.max_size=200", f"work_dir={tmp_path / 'work'}", f"cache_dir={tmp_path / 'cache'}",
                           f"data.classes=[{','.join(classes)}]", "svm.retrain_limit=20", "svm.scale_images=2",
                           "svm.scale_windows=10", "bboxreg.scale_images=2", *extra])

@@ -48,6 +48,8 @@ class FeatureCache:
             "max_size": model.max_size,
             "weights": weights_hash(bb),
         }
+        if getattr(bb, "arch_key", None):  # timm: settings such as the padding type change conv5, not the weights
+            self.settings["arch"] = bb.arch_key
         self.root = Path(cache_dir) / "conv5" / hash_settings(self.settings)
         self.stats = {"hits": 0, "misses": 0, "bytes": 0, "entries": 0}
         self._file_hash: dict[tuple[str, int, int], str] = {}

@@ -324,6 +324,21 @@ def backbone_source(cfg: DictConfig) -> Path | None:
     return None
 
 
+def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) -> None:
+    """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
+    the backbone needs ``model.weights``, ``model.backbone_checkpoint``, a ``pretrain.pt`` in
+    ``work_dir`` or pretraining planned. ``allow_random_backbone=true`` opts out (tests)."""
+    if cfg.model.get("weights") or pretrain_planned or backbone_source(cfg) is not None \
+            or cfg.get("allow_random_backbone", False):
+        return
+    raise UserError(f"model.backbone={cfg.model.backbone} has neither pretrained weights nor pretraining: its conv "
+                    "layers are random and detection would learn nothing. Use an ImageNet backbone (the default "
+                    "model=efficientnet_lite0 needs no download; or model.weights=IMAGENET1K_V1 / a weights file), "
+                    "pretrain it (pretrain.enabled=true, e.g. pretrain.source=image_folder "
+                    "pretrain.image_folder=/path/to/imagenet/train), or give model.backbone_checkpoint=pretrain.pt "
+                    "(allow_random_backbone=true trains on random conv layers anyway)")
+
+
 def settings_key(cfg: DictConfig, source: Path | None) -> str:
     """Hash of every setting (and the backbone file's bytes) that changes the fine-tuned weights."""
     model = io.model_settings(cfg.model, ("backbone_checkpoint",))  # its bytes count instead, below
@@ -374,13 +389,13 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     device = resolve_device(cfg.device)
     seed = int(cfg.seed)
     torch.manual_seed(seed)
+    require_trained_backbone(cfg)
     if source is not None:
         log.info("finetune: backbone from %s", source)
     elif cfg.model.get("weights"):
         log.info("finetune: backbone from model.weights=%s", cfg.model.weights)
     else:
-        log.warning("finetune: no pretrain.pt, model.backbone_checkpoint or model.weights: the conv layers keep "
-                    "their random initialisation (enable pretrain, e.g. pretrain.enabled=true)")
+        log.warning("finetune: allow_random_backbone=true: the conv layers keep their random initialisation")
     model = build_finetune_model(cfg, source).to(device)
     model.eval()
 
