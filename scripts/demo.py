@@ -62,6 +62,7 @@ def main() -> int:
     print(f"  metrics, PR plot: {RUN / 'eval'}/metrics.json, pr_curves.png, comp4_det_test_*.txt")
     print(f"  annotated images: {RUN / 'detect'}/ (detections.jsonl)")
     print(f"  training summary: {RUN / 'train_summary.json'}")
+    print(f"  the whole evaluation at a glance (open in a browser): {RUN / 'eval' / 'report.html'}")
     return 0
 
 

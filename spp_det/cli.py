@@ -24,8 +24,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("spp_det.stages.train", "run every training stage in order, skipping current ones"),
     "eval": ("spp_det.evaluation.stage", "detect on a test split and compute VOC / COCO mAP"),
     "detect": ("spp_det.detection.stage", "detect objects in a folder of images"),
+    "report": ("spp_det.evaluation.report", "rebuild report.html of an eval run: spp-det report RUN_DIR (no model)"),
     "bench": ("spp_det.bench", "time SPP-net against R-CNN mode, seconds per image by step"),
 }
+
+# Stages taking plain arguments instead of Hydra overrides; their module has main(argv) -> int.
+PLAIN_STAGES = ("report",)
 
 log = logging.getLogger("spp_det")
 
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"spp-det: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    if stage in PLAIN_STAGES:  # reads files a run wrote: no config to compose
+        sys.exit(importlib.import_module(STAGES[stage][0]).main(overrides))
     run = load_stage(stage)
     if run is None:
         print(f"spp-det: stage {stage!r} is not built yet in this version", file=sys.stderr)
