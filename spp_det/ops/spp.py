@@ -70,8 +70,12 @@ def bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def _roi_pool_level(features: Tensor, cells: Tensor, n: int) -> Tensor:
     """``Tensor[K, C, n, n]``: ``roi_pool`` with the paper's bins on integer cell boxes."""
     dtype = features.dtype
-    if features.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        features = features.float()  # roi_pool's CPU kernel has no fp16/bf16 path
+    if dtype not in (torch.float32, torch.float64):
+        # Pool fp16/bf16 maps in float32 on every device: roi_pool's CPU kernel has no fp16/bf16
+        # path, its CUDA kernel computes the bin edges in the map's dtype (fp16 rounds
+        # ``i * w / n``, which can move an edge by a cell) and may lack bf16. Exact: the max of
+        # fp16/bf16 values converted to float32 converts back to the same value.
+        features = features.float()
     pooled = roi_pool(features, cells.to(features.dtype), output_size=(n, n), spatial_scale=1.0)
     return pooled.to(dtype)
 
