@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import warnings
 
 import numpy as np
@@ -269,6 +270,7 @@ class ClassSVM:
             self.neg_keys = torch.cat([self.neg_keys, *self._pending_keys])
             self._pending, self._pending_keys = [], []
         s = self.settings
+        start = time.perf_counter()
         self.w, self.b = train_linear_svm(self.positives, self.negatives, s, self.device)
         self.trained = True
         self.retrains += 1
@@ -280,6 +282,7 @@ class ClassSVM:
             "reg_loss": 0.5 * float(self.w.double().dot(self.w.double())) + 0.5 * (self.b / s.bias_multiplier) ** 2,
             "positives": len(self.positives),
             "negatives": len(self.negatives),
+            "seconds": time.perf_counter() - start,  # the solve and these scores (training curves)
         }
         stats["objective"] = stats["pos_loss"] + stats["neg_loss"] + stats["reg_loss"]
         easy = z_neg < s.evict_thresh

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from spp_det import io
 from spp_det.boxes import box_iou
 from spp_det.errors import UserError
-from spp_det.heads.bboxreg import fit_regressor
+from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.stages.curves import record_history
 from spp_det.stages.svm import load_finetuned_model, settings_key, training_records, window_features
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> int:
 
     dim = int(model.pool5_dim)
     weight = torch.zeros(len(classes), dim + 1, 4)
-    counts = []
+    counts, rows = [], []
     for k, (name, res) in enumerate(zip(classes, tqdm(reservoirs, desc="bboxreg: ridge", unit="class"))):
         f, b, t = res.dense()
         counts.append(res.seen)
@@ -136,8 +137,15 @@ def run(cfg: DictConfig) -> int:
             log.warning("bboxreg: class %s has no training example (IoU > %s); its boxes are left as they are",
                         name, bcfg.min_iou)
             continue
+        start = time.perf_counter()
         weight[k] = fit_regressor(f.float().to(device) * scale, b.to(device), t.to(device), float(bcfg.lam))
+        # training error of the deltas, and without regression (all deltas 0): one row per class
+        error = predict(f.float() * scale, weight[k : k + 1])[:, 0] - encode(b, t)  # [n, 4]
+        rows.append({"step": k + 1, "class": name, "loss": float(error.square().mean()),
+                     "loss_without": float(encode(b, t).square().mean()), "examples": res.seen,
+                     "seconds": time.perf_counter() - start})
         log.info("bboxreg: %-12s %6d examples (%d used)", name, res.seen, len(f))
+    record_history(cfg, "bboxreg", rows)
     meta = {**io.checkpoint_meta(cfg), "settings": key}
     io.save_torch({"weight": weight, "feature_scale": float(scale), "counts": counts, "meta": meta}, artifact)
     log.info("bboxreg: wrote %s in %.1f s (pool5 scale %.5f, peak resident memory %.0f MiB)", artifact,

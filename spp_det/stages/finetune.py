@@ -45,6 +45,7 @@ from spp_det import io
 from spp_det.boxes import flip_boxes
 from spp_det.errors import UserError
 from spp_det.runtime import resolve_device
+from spp_det.stages.curves import record_history
 from spp_det.stages.sampling import fg_bg_indices, label_windows, sample_windows, subsample
 
 log = logging.getLogger(__name__)
@@ -224,11 +225,14 @@ def train_fc(
     settings: str = "",
     on_iteration: Callable[[int, FCClassifier], None] | None = None,
     evaluate_fn: Callable[..., dict] = evaluate,
+    seconds: list[float] | None = None,
 ) -> dict:
     """Fine-tune ``net`` on ``train_pool`` for ``fcfg.iterations`` mini-batches; returns
     ``{"best_iteration", "best_loss", "best_accuracy", "history": [{"iteration", "loss",
     "accuracy", "train_loss", "lr"}]}`` and leaves the best snapshot's weights in ``net``.
 
+    ``seconds`` (when given) gets the wall-clock seconds up to each history entry from the one
+    before (this run's entries only: a resumed run's earlier ones were timed by the killed run).
     ``on_iteration(i, net)`` runs after iteration ``i`` (1-based) and its checkpoint; tests raise
     from it to simulate a killed run. Resumes from ``state_path`` when it holds a checkpoint with
     the same ``settings``.
@@ -259,6 +263,7 @@ def train_fc(
             log.info("finetune: %s was written with other settings; starting over", state_path)
 
     bar = tqdm(range(start + 1, iterations + 1), desc="finetune", unit="batch", initial=start, total=iterations)
+    since = time.perf_counter()
     for it in bar:
         lr = lr_at(it - 1, float(fcfg.lr), lr_steps, gamma)
         for group in optimizer.param_groups:
@@ -280,6 +285,9 @@ def train_fc(
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.2g}")
         if (it % val_every == 0 or it == iterations) and len(val_idx):
             entry = {"iteration": it, **evaluate_fn(net, val_pool, val_idx, device), "train_loss": running, "lr": lr}
+            if seconds is not None:
+                seconds.append(time.perf_counter() - since)
+            since = time.perf_counter()
             history.append(entry)
             improved = entry["loss"] < best["loss"]
             if improved:
@@ -414,7 +422,14 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
 
     num_classes = len(cfg.data.classes) + 1
     net = FCClassifier(copy.deepcopy(model.head), new_fc8(model.head.out_dim, num_classes, float(fcfg.fc8_std)))
-    val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, settings, on_iteration)
+    seconds: list[float] = []
+    val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, settings, on_iteration,
+                          seconds=seconds)
+    history = val_result["history"]
+    seconds = [None] * (len(history) - len(seconds)) + seconds  # entries from before a resume: not timed here
+    record_history(cfg, "finetune", [
+        {"step": h["iteration"], "lr": h["lr"], "loss": h["train_loss"], "val_loss": h["loss"],
+         "val_accuracy": h["accuracy"], "seconds": t} for h, t in zip(history, seconds)])
 
     model.head.load_state_dict(net.head.state_dict())
     meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": str(source) if source else None}

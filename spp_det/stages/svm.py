@@ -36,6 +36,7 @@ from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.stages.curves import record_history
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,10 @@ def run(cfg: DictConfig) -> int:
         raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
                         f"{cfg.data.train_split!r}; need images with proposals away from those objects")
 
+    record_history(cfg, "svm", [  # one row per retraining of each class's SVM during the mining
+        {"step": j, "class": s.name, "loss": h["objective"], "pos_loss": h["pos_loss"], "neg_loss": h["neg_loss"],
+         "reg_loss": h["reg_loss"], "negatives": h["negatives"], "evicted": h["evicted"], "seconds": h["seconds"]}
+        for s in svms for j, h in enumerate(s.history, start=1)])
     stats = {}
     for s in svms:
         last = s.history[-1]
