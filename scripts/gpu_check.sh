@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_check.sh                       # on a machine with a GPU, after `make setup`
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh  # dry run on the CPU, tiny sizes: every step, no GPU
+#   GPU_CHECK_STEPS="env bench" scripts/gpu_check.sh   # only these steps (the others are recorded as skipped)
 #
 # Steps, each under its own time limit, each recorded even when an earlier one failed:
 #   env     python, torch, CUDA, the GPU's name (nvidia-smi)
@@ -28,6 +29,7 @@ REPO=$PWD
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 OUT_DIR=${OUT:-$REPO/gpu_check_out}
 BUDGET=${GPU_CHECK_BUDGET:-460}   # seconds for all steps together (the issue: under 8 minutes)
+STEP_NAMES=" ${GPU_CHECK_STEPS:-env tests bench_images bench e2e} "
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/spp_det_gpu_check.XXXXXX")
@@ -78,7 +80,9 @@ step() {
     (( left < limit )) && limit=$left
     echo; echo "==== $name (limit ${limit}s) ==== $*"
     t0=$(date +%s)
-    if (( limit < 10 )); then
+    if [[ $STEP_NAMES != *" $name "* ]]; then
+        rc=125; echo "gpu_check: $name skipped (not in GPU_CHECK_STEPS)"
+    elif (( limit < 10 )); then
         rc=125; echo "gpu_check: $name not started: the budget is spent"
     else
         timeout --kill-after=15 "$limit" "$@" || rc=$?
@@ -107,7 +111,7 @@ cat "$WORK/env.json" || true
 PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py)
 step tests 150 "${PYTEST[@]}" -k "not e2e"
 
-BENCH=("$PY" -m spp_det.cli bench "device=$DEVICE" model=zf5 "${BENCH_SIZES[@]}" bench.profile=true
+BENCH=("$PY" -m spp_det.cli bench "device=$DEVICE" model=zf5 "${BENCH_SIZES[@]}" bench.profile=true "++bench.precisions=[]"
        "bench.proposals=$HAS_XIMGPROC" "hydra.run.dir=$WORK/bench")
 if [[ -n $VOC ]]; then
     step bench 180 "${BENCH[@]}" "bench.root=$VOC" bench.year=2012 bench.split=all
@@ -138,7 +142,8 @@ tests = {}
 for name, block in re.findall(r"==== (tests|e2e) \(limit.*?\n(.*?)==== \1: rc", log, re.S):
     counts = re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", block)
     tests[name] = {"counts": {k: int(v) for v, k in counts}, "failed": re.findall(r"^FAILED (\S+)", block, re.M)}
-summary = {"device": device, "ok": all(s["rc"] == 0 for s in steps), "steps": steps,
+summary = {"device": device, "ok": all(s["rc"] == 0 for s in steps), "steps": steps,  # rc 125: not run
+
            "environment": read(work / "env.json"), "tests": tests, "train_eval": read(out / "train_eval.json"),
            "bench_images": bench_images}
 bench = read(out / "bench.json")

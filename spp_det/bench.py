@@ -15,16 +15,22 @@ helpers (:func:`time_spp`, :func:`time_rcnn`, :func:`time_engine`) are reusable 
 benchmarks. Then the whole detector by step on the same images (one scale): selective search
 (:func:`time_proposals`, no cache, one process), conv5, pooling, fc, SVM scores, box regression
 and NMS (:func:`time_heads`, random weights of the real shapes for ``data.classes``).
+
+``bench.profile=true`` also runs the first image once more under ``torch.profiler`` at one and at
+five scales (:func:`profile_spp`) and writes the operators that take the most time, on the GPU when
+there is one, as ``profile_<n>scale.txt`` beside ``bench.json`` and in it under ``"profile"``.
 """
 from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from spp_det.features.rcnn import rcnn_features
 from spp_det.io import write_json
@@ -72,9 +78,13 @@ def time_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size: 
     """Seconds for conv5 (all of ``model.scales``), pooling and fc6+fc7 on one image; cache bytes."""
     model.eval()
     sync = _sync_for(model)
-    maps, t_conv = _timed(lambda: model.conv5(image), sync)
-    pool5, t_pool = _timed(lambda: model.pool5(maps, image.shape[:2], windows), sync)
-    _, t_fc = _timed(lambda: [model.fc7(chunk) for chunk in pool5.split(batch_size)], sync)
+    with record_function("spp.conv5"):  # step labels for profile_spp (free when no profiler runs)
+        maps, t_conv = _timed(lambda: model.conv5(image), sync)
+    with record_function("spp.pool"):
+        pool5, t_pool = _timed(lambda: model.pool5(maps, image.shape[:2], windows), sync)
+    with record_function("spp.fc"):
+        _, t_fc = _timed(lambda: [model.fc7(chunk) for chunk in pool5.split(batch_size)], sync)
+
     return {"conv5": t_conv, "pool": t_pool, "fc": t_fc, "total": t_conv + t_pool + t_fc,
             "cache_bytes": conv5_bytes(maps)}
 
@@ -109,7 +119,8 @@ def time_heads(model: SPPNet, image: np.ndarray, windows: np.ndarray, num_classe
     reg_w = (torch.randn(num_classes, pool5.shape[1] + 1, 4, generator=gen) * 1e-4).to(fc7.device)
     scores, t_svm = _timed(lambda: fc7 @ svm_w.T, sync)
     moved, t_reg = _timed(lambda: bboxreg.apply(boxes, bboxreg.predict(pool5, reg_w)), sync)
-    _, t_nms = _timed(lambda: postprocess(moved.cpu(), scores.cpu(), score_thresh, nms_iou, max_per_image), sync)
+    # NMS where the scores are, as Detector.detect runs it
+    _, t_nms = _timed(lambda: postprocess(moved, scores, score_thresh, nms_iou, max_per_image), sync)
     return {"svm": t_svm, "bboxreg": t_reg, "nms": t_nms}
 
 
@@ -126,19 +137,20 @@ def time_proposals(images: Sequence[np.ndarray], proposals_cfg) -> dict:
 
 
 def time_engine(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
-                rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None) -> dict:
+                rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None, rcnn_batch: int = 32) -> dict:
     """Mean seconds per image by step over ``images`` and their ``windows`` (one image at a time).
 
     Returns ``{"spp": {conv5, pool, fc, total, cache_bytes}, "rcnn": {measured_windows, total,
     per_window} | absent, "per_image": [...]}``; R-CNN mode (``rcnn_model`` or ``model``) runs on
-    the first ``rcnn_windows`` windows and its total is scaled linearly to all windows.
+    the first ``rcnn_windows`` windows, ``rcnn_batch`` crops at a time, and its total is scaled
+    linearly to all windows.
     """
     per_image = []
     for image, wins in zip(images, windows):
         row = {"spp": time_spp(model, image, wins)}
         if rcnn_windows:
             subset = wins[: int(rcnn_windows)]
-            r = time_rcnn(rcnn_model or model, image, subset)
+            r = time_rcnn(rcnn_model or model, image, subset, batch_size=rcnn_batch)
             row["rcnn"] = {"measured_windows": len(subset), "measured_seconds": r["total"],
                            "per_window": r["per_window"], "total": r["per_window"] * len(wins)}
         per_image.append(row)
@@ -147,6 +159,32 @@ def time_engine(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[n
     if rcnn_windows:
         out["rcnn"] = {k: mean(k, "rcnn") for k in ("measured_windows", "measured_seconds", "per_window", "total")}
     return out
+
+
+def profile_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, out_file: Path | None = None,
+                top: int = 12) -> dict:
+    """One ``time_spp`` of ``image`` under ``torch.profiler`` (CPU, and CUDA when the model is there).
+
+    Returns ``{"sort_by", "total_s", "steps": {conv5, pool, fc: s}, "top": [{name, self_s, share,
+    calls}]}``: operators by self time on the device that runs the model (self device time on a GPU,
+    self CPU time on the CPU), ``share`` of the sum over all operators; writes profiler's own table
+    to ``out_file`` when given.
+    """
+    cuda = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        times = time_spp(model, image, windows)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not e.key.startswith("spp.")]
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total_us = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    if out_file is not None:
+        Path(out_file).write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    return {"sort_by": sort_by, "total_s": total_us / 1e6,
+            "steps": {k: times[k] for k in ("conv5", "pool", "fc")},
+            "top": [{"name": e.key, "self_s": self_us(e) / 1e6, "share": self_us(e) / total_us, "calls": e.count}
+                    for e in ranked]}
 
 
 def _model_with_scales(cfg, scales: Sequence[int]) -> SPPNet:
@@ -177,7 +215,8 @@ def run(cfg) -> int | None:
 
     log.info("bench: %d images, %d windows each, %s, device %s, %d threads", len(images), int(b.windows),
              cfg.model.backbone, device, torch.get_num_threads())
-    res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows))
+    res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows),
+                          rcnn_batch=int(b.get("rcnn_batch", 32)))
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
     heads = [time_heads(one, im, w, len(cfg.data.classes), cfg.eval.score_thresh, cfg.eval.nms_iou,
@@ -189,8 +228,14 @@ def run(cfg) -> int | None:
         "conv5": res_one["spp"]["conv5"], "pool": res_one["spp"]["pool"], "fc": res_one["spp"]["fc"], **steps,
     }
     pipeline["total"] = float(sum(pipeline.values()))
+    profiled = None
+    if b.get("profile", False):
+        profiled = {f"{len(m.scales)}scale": profile_spp(m, images[0], windows[0], run_dir() / f"profile_{len(m.scales)}scale.txt")
+                    for m in (one, five)}
     result = {
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "backbone": str(cfg.model.backbone),
         "width": float(cfg.model.width),
@@ -208,14 +253,15 @@ def run(cfg) -> int | None:
         "speedup_1scale": rcnn["total"] / res_one["spp"]["total"],
         "speedup_5scale": rcnn["total"] / res_five["spp"]["total"],
         "cache_bytes_per_image": {"1scale": res_one["spp"]["cache_bytes"], "5scale": res_five["spp"]["cache_bytes"]},
-        "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image and scaled linearly "
-                 f"to {int(b.windows)}"),
+        "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image "
+                 f"({int(b.get('rcnn_batch', 32))} crops per batch) and scaled linearly to {int(b.windows)}"),
         "detection_steps_1scale": pipeline,
         "proposals": ({"backend": str(cfg.proposals.backend),
                        "mode": (f"{len(cfg.proposals.passes)} passes" if cfg.proposals.get("passes")
                                 else str(cfg.proposals.get("mode"))),
                        "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
+        **({"profile": profiled} if profiled else {}),
     }
     print(format_table(result))
     out = run_dir() / str(b.output)
@@ -246,4 +292,8 @@ def format_table(result: dict) -> str:
                   + (f"; selective search {result['proposals']['backend']} {result['proposals']['mode']}, "
                      f"{result['proposals']['boxes_per_image']:.0f} boxes" if result.get("proposals") else "") + ")"]
         lines += [f"  {k:<20}{v:>10.3f}" for k, v in steps.items()]
+    for name, prof in (result.get("profile") or {}).items():
+        lines += ["", f"profile, {name} ({prof['sort_by']}, {prof['total_s']:.3f} s in operators): top operators"]
+        lines += [f"  {row['name'][:48]:<50}{row['self_s']:>9.4f} s{100 * row['share']:>6.1f}%{row['calls']:>7} calls"
+                  for row in prof["top"][:8]]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from spp_det import artifact as model_artifact
 from spp_det.errors import UserError
 from spp_det.heads import bboxreg
+from spp_det.inference import compress_fc, set_precision
 from spp_det.detection.postprocess import Detections, postprocess
 
 SCORERS = ("svm", "softmax")
@@ -36,12 +37,14 @@ class Detector:
 
     def __init__(self, model, classes: list[str], svm_weight: torch.Tensor, svm_bias: torch.Tensor, svm_scale: float,
                  bbox_weight: torch.Tensor | None = None, bbox_scale: float = 1.0, fc8: dict | None = None,
-                 window_batch: int = 1000, scorer: str = "svm"):
+                 window_batch: int = 1000, scorer: str = "svm", precision: str = "fp32", fc_rank=None):
         if scorer not in SCORERS:
             raise UserError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
         if scorer == "softmax" and fc8 is None:
             raise UserError("scorer=softmax needs the fine-tuned fc8, which this model does not hold")
-        self.model = model.eval()
+        self.model = compress_fc(model.eval(), fc_rank)  # spp_det.inference: test-time speed, model.pt unchanged
+        self.autocast = set_precision(self.model, precision)
+        self.precision = precision
         device = model.device
         self.classes = list(classes)
         self.svm_weight = svm_weight.float().to(device)
@@ -100,34 +103,40 @@ class Detector:
                       timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class scores ``[N, K]`` and boxes ``[N, K, 4]`` (or the windows ``[N, 4]`` without box
         regression) of the windows ``proposals`` ``[N, 4]`` of ``image`` ``uint8 [H, W, 3]``, on the CPU."""
-        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4))
+        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
+        return scores.cpu(), boxes.cpu()
+
+    def _score_on_device(self, image: np.ndarray, proposals, bbox_reg: bool,
+                         timings: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score_windows`` leaving the results on the model's device: on a GPU the windows go up
+        once and the results stay there for NMS (no copy to the host and back per chunk)."""
+        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4)).to(self.device)
         height, width = image.shape[:2]
         k = len(self.classes)
         use_reg = bool(bbox_reg) and self.bbox_weight is not None
         if not len(windows):
-            return torch.zeros(0, k), torch.zeros(0, k, 4) if use_reg else torch.zeros(0, 4)
-        with self._timed(timings, "conv5"):
+            return windows.new_zeros(0, k), windows.new_zeros(0, k, 4) if use_reg else windows
+        with self._timed(timings, "conv5"), self.autocast():
             maps = self.model.conv5(image)
         scores, boxes = [], []
         for chunk in windows.split(self.window_batch):
-            chunk_dev = chunk.to(self.device)
             with self._timed(timings, "pool"):
-                pool5 = self.model.pool5(maps, (height, width), chunk_dev)
-            with self._timed(timings, "fc"):
-                fc7 = self.model.fc7(pool5)
+                pool5 = self.model.pool5(maps, (height, width), chunk)
+            with self._timed(timings, "fc"), self.autocast():
+                fc7 = self.model.fc7(pool5).float()
             with self._timed(timings, "svm"):
                 if self.scorer == "svm":
                     s = (fc7 * self.svm_scale) @ self.svm_weight.T + self.svm_bias  # [B, K]
                 else:  # fine-tuned softmax, background column dropped
                     s = torch.softmax(fc7 @ self.fc8["weight"].T + self.fc8["bias"], dim=1)[:, 1:]
-                scores.append(s.float().cpu())
+                scores.append(s.float())
             if use_reg:
                 with self._timed(timings, "bboxreg"):
                     deltas = bboxreg.predict(pool5.float() * self.bbox_scale, self.bbox_weight)  # [B, K, 4]
-                    moved = bboxreg.apply(chunk_dev.float(), deltas)  # [B, K, 4]
+                    moved = bboxreg.apply(chunk, deltas)  # [B, K, 4]
                     moved[..., 0::2] = moved[..., 0::2].clamp(0, width)  # clip to the image (R-CNN does too)
                     moved[..., 1::2] = moved[..., 1::2].clamp(0, height)
-                    boxes.append(moved.cpu())
+                    boxes.append(moved)
         return torch.cat(scores), (torch.cat(boxes) if use_reg else windows)
 
     def detect(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
@@ -136,16 +145,16 @@ class Detector:
         (internal boxes): scores above ``score_thresh``, per-class NMS at ``nms_iou``, at most
         ``max_per_image``. ``timings`` (when given) accumulates seconds by step: conv5, pool, fc,
         svm, bboxreg, nms."""
-        scores, boxes = self.score_windows(image, proposals, bbox_reg, timings)
-        with self._timed(timings, "nms"):
+        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
+        with self._timed(timings, "nms"):  # on the model's device, where the scores are
             return postprocess(boxes, scores, score_thresh, nms_iou, max_per_image)
 
     def detect_pair(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
                     max_per_image: int = 100, timings: dict | None = None) -> tuple[Detections, Detections]:
         """``detect`` with and without box regression from one pass over the windows (the scores do
         not depend on it), so an evaluation reports both mAPs at the cost of one."""
-        scores, boxes = self.score_windows(image, proposals, True, timings)
-        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4))
+        scores, boxes = self._score_on_device(image, proposals, True, timings)
+        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4)).to(scores.device)
         with self._timed(timings, "nms"):
             return (postprocess(boxes, scores, score_thresh, nms_iou, max_per_image),
                     postprocess(windows, scores, score_thresh, nms_iou, max_per_image))
