@@ -84,7 +84,6 @@ def time_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size: 
         pool5, t_pool = _timed(lambda: model.pool5(maps, image.shape[:2], windows), sync)
     with record_function("spp.fc"):
         _, t_fc = _timed(lambda: [model.fc7(chunk) for chunk in pool5.split(batch_size)], sync)
-
     return {"conv5": t_conv, "pool": t_pool, "fc": t_fc, "total": t_conv + t_pool + t_fc,
             "cache_bytes": conv5_bytes(maps)}
 
@@ -187,6 +186,32 @@ def profile_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, out_file:
                     for e in ranked]}
 
 
+def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
+                    precisions: Sequence[str], fc_rank: Sequence[int] | None, rcnn_windows: int,
+                    rcnn_batch: int = 32) -> dict:
+    """SPP-net (``model``'s scales) and R-CNN mode side by side at each of ``precisions``, with the
+    fc layers as trained and, when ``fc_rank`` is given, as their truncated SVD
+    (``spp_det.inference``): ``{"fp32": {"spp": ..., "rcnn": ..., "speedup": x}, "fp32+svd": ...}``.
+    Both sides run the same modified copy of ``model`` under the same autocast, so each ratio
+    compares like with like."""
+    import copy
+
+    from spp_det.inference import compress_fc, set_precision
+
+    table = {}
+    for precision in precisions:
+        for rank in ([None, fc_rank] if fc_rank else [None]):
+            variant = compress_fc(copy.deepcopy(model).eval(), rank)
+            autocast = set_precision(variant, str(precision))
+            time_spp(variant, images[0][:200, :200], windows[0][:50])  # warm-up of the new kernels
+            with autocast():
+                res = time_engine(variant, images, windows, rcnn_windows=rcnn_windows, rcnn_batch=rcnn_batch)
+            table[f"{precision}{'+svd' if rank else ''}"] = {
+                "spp": {k: res["spp"][k] for k in ("conv5", "pool", "fc", "total")},
+                "rcnn": res["rcnn"]["total"], "speedup": res["rcnn"]["total"] / res["spp"]["total"]}
+    return table
+
+
 def _model_with_scales(cfg, scales: Sequence[int]) -> SPPNet:
     from omegaconf import OmegaConf
 
@@ -228,6 +253,10 @@ def run(cfg) -> int | None:
         "conv5": res_one["spp"]["conv5"], "pool": res_one["spp"]["pool"], "fc": res_one["spp"]["fc"], **steps,
     }
     pipeline["total"] = float(sum(pipeline.values()))
+    precisions = None
+    if b.get("precisions"):
+        precisions = time_precisions(one, images, windows, list(b.precisions), b.get("fc_rank"),
+                                     int(b.rcnn_windows), int(b.get("rcnn_batch", 32)))
     profiled = None
     if b.get("profile", False):
         profiled = {f"{len(m.scales)}scale": profile_spp(m, images[0], windows[0], run_dir() / f"profile_{len(m.scales)}scale.txt")
@@ -262,6 +291,8 @@ def run(cfg) -> int | None:
                        "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
         **({"profile": profiled} if profiled else {}),
+        **({"precisions_1scale": precisions, "fc_rank": list(b.fc_rank) if b.get("fc_rank") else None}
+           if precisions else {}),
     }
     print(format_table(result))
     out = run_dir() / str(b.output)
@@ -292,6 +323,13 @@ def format_table(result: dict) -> str:
                   + (f"; selective search {result['proposals']['backend']} {result['proposals']['mode']}, "
                      f"{result['proposals']['boxes_per_image']:.0f} boxes" if result.get("proposals") else "") + ")"]
         lines += [f"  {k:<20}{v:>10.3f}" for k, v in steps.items()]
+    if result.get("precisions_1scale"):
+        lines += ["", f"one scale at each precision (fc_rank {result['fc_rank']} for +svd; R-CNN mode at the same "
+                  "precision on the same windows: the paper's comparison is the fp32 row)",
+                  f"  {'precision':<12}{'conv5':>8}{'pool':>8}{'fc':>8}{'SPP':>8}{'R-CNN':>10}{'speedup':>10}"]
+        lines += [f"  {name:<12}{row['spp']['conv5']:>8.3f}{row['spp']['pool']:>8.3f}{row['spp']['fc']:>8.3f}"
+                  f"{row['spp']['total']:>8.3f}{row['rcnn']:>10.2f}{row['speedup']:>9.1f}x"
+                  for name, row in result["precisions_1scale"].items()]
     for name, prof in (result.get("profile") or {}).items():
         lines += ["", f"profile, {name} ({prof['sort_by']}, {prof['total_s']:.3f} s in operators): top operators"]
         lines += [f"  {row['name'][:48]:<50}{row['self_s']:>9.4f} s{100 * row['share']:>6.1f}%{row['calls']:>7} calls"

@@ -37,6 +37,12 @@ class FCHead(nn.Module):
         self.drop7 = nn.Dropout(dropout)
         self.in_dim, self.out_dim = int(in_dim), int(fc_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the pool5 vectors fc6 takes: its first floating parameter's (float32 when fc6/fc7
+        are int8, ``spp_det.inference``)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     def forward(self, pool5: Tensor) -> Tensor:
         return self.drop7(self.relu7(self.fc7(self.drop6(self.relu6(self.fc6(pool5))))))
 
@@ -88,7 +94,7 @@ class SPPNet(nn.Module):
         Each window is pooled at its best scale (scaled area closest to ``best_scale_area``),
         projected onto that scale's map by ``projection``. ``conv5_maps`` may be fp16 (a cache).
         """
-        device, dtype = self.device, self.head.fc6.weight.dtype
+        device, dtype = self.device, self.head.dtype
         windows = torch.as_tensor(np.asarray(windows, dtype=np.float32) if not torch.is_tensor(windows) else windows)
         windows = windows.to(device=device, dtype=torch.float32).reshape(-1, 4)
         if windows.shape[0] == 0:

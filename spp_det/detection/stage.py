@@ -56,7 +56,8 @@ def load_detector(cfg, scorer: str = "svm"):
     from spp_det.runtime import resolve_device
 
     detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg.model.get("test_scales"),
-                             cfg.model.get("test_max_size"), scorer=str(scorer))
+                             cfg.model.get("test_max_size"), scorer=str(scorer),
+                             precision=str(cfg.eval.get("precision", "fp32")), fc_rank=cfg.eval.get("fc_rank"))
     log.info("%s: scales %s, max_size %s", cfg.get("stage", "detect"), detector.model.scales, detector.model.max_size)
     return detector
 

@@ -55,7 +55,7 @@ def rcnn_features(model, image: np.ndarray, windows, batch_size: int = 32, conte
             pool5.append(p5)
             fc7.append(model.fc7(p5))
         if not pool5:
-            dtype = model.head.fc6.weight.dtype
+            dtype = model.head.dtype
             return (torch.zeros((0, model.pool5_dim), device=model.device, dtype=dtype),
                     torch.zeros((0, model.head.out_dim), device=model.device, dtype=dtype))
         return torch.cat(pool5), torch.cat(fc7)
