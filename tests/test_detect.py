@@ -38,7 +38,7 @@ class FakeDetector:
         return dets.select(dets.scores > score_thresh)
 
 
-def fake_proposals(path, image, cfg):
+def fake_proposals(path, image, cfg, prefetch=None):
     h, w = image.shape[:2]
     return np.array([[0, 0, w / 2, h / 2], [w / 4, h / 4, w, h]], np.float32)
 
@@ -197,7 +197,7 @@ def test_a_failing_detection_is_reported_and_skipped(tmp_path, fake, monkeypatch
     Image.new("RGB", (30, 20)).save(source / "a.png")
     Image.new("RGB", (31, 20)).save(source / "b.png")
 
-    def proposals(path, image, cfg):
+    def proposals(path, image, cfg, prefetch=None):
         if path.name == "a.png":
             raise RuntimeError("boom")
         return fake_proposals(path, image, cfg)

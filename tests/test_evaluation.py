@@ -353,7 +353,8 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
 
     root, records, classes = synth_set
     monkeypatch.setattr(detection_stage, "load_detector", lambda cfg, scorer="svm": FakeDetector(records, classes))
-    monkeypatch.setattr(stage, "load_proposals", lambda recs, cfg: {r.image_id: np.zeros((0, 4), np.float32) for r in recs})
+    no_boxes = SimpleNamespace(get=lambda path, image: np.zeros((0, 4), np.float32), close=lambda: None)
+    monkeypatch.setattr(stage, "proposal_stream", lambda recs, cfg: no_boxes)
     monkeypatch.chdir(tmp_path)
     overrides = ["data=synth", f"data.root={root}", "data.year=null", "model.checkpoint=model.pt", "device=cpu"]
     assert stage.run(compose_config(overrides, stage="eval")) == 0

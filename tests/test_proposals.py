@@ -224,6 +224,36 @@ def test_worker_processes_fill_the_cache(tmp_path):
         np.testing.assert_array_equal(parallel[r.image_id], compute_proposals(r.load_image(), OPENCV))
 
 
+def test_prefetcher_searches_ahead_in_workers_and_gives_what_proposals_for_file_gives(tmp_path):
+    from spp_det.proposals import ProposalPrefetcher
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(shapes_image(64)[0][:, ::(i % 3 + 1)].copy()).save(paths[-1])
+    cache = tmp_path / "cache"
+    with ProposalPrefetcher(paths, OPENCV, cache, workers=2, lookahead=2) as prefetch:
+        first = prefetch.get(paths[0], np.asarray(Image.open(paths[0])))
+        assert prefetch.next == 3  # the next two images were handed to the workers before waiting on the first
+        got = [first] + [prefetch.get(p, np.asarray(Image.open(p))) for p in paths[1:]]
+    for path, boxes in zip(paths, got):
+        image = np.asarray(Image.open(path))
+        np.testing.assert_array_equal(boxes, compute_proposals(image, OPENCV))
+        np.testing.assert_array_equal(boxes, proposals_for_file(path, image, OPENCV, cache))  # cached by the workers
+    assert len(list(cache.glob("proposals/*/*/*.npy"))) == 3  # 3 distinct images (im3, im4 repeat im0, im1)
+
+
+def test_prefetcher_falls_back_to_the_caller_when_a_worker_refuses_the_file(tmp_path, caplog):
+    from spp_det.proposals import ProposalPrefetcher
+
+    path = tmp_path / "big.png"
+    image = shapes_image(64)[0]
+    Image.fromarray(image).save(path)
+    with ProposalPrefetcher([path], OPENCV, tmp_path / "cache", workers=1, max_pixels=100) as prefetch:
+        boxes = prefetch.get(path, image)  # the worker refuses 64 x 64 > 100 pixels; the caller's pixels are used
+    np.testing.assert_array_equal(boxes, compute_proposals(image, OPENCV))
+
+
 # --- precomputed files -------------------------------------------------------------------------
 
 def test_rcnn_mat_import_converts_coordinates(tmp_path):

@@ -62,11 +62,12 @@ def load_detector(cfg, scorer: str = "svm"):
     return detector
 
 
-def proposals_for_file(path: Path, image: np.ndarray, cfg) -> np.ndarray:
-    """Selective-search boxes ``f32 [N, 4]`` of one file (cached by content + settings)."""
+def proposals_for_file(path: Path, image: np.ndarray, cfg, prefetch=None) -> np.ndarray:
+    """Selective-search boxes ``f32 [N, 4]`` of one file (cached by content + settings), from
+    ``prefetch`` (a ``ProposalPrefetcher`` searching the next files meanwhile) when given."""
     from spp_det.proposals import proposals_for_file as compute
 
-    return compute(path, image, cfg.proposals, cfg.cache_dir)
+    return prefetch.get(path, image) if prefetch is not None else compute(path, image, cfg.proposals, cfg.cache_dir)
 
 
 def _safe_part(text: str) -> str:
@@ -172,7 +173,13 @@ def run(cfg) -> int:
         skipped[kind] += 1
         log.warning("skipped %s: %s", path, reason)
 
-    with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
+    from spp_det.proposals import ProposalPrefetcher
+    from spp_det.runtime import num_workers
+
+    # selective search of the next files in worker processes while the network runs on this one
+    prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers),
+                                  max_pixels=d.max_pixels)
+    with prefetch, atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
         for path in tqdm(paths, desc="detect", unit="image"):
             relative = path.relative_to(base)
             try:
@@ -181,7 +188,7 @@ def run(cfg) -> int:
                 skip(path, _reason_kind(exc.reason), exc.reason)
                 continue
             try:
-                boxes = proposals_for_file(path, image, cfg)
+                boxes = proposals_for_file(path, image, cfg, prefetch)
                 dets = detector.detect(image, boxes, d.score_thresh, d.nms_iou, d.max_per_image, d.bbox_reg, timings)
             except Exception as exc:  # one image's failure must not stop a folder run; it is reported
                 log.debug("detection failed on %s", path, exc_info=True)

@@ -71,39 +71,50 @@ def score_detections(
     return metrics
 
 
-def load_proposals(records, cfg) -> dict:
-    """Cached selective-search boxes of ``records``: image id -> ``f32 [N, 4]``."""
-    from spp_det.proposals import load_proposals as load
+def proposal_stream(records, cfg):
+    """Selective search of ``records`` (cached) that runs ahead of the network in worker processes:
+    ``.get(path, image) -> f32 [N, 4]`` (``spp_det.proposals.ProposalPrefetcher``)."""
+    from spp_det.proposals import ProposalPrefetcher
     from spp_det.runtime import num_workers
 
-    return load(records, cfg.proposals, cfg.cache_dir, workers=num_workers(cfg.num_workers))
+    return ProposalPrefetcher([r.path for r in records], cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers))
 
 
 def run_detector(detector, records, cfg, proposals: dict | None = None,
                  without_bbox_reg: dict | None = None) -> tuple[dict[str, Detections], dict]:
     """Detections of every record (image id -> ``Detections``) and seconds per image by step.
 
-    ``proposals``: image id -> ``f32 [N, 4]``; loaded (cached) with ``cfg.proposals`` when None.
+    ``proposals``: image id -> ``f32 [N, 4]``; when None, selective search (cached) runs on the next
+    images in worker processes while the network works on the current one (``proposal_stream``),
+    and ``proposals`` in the timings is the time the network waited for it.
     ``without_bbox_reg``: a dict to fill with the detections before box regression, from the
     same pass (needs box regression on and a detector with ``detect_pair``).
     """
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
-    if proposals is None:
-        proposals = load_proposals(records, cfg)
-        timings["proposals"] = time.perf_counter() - start_all
     e = cfg.eval
     detections = {}
-    for r in tqdm(records, desc="detect", unit="image"):
-        start = time.perf_counter()
-        image = r.load_image()
-        timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
-        if without_bbox_reg is not None:
-            detections[r.image_id], without_bbox_reg[r.image_id] = detector.detect_pair(
-                image, proposals[r.image_id], e.score_thresh, e.nms_iou, e.max_per_image, timings)
-        else:
-            detections[r.image_id] = detector.detect(image, proposals[r.image_id], e.score_thresh, e.nms_iou,
-                                                     e.max_per_image, e.bbox_reg, timings)
+    stream = proposal_stream(records, cfg) if proposals is None else None
+    try:
+        for r in tqdm(records, desc="detect", unit="image"):
+            start = time.perf_counter()
+            image = r.load_image()
+            timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
+            if stream is not None:
+                start = time.perf_counter()
+                boxes = stream.get(r.path, image)
+                timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - start
+            else:
+                boxes = proposals[r.image_id]
+            if without_bbox_reg is not None:
+                detections[r.image_id], without_bbox_reg[r.image_id] = detector.detect_pair(
+                    image, boxes, e.score_thresh, e.nms_iou, e.max_per_image, timings)
+            else:
+                detections[r.image_id] = detector.detect(image, boxes, e.score_thresh, e.nms_iou, e.max_per_image,
+                                                         e.bbox_reg, timings)
+    finally:
+        if stream is not None:
+            stream.close()
     timings["total"] = time.perf_counter() - start_all
     n = max(len(records), 1)
     return detections, {k: v / n for k, v in timings.items()}

@@ -6,9 +6,12 @@ Public API (docs/CONTRACTS.md "Proposals"):
 - ``load_proposals(records, proposals_cfg, cache_dir, workers=0, progress=True) -> {image_id: float32 [N, 4]}``
 - ``proposals_for_file(path, image, proposals_cfg, cache_dir) -> float32 [N, 4]``
 - ``record_proposals(record, proposals) -> float32 [N, 4]`` (mirrored for a flipped record)
+- ``ProposalPrefetcher(paths, proposals_cfg, cache_dir, workers)``: ``get(path, image)`` as
+  ``proposals_for_file``, with the next images searched in worker processes meanwhile
 """
 from spp_det.proposals.cache import (
     ProposalImageError,
+    ProposalPrefetcher,
     compute_proposals,
     load_proposals,
     proposals_for_file,
@@ -18,6 +21,6 @@ from spp_det.proposals.cache import (
 from spp_det.proposals.precomputed import ProposalFileError, read_mat, read_schema, write_schema
 
 __all__ = [
-    "ProposalFileError", "ProposalImageError", "compute_proposals", "load_proposals", "proposals_for_file",
+    "ProposalFileError", "ProposalImageError", "ProposalPrefetcher", "compute_proposals", "load_proposals", "proposals_for_file",
     "proposals_for_paths", "read_mat", "read_schema", "record_proposals", "write_schema",
 ]

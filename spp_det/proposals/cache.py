@@ -123,13 +123,14 @@ def _write_settings(folder: Path, proposals_cfg) -> None:
         write_json(settings_key(proposals_cfg), folder / "settings.json")
 
 
-def _compute_entry(task: tuple[str, str, Path, dict]) -> tuple[str, np.ndarray | None, str | None]:
-    """Worker: read one image, compute its boxes, write its cache entry -> (path, boxes, error)."""
+def _compute_entry(task: tuple) -> tuple[str, np.ndarray | None, str | None]:
+    """Worker: read one image, compute its boxes, write its cache entry -> (path, boxes, error).
+    ``task``: ``(path, content hash, entry, cfg[, max_pixels])``."""
     from spp_det.data.images import ImageError, read_image
 
-    path, _, entry, cfg = task
+    path, _, entry, cfg, *limit = task
     try:
-        image = read_image(path, max_pixels=None)
+        image = read_image(path, max_pixels=limit[0] if limit else None)
     except ImageError as exc:
         return path, None, exc.reason
     boxes = compute_proposals(image, cfg)
@@ -241,3 +242,71 @@ def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache
         _write_settings(folder, cfg)
         write_entry(entry, boxes)
     return boxes
+
+
+class ProposalPrefetcher:
+    """Selective search of the *next* images in worker processes while the caller runs the network
+    on the current one, so a folder costs the larger of the two, not their sum (``detect``, ``eval``).
+
+    ``paths`` is the order the caller will ask in; ``get(path, image)`` returns ``float32 [N, 4]``
+    exactly as ``proposals_for_file`` would (same cache entries), waiting for a worker when one is
+    computing that image. At most ``lookahead`` images are in flight, so memory stays bounded and
+    nothing is computed far ahead of a run that stops early. ``workers=0`` or a precomputed backend:
+    no processes, ``get`` is ``proposals_for_file``. Worker processes read images with ``max_pixels``
+    (the caller's limit), so an oversized file is refused there as it is by the caller.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0,
+                 lookahead: int | None = None, max_pixels: int | None = None):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.cfg, self.cache_dir = _plain(proposals_cfg), cache_dir
+        self.paths = [str(p) for p in paths]
+        self.position = {p: i for i, p in enumerate(self.paths)}
+        self.max_pixels = max_pixels
+        self.lookahead = int(lookahead or 2 * max(workers, 1))
+        self.futures: dict[str, object] = {}
+        self.next = 0  # index of the first path not yet submitted
+        self.pool = None
+        if workers > 0 and self.cfg.get("backend") != "precomputed" and self.paths:
+            # spawn, not fork: the parent holds torch/OpenMP threads that a fork would copy mid-state
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker)
+            self.folder = settings_dir(cache_dir, self.cfg)
+
+    def _submit_ahead(self, upto: int) -> None:
+        while self.next < min(upto, len(self.paths)):
+            path = self.paths[self.next]
+            self.next += 1
+            try:
+                entry = entry_path(self.folder, hash_file(path))
+            except OSError:
+                continue  # unreadable: the caller reports it when it reads the file
+            if path not in self.futures and not entry.is_file():
+                _write_settings(self.folder, self.cfg)
+                self.futures[path] = self.pool.submit(_compute_entry, (path, "", entry, self.cfg, self.max_pixels))
+
+    def get(self, path: str | Path, image: np.ndarray) -> np.ndarray:
+        """Proposals of ``path`` (pixels ``image``), starting the search of the images after it."""
+        path = str(path)
+        if self.pool is not None:
+            self._submit_ahead(self.position.get(path, -1) + 1 + self.lookahead)
+            future = self.futures.pop(path, None)
+            if future is not None:
+                _, boxes, error = future.result()
+                if error is None:
+                    return boxes
+        return proposals_for_file(path, image, self.cfg, self.cache_dir)  # cached, precomputed, or the worker failed
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.futures.values():
+                future.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> "ProposalPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
