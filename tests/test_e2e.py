@@ -62,6 +62,24 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline):
     assert again.count("skipped (current)") == 4
 
 
+def test_training_curves_and_the_report(pipeline):
+    import csv
+
+    root, train, _, metrics = pipeline
+    logs = sorted((root / "work" / "logs").glob("train_*"))[0]  # the first train's run directory
+    with open(logs / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    stages = {r["stage"] for r in rows}
+    assert {"pretrain_crops", "pretrain_windows", "finetune", "svm", "bboxreg"} <= stages
+    assert [int(r["step"]) for r in rows if r["stage"] == "finetune"] == [100, 200, 300, 400]  # finetune.val_every
+    assert all(r["loss"] != "" and r["seconds"] != "" for r in rows)
+    for stage in stages:
+        assert (logs / f"{stage}_curves.png").is_file() and f"{stage}_curves.png" in train  # the summary links it
+    page = (root / "eval" / "report.html").read_text()
+    assert (root / "eval" / "eval_data.json").is_file() and 'id="per-class"' in page
+    assert f"{100 * metrics['map_voc07']:.1f}" in page
+
+
 def test_map_is_well_above_chance(pipeline):
     # chance is about 0.02 here (random scores over ~400 proposals per image); 0.40 measured
     assert pipeline[3]["map_voc07"] > 0.2, pipeline[3]["ap_voc07"]

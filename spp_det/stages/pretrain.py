@@ -47,6 +47,7 @@ from spp_det.boxes import box_iou, clip_boxes
 from spp_det.errors import UserError
 from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
+from spp_det.stages.curves import record_history
 
 log = logging.getLogger(__name__)
 
@@ -544,6 +545,8 @@ def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
     model, normalise = build_classifier(cfg, len(train_set.class_names))
     history = train_classifier(model, normalise, train_set, val_set, pcfg, device, int(cfg.seed),
                                state_path, settings, on_epoch)
+    record_history(cfg, "pretrain_crops", [{"step": h["epoch"] + 1, "lr": h["lr"], "loss": h["loss"], "size": h["size"],
+                                            "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
     final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
     meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": settings,
             "class_names": train_set.class_names, "source": str(pcfg.source)}
@@ -851,6 +854,8 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
                                    workers=int(cfg.get("num_workers", 0)), progress=True)
     history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, settings,
                             use_difficult, on_epoch, proposals)
+    record_history(cfg, "pretrain_windows", [{"step": h["iteration"], "lr": h["lr"], "loss": h["loss"],
+                                              "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
     meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": settings,
             "class_names": ["__background__", *classes], "source": "windows"}
     model.cpu()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from spp_det.cli import load_stage
 from spp_det.io import write_json
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
+from spp_det.stages.curves import RESULTS, history_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class StageResult:
     seconds: float = 0.0
     peak_mb: float = 0.0
     artifact: str = ""
+    curves: list[str] = field(default_factory=list)  # <stage>*_curves.png written by this run (spp_det.stages.curves)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -76,23 +78,25 @@ def run(cfg: DictConfig) -> int:
             continue
         artifact = work_dir / f"{stage}.pt" if stage in TRAINED else Path(cfg.cache_dir)
         before = _stamp(artifact) if stage in TRAINED else None
+        started = time.time()
         seconds, peak = run_stage(cfg, stage)
         if stage in TRAINED and before is not None and _stamp(artifact) == before:
             results.append(StageResult(stage, "skipped (current)", artifact=str(artifact)))
         else:
-            results.append(StageResult(stage, "ran", seconds, peak, str(artifact)))
+            curves = [str(p) for p in sorted(history_dir(cfg).glob(f"{stage}*_curves.png")) if p.stat().st_mtime >= started]
+            results.append(StageResult(stage, "ran", seconds, peak, str(artifact), curves))
 
     from spp_det.artifact import assemble
 
     start = time.perf_counter()
     model_path = assemble(cfg)
     results.append(StageResult("model", "ran", time.perf_counter() - start, peak_rss_mb(), str(model_path)))
-    print_summary(results)
+    print_summary(results, history_dir(cfg) / RESULTS)
     write_json([r.__dict__ for r in results], work_dir / "train_summary.json")
     return 0
 
 
-def print_summary(results: list[StageResult]) -> None:
+def print_summary(results: list[StageResult], curves_csv: Path | None = None) -> None:
     lines = [f"{'stage':<10} {'status':<32} {'seconds':>8} {'peak MiB':>9}  artifact"]
     for r in results:
         secs = f"{r.seconds:8.1f}" if r.status == "ran" else f"{'-':>8}"
@@ -100,4 +104,7 @@ def print_summary(results: list[StageResult]) -> None:
         lines.append(f"{r.stage:<10} {r.status:<32} {secs} {peak}  {r.artifact}")
     total = sum(r.seconds for r in results)
     lines.append(f"{'total':<10} {'':<32} {total:8.1f}")
+    curves = [c for r in results for c in r.curves]
+    if curves:
+        lines.append(f"training curves: {curves_csv} and " + ", ".join(curves))
     print("\n" + "\n".join(lines), flush=True)
