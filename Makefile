@@ -26,8 +26,8 @@ test-slow: $(STAMP)  ## end-to-end tests marked slow
 demo: $(STAMP)  ## synthetic dataset -> train -> eval -> detect, on the CPU
 	$(BIN)/python scripts/demo.py
 
-bench: $(STAMP)  ## SPP-net vs R-CNN speed table (writes bench.json)
-	$(BIN)/spp-det bench
+bench: $(STAMP)  ## SPP-net vs R-CNN speed table, the paper's ZF-5 (writes bench.json)
+	$(BIN)/spp-det bench '~experiment'   # the paper's model group values (ZF-5, fc 4096), not the CPU recipe's
 
 clean:  ## remove the virtual environment and caches (keeps data/ and runs/)
 	rm -rf $(VENV) .pytest_cache
