@@ -102,7 +102,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # stage= goes last: argparse takes positional overrides only in one run, so "stage=X --cfg job a=b" fails
     sys.argv = [f"spp-det {stage}", *overrides, f"stage={stage}"]
-    hydra_main()
+    from spp_det import distributed
+
+    if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp
+        from datetime import datetime
+
+        stamp = distributed.all_gather(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))[0]
+        os.environ.setdefault("SPP_DET_RUN_STAMP", stamp)  # configs/config.yaml hydra.run.dir
+        if not distributed.is_main():
+            sys.argv.insert(-1, "hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
+            os.environ.setdefault("TQDM_DISABLE", "1")  # one set of progress bars: rank 0's
+    try:
+        hydra_main()
+    finally:
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def num_workers(setting: int | None) -> int:
-    """Worker processes: ``0``/``None`` means all cores."""
-    return int(setting) if setting else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Worker processes: ``0``/``None`` means all cores (under torchrun: this machine's cores
+    divided among its ranks, each of which starts its own workers)."""
+    if setting:
+        return int(setting)
+    from spp_det.distributed import local_world_size
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size())
 
 
 def run_dir() -> "Path":

@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from spp_det import distributed
 from spp_det.detection.postprocess import Detections
 from spp_det.errors import UserError
 from spp_det.evaluation.coco import coco_evaluate
@@ -127,16 +128,28 @@ def check_classes(detector_classes, data_classes, source: str) -> None:
 
 
 def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
-                      proposals: dict | None = None, run_info: dict | None = None) -> dict:
+                      proposals: dict | None = None, run_info: dict | None = None) -> dict | None:
     """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
-    bboxreg, nms) and in all (``total``)."""
+    bboxreg, nms) and in all (``total``). Under ``torchrun`` each rank detects its share of the
+    images and rank 0 gathers and scores them (``seconds_per_image``: per process, averaged over all
+    images); the other ranks return None."""
     compare = bool(cfg.eval.bbox_reg and cfg.eval.get("compare_bbox_reg", True) and hasattr(detector, "detect_pair")
                    and getattr(detector, "bbox_weight", None) is not None)
     plain: dict | None = {} if compare else None
-    detections, seconds = run_detector(detector, records, cfg, proposals, plain)
+    mine = distributed.shard(records)  # every record in one process
+    detections, seconds = run_detector(detector, mine, cfg, proposals, plain)
+    parts = distributed.gather((detections, plain, seconds, len(mine)))
+    if parts is None:
+        return None
+    if len(parts) > 1:  # merged in split order; seconds per image weighted by each rank's number of images
+        order = [r.image_id for r in records]
+        merged = [{k: v for p in parts for k, v in (p[j] or {}).items()} for j in (0, 1)]
+        detections = {i: merged[0][i] for i in order if i in merged[0]}
+        plain = {i: merged[1][i] for i in order if i in merged[1]} if compare else None
+        seconds = {k: sum(p[2].get(k, 0.0) * p[3] for p in parts) / max(len(records), 1) for k in parts[0][2]}
     extra: dict = {"seconds_per_image": seconds, "scales": list(detector.model.scales),
-                   "max_size": detector.model.max_size}
+                   "max_size": detector.model.max_size, "processes": len(parts)}
     if compare:  # the paper's two rows: SVM scores alone, then with box regression
         before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}
@@ -176,6 +189,8 @@ def run(cfg) -> int:
                 "results_dir": str(cfg.eval.results_dir) if cfg.eval.results_dir else None,
                 "similar_classes": None if similar is None else [list(g) for g in similar]}
     if cfg.eval.results_dir:
+        if not distributed.is_main():  # no model to run: rank 0 scores the files alone
+            return 0
         detections = read_results(cfg.eval.results_dir, cfg.data.test_split, classes, [r.image_id for r in records])
         # the result files are the input here: never rewrite them
         metrics = score_detections(records, classes, detections, cfg.data.test_split, out_dir,
@@ -190,6 +205,8 @@ def run(cfg) -> int:
         detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
         check_classes(detector.classes, classes, str(cfg.model.checkpoint))
         metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)
+        if metrics is None:  # not rank 0 under torchrun: its detections went to rank 0
+            return 0
     print(format_table(metrics))
     if "without_bbox_reg" in metrics:
         w = metrics["without_bbox_reg"]

@@ -87,6 +87,7 @@ def _train_liblinear(x: torch.Tensor, y: torch.Tensor, s: SVMSettings) -> tuple[
         class_weight={1: s.pos_weight, -1: 1.0},   # liblinear -w1
         fit_intercept=True, intercept_scaling=s.bias_multiplier,  # liblinear -B (the bias is regularised)
         tol=s.tol, max_iter=s.max_iter,
+        random_state=0,  # liblinear shuffles its coordinates: unseeded, two identical runs give different SVMs
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -3,12 +3,15 @@
 ``proposals.split=NAME`` picks one split; by default ``data.train_split``, ``data.val_split``
 (when set) and ``data.test_split``. ``proposals.export=FILE.npz`` also writes the chosen
 split's boxes in the project schema (``spp_det.proposals.precomputed``). Unreadable images are
-listed together at the end and the stage fails (exit 1); every good image stays cached.
+listed together at the end and the stage fails (exit 1); every good image stays cached. Under
+``torchrun`` each rank computes its share of the images (``spp_det.distributed.shard``) into the
+same content-keyed cache; rank 0 reports the unreadable files of all and writes the export.
 """
 from __future__ import annotations
 
 import logging
 
+from spp_det import distributed
 from spp_det.data.voc import load_split
 from spp_det.proposals.cache import ProposalImageError, load_proposals
 from spp_det.proposals.precomputed import write_schema
@@ -31,17 +34,25 @@ def run(cfg) -> int:
     workers = num_workers(cfg.num_workers)
     exported: dict = {}
     bad: dict[str, str] = {}
+    order: list[str] = []  # image ids in split order: the export's order whatever the number of ranks
     for split in splits:
         records = load_split(cfg.data, split)
+        order += [r.image_id for r in records]
         try:
-            boxes = load_proposals(records, cfg.proposals, cfg.cache_dir, workers=workers, progress=True)
+            boxes = load_proposals(distributed.shard(records), cfg.proposals, cfg.cache_dir, workers=workers, progress=True)
         except ProposalImageError as exc:
             bad.update(exc.bad)
             continue
         n = [len(b) for b in boxes.values()]
         log.info("proposals %s: %d images, %.0f boxes per image (min %d, max %d), backend %s",
                  split, len(n), sum(n) / max(len(n), 1), min(n, default=0), max(n, default=0), cfg.proposals.backend)
-        exported.update(boxes)
+        if export:
+            exported.update(boxes)
+    parts = distributed.gather((exported, bad))
+    if not distributed.is_main():
+        return 0
+    exported, bad = ({k: v for part in parts for k, v in part[i].items()} for i in (0, 1))
+    exported = {i: exported[i] for i in dict.fromkeys(order) if i in exported}
     if bad:
         log.error("%s", ProposalImageError(bad))
         return 1

@@ -8,6 +8,10 @@ does the same; lambda = 1000 is relative to that scale). Each class keeps a unif
 sample of at most ``max_per_class`` examples (pool5 stored fp16: it is a max over fp16 conv5 maps,
 so nothing is lost), which bounds memory; ``spp_det.heads.bboxreg.fit_regressor`` solves each.
 
+Under ``torchrun`` every rank collects the examples of all training images (the same reservoirs
+as one process: their sampling depends on the image order) and solves the ridge regressions of its
+share of the classes (``spp_det.distributed.shard``, as the ``svm`` stage); rank 0 gathers them.
+
 Writes ``work_dir/bboxreg.pt`` = ``{"weight": [K, D + 1, 4] (deltas = [scaled pool5, 1] @ W),
 "feature_scale": float, "counts": [K] examples seen per class, "meta"}`` atomically.
 """
@@ -22,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from spp_det import io
+from spp_det import distributed, io
 from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 from spp_det.heads.bboxreg import encode, fit_regressor, predict
@@ -130,9 +134,12 @@ def run(cfg: DictConfig) -> int:
     dim = int(model.pool5_dim)
     weight = torch.zeros(len(classes), dim + 1, 4)
     counts, rows = [], []
+    mine = set(distributed.shard(range(len(classes))))  # this rank's classes (all of them in one process)
     for k, (name, res) in enumerate(zip(classes, tqdm(reservoirs, desc="bboxreg: ridge", unit="class"))):
         f, b, t = res.dense()
         counts.append(res.seen)
+        if k not in mine:
+            continue
         if not len(f):  # the svm stage refuses such a class; here the regressor is the identity
             log.warning("bboxreg: class %s has no training example (IoU > %s); its boxes are left as they are",
                         name, bcfg.min_iou)
@@ -145,9 +152,15 @@ def run(cfg: DictConfig) -> int:
                      "loss_without": float(encode(b, t).square().mean()), "examples": res.seen,
                      "seconds": time.perf_counter() - start})
         log.info("bboxreg: %-12s %6d examples (%d used)", name, res.seen, len(f))
-    record_history(cfg, "bboxreg", rows)
-    meta = {**io.checkpoint_meta(cfg), "settings": key}
-    io.save_torch({"weight": weight, "feature_scale": float(scale), "counts": counts, "meta": meta}, artifact)
-    log.info("bboxreg: wrote %s in %.1f s (pool5 scale %.5f, peak resident memory %.0f MiB)", artifact,
-             time.perf_counter() - t0, scale, peak_rss_mb())
+    parts = distributed.gather(({k: weight[k] for k in mine}, rows))  # every class's regressor on rank 0
+    if distributed.is_main():  # one writer; the others wait below until the artifact is there
+        for solved, _ in parts:
+            for k, w in solved.items():
+                weight[k] = w
+        record_history(cfg, "bboxreg", sorted((r for _, part in parts for r in part), key=lambda r: r["step"]))
+        meta = {**io.checkpoint_meta(cfg), "settings": key}
+        io.save_torch({"weight": weight, "feature_scale": float(scale), "counts": counts, "meta": meta}, artifact)
+        log.info("bboxreg: wrote %s in %.1f s (pool5 scale %.5f, peak resident memory %.0f MiB)", artifact,
+                 time.perf_counter() - t0, scale, peak_rss_mb())
+    distributed.barrier()
     return 0

@@ -98,8 +98,11 @@ def record_history(cfg, stage: str, rows: list[dict]) -> Path | None:
     """Write ``rows`` (dicts with ``step`` and numbers: ``lr``, ``loss``, ``val_*``, ``seconds``,
     optionally ``class``) of ``stage`` to ``results.csv`` and ``<stage>_curves.png`` in the run
     directory (module docstring), and to TensorBoard when installed. Returns the PNG's path (None
-    without rows). A failure here is logged, never raised: the stage's artifact is what counts."""
-    if not rows:
+    without rows). A failure here is logged, never raised: the stage's artifact is what counts.
+    Under ``torchrun`` only rank 0 writes (the others return None)."""
+    from spp_det.distributed import is_main
+
+    if not rows or not is_main():
         return None
     out = history_dir(cfg)
     try:

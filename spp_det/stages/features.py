@@ -1,7 +1,9 @@
 """``spp-det features``: fill the conv5 cache for the training split (and its flips when
 ``data.flip``) and the validation split, so finetune, svm and bboxreg only read it. Not the test
 split: eval and detect compute conv5 of the images they see (and time it per image), so test
-maps in the cache would only take disk and time."""
+maps in the cache would only take disk and time. Under ``torchrun`` each rank computes its share of
+the images (``spp_det.distributed.shard``) into the same content-keyed cache, and every rank waits
+for the others before returning, so the next stage finds the cache complete."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +11,7 @@ import logging
 import torch
 from tqdm import tqdm
 
+from spp_det import distributed
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.runtime import resolve_device
@@ -36,10 +39,12 @@ def run(cfg) -> int | None:
     # cache it fills is the one finetune, svm and bboxreg read
     model = build_finetune_model(cfg, backbone_source(cfg)).to(resolve_device(cfg.device)).eval()
     cache = FeatureCache(cfg.cache_dir, model)
-    records = split_records(cfg)
+    records = distributed.shard(split_records(cfg))
     for record in tqdm(records, desc="conv5 features", unit="image"):
         cache.conv5(record)
-    s = cache.stats
-    log.info("conv5 cache %s: %d images (%d computed, %d already cached), %.1f KiB per image",
-             cache.root, len(records), s["misses"], s["hits"], cache.bytes_per_image() / 1024)
+    counts = distributed.all_gather((len(records), cache.stats["misses"], cache.stats["hits"], cache.stats["bytes"]))
+    n, misses, hits, size = (sum(c[i] for c in counts) for i in range(4))
+    log.info("conv5 cache %s: %d images (%d computed, %d already cached), %.1f KiB per image%s",
+             cache.root, n, misses, hits, size / max(n, 1) / 1024,
+             f" ({len(counts)} processes)" if len(counts) > 1 else "")
     return None

@@ -22,6 +22,15 @@ history) goes to ``work_dir/finetune_state.pt``. Iteration ``i`` draws its windo
 dropout masks from generators seeded with ``(seed, i)``, so a resumed run repeats exactly what
 an uninterrupted one would have done: the final weights are identical.
 
+Under ``torchrun`` the fc layers train with DistributedDataParallel: every rank draws the same
+mini-batch of ``batch_size`` windows and takes every ``world_size``-th of them, and the loss is
+scaled so that the averaged gradient is the whole batch's (``spp_det.distributed.batch_share``):
+the effective batch, the iterations and the lr schedule are the configured ones whatever the number
+of processes; only the dropout masks (seeded per rank) and the summation order differ from one
+process. Each rank pools the windows itself from the shared conv5 cache (an on-disk pool is written
+by rank 0 and mapped by the others) and scores the validation windows itself; rank 0 writes the
+checkpoints and the artifact, and a restarted run resumes from them on every rank.
+
 Writes ``work_dir/finetune.pt`` = ``{"state_dict": SPPNet state_dict (fine-tuned head),
 "fc8": {"weight", "bias"}, "meta": checkpoint_meta(cfg) + settings, "val": {...}}`` atomically.
 """
@@ -41,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from spp_det import io
+from spp_det import distributed, io
 from spp_det.boxes import flip_boxes
 from spp_det.errors import UserError
 from spp_det.runtime import resolve_device
@@ -126,33 +135,34 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
 
     on_disk = store_dir is not None and mb > float(fcfg.get("pool_in_memory_mb", 2048))
     path = store_dir / f"{key}.npy" if on_disk else None
-    if path is not None and path.is_file():
-        pool5 = np.load(path, mmap_mode="r")
-        if pool5.shape == (n, dim):
-            log.info("finetune: %s: pool5 from %s", desc, path)
-            return WindowPool(pool5, all_labels, fg, bg, len(records))
-    import contextlib
+    with distributed.main_first(path is not None):  # under torchrun rank 0 writes the on-disk pool, the others map it
+        if path is not None and path.is_file():
+            pool5 = np.load(path, mmap_mode="r")
+            if pool5.shape == (n, dim):
+                log.info("finetune: %s: pool5 from %s", desc, path)
+                return WindowPool(pool5, all_labels, fg, bg, len(records))
+        import contextlib
 
-    ctx = io.atomic_path(path) if path is not None else contextlib.nullcontext(None)
-    with ctx as tmp:
-        if tmp is not None:
-            pool5 = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-        else:
-            pool5 = np.empty((n, dim), np.float16)
-        with torch.no_grad():
-            for i, rec in enumerate(tqdm(records, desc=f"finetune: pool5 ({desc})", unit="image")):
-                if not len(windows[i]):
-                    continue
-                maps = [m.to(device=device, dtype=torch.float32) for m in feature_cache.conv5(rec)]
-                vectors = model.pool5(maps, image_hw=(rec.height, rec.width),
-                                      windows=torch.from_numpy(windows[i]).to(device))
-                pool5[offsets[i]:offsets[i + 1]] = vectors.to("cpu", torch.float16).numpy()
-        if tmp is not None:
-            pool5.flush()
-            del pool5
-    if path is not None:
-        pool5 = np.load(path, mmap_mode="r")
-    return WindowPool(pool5, all_labels, fg, bg, len(records))
+        ctx = io.atomic_path(path) if path is not None else contextlib.nullcontext(None)
+        with ctx as tmp:
+            if tmp is not None:
+                pool5 = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+            else:
+                pool5 = np.empty((n, dim), np.float16)
+            with torch.no_grad():
+                for i, rec in enumerate(tqdm(records, desc=f"finetune: pool5 ({desc})", unit="image")):
+                    if not len(windows[i]):
+                        continue
+                    maps = [m.to(device=device, dtype=torch.float32) for m in feature_cache.conv5(rec)]
+                    vectors = model.pool5(maps, image_hw=(rec.height, rec.width),
+                                          windows=torch.from_numpy(windows[i]).to(device))
+                    pool5[offsets[i]:offsets[i + 1]] = vectors.to("cpu", torch.float16).numpy()
+            if tmp is not None:
+                pool5.flush()
+                del pool5
+        if path is not None:
+            pool5 = np.load(path, mmap_mode="r")
+        return WindowPool(pool5, all_labels, fg, bg, len(records))
 
 
 def validation_set(pool: WindowPool, fg_fraction: float, seed: int) -> np.ndarray:
@@ -247,6 +257,7 @@ def train_fc(
     net.to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=float(fcfg.lr), momentum=float(fcfg.momentum),
                                 weight_decay=float(fcfg.weight_decay))
+    main = distributed.is_main()
     val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
     history: list[dict] = []
     best: dict = {"iteration": 0, "loss": float("inf"), "accuracy": float("nan"), "state": None}
@@ -261,6 +272,8 @@ def train_fc(
             log.info("finetune: resuming from %s at iteration %d", state_path, start)
         else:
             log.info("finetune: %s was written with other settings; starting over", state_path)
+    model = distributed.ddp(net, device)  # net itself in one process
+    share, scale = distributed.batch_share(batch_size), distributed.loss_scale(batch_size)
 
     bar = tqdm(range(start + 1, iterations + 1), desc="finetune", unit="batch", initial=start, total=iterations)
     since = time.perf_counter()
@@ -271,10 +284,14 @@ def train_fc(
         # Seeded by (seed, iteration) alone, so a resumed run draws exactly the same batches and
         # dropout masks as an uninterrupted one.
         rng = np.random.default_rng([seed, it])
-        torch.manual_seed(seed * 1_000_003 + it)
+        torch.manual_seed(seed * 1_000_003 + it + 1_000_000_007 * distributed.rank())  # each rank its own masks
         idx, _ = sample_windows(train_pool.fg, train_pool.bg, batch_size, float(fcfg.fg_fraction), rng)
         x, y = train_pool.batch(idx)
-        loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        if distributed.active():  # this rank's rows of the same batch; averaged gradients = the whole batch's
+            x, y = x[share], y[share]
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum") * scale
+        else:
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -294,7 +311,7 @@ def train_fc(
                 best = {"iteration": it, "loss": entry["loss"], "accuracy": entry["accuracy"], "state": _clone_state(net)}
             log.info("finetune: iteration %d: train loss %.4f, validation loss %.4f, accuracy %.3f%s",
                      it, running, entry["loss"], entry["accuracy"], " (best so far)" if improved else "")
-        if state_path is not None and (it % checkpoint_every == 0) and it < iterations:
+        if main and state_path is not None and (it % checkpoint_every == 0) and it < iterations:
             io.save_torch({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
                            "history": history, "best": best, "settings": settings, "running": running,
                            "torch_rng": torch.get_rng_state()}, state_path)
@@ -431,12 +448,14 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
         {"step": h["iteration"], "lr": h["lr"], "loss": h["train_loss"], "val_loss": h["loss"],
          "val_accuracy": h["accuracy"], "seconds": t} for h, t in zip(history, seconds)])
 
-    model.head.load_state_dict(net.head.state_dict())
-    meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": str(source) if source else None}
-    io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                   "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
-                   "meta": meta, "val": val_result}, artifact)
-    state_path.unlink(missing_ok=True)
-    log.info("finetune: wrote %s in %.1f s (snapshot of iteration %d, validation accuracy %.3f)", artifact,
-             time.perf_counter() - t0, val_result["best_iteration"], val_result["best_accuracy"])
+    if distributed.is_main():  # one writer; the others wait below until the artifact is there
+        model.head.load_state_dict(net.head.state_dict())
+        meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": str(source) if source else None}
+        io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                       "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
+                       "meta": meta, "val": val_result}, artifact)
+        state_path.unlink(missing_ok=True)
+        log.info("finetune: wrote %s in %.1f s (snapshot of iteration %d, validation accuracy %.3f)", artifact,
+                 time.perf_counter() - t0, val_result["best_iteration"], val_result["best_accuracy"])
+    distributed.barrier()
     return 0

@@ -16,6 +16,15 @@ Memory stays bounded: only one image's fc7 is held at a time, plus each class's 
 cached hard negatives (the log reports their count and the peak resident memory). Conv5 maps come
 from the content-keyed ``FeatureCache``, so the second pass reads them from disk.
 
+Under ``torchrun`` the classes are split over the ranks (``spp_det.distributed.shard``): every rank
+runs pass 1 and the mining passes over all training images, but scores, caches and retrains only
+its own classes, and the trained SVMs are gathered. Why classes and not images: mining is
+sequential (the SVM that picks an image's hard negatives was retrained on the earlier images'), so
+an image split would change the result, while each class's SVM depends on no other class: the
+classes split gives the same SVMs as one process. The per-image fc7 pass is repeated on every
+rank; the per-class work (scoring, caching, the many retrainings) is what grows with the classes
+(20 for VOC, 200 for ILSVRC) and is what is divided.
+
 Writes ``work_dir/svm.pt`` = ``{"weight": [K, D], "bias": [K], "feature_scale": float,
 "meta": checkpoint_meta + settings, "stats": per-class mining statistics}`` atomically.
 """
@@ -24,13 +33,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from spp_det import io
+from spp_det import distributed, io
 from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
@@ -136,6 +146,14 @@ def settings_key(cfg: DictConfig, finetune_path: Path, section: str = "svm") -> 
                              "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
 
 
+def outcome(svm: ClassSVM) -> SimpleNamespace:
+    """What the artifact and the log need of a trained ``ClassSVM`` (small: no cached features),
+    with the counts of its positives and cached negatives in ``positives`` and ``negatives``."""
+    return SimpleNamespace(name=svm.name, w=svm.w.cpu(), b=svm.b, trained=svm.trained, history=svm.history,
+                           positives=len(svm.positives), negatives=len(svm.negatives), total_added=svm.total_added,
+                           total_evicted=svm.total_evicted, retrains=svm.retrains)
+
+
 def run(cfg: DictConfig) -> int:
     """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
     from spp_det.features.cache import FeatureCache
@@ -181,12 +199,13 @@ def run(cfg: DictConfig) -> int:
     scale = feature_scale(norms.mean, float(scfg.feature_norm))
     log.info("svm: fc7 mean norm %.3f over %d windows -> feature scale %.5f; positives per class: %s",
              norms.mean, norms.count, scale, {c: sum(len(t) for t in p) for c, p in zip(classes, positives)})
-    svms = [ClassSVM(name, torch.cat(p) * scale, settings, device) for name, p in zip(classes, positives)]
+    mine = distributed.shard(range(num_classes))  # this rank's classes (all of them in one process)
+    svms = [ClassSVM(classes[k], torch.cat(positives[k]) * scale, settings, device) for k in mine]
     del positives
 
     # pass 2: hard-negative mining
     epochs = int(scfg.epochs)
-    for epoch in range(epochs):
+    for epoch in range(epochs if svms else 0):
         bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
         for i, rec in enumerate(bar):
             windows, _, overlaps = image_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
@@ -194,11 +213,14 @@ def run(cfg: DictConfig) -> int:
             candidate = np.flatnonzero(negative.any(axis=1))
             if len(candidate):
                 feats = window_features(model, cache.conv5(rec), rec, windows[candidate], batch) * scale
-                weight = torch.stack([s.w for s in svms])  # [K, D]
-                bias = torch.tensor([s.b for s in svms])
+                # [K, D] with zero rows for other ranks' classes (torchrun): a product of the same shape as
+                # in one process rounds each class's column the same way, so the same negatives are mined
+                weight, bias = torch.zeros(num_classes, feats.shape[1]), torch.zeros(num_classes)
+                weight[mine] = torch.stack([s.w.to(weight) for s in svms])
+                bias[mine] = torch.tensor([s.b for s in svms])
                 scores = feats @ weight.T + bias  # [M, K]
                 keys = torch.from_numpy(i * KEY_STRIDE + candidate.astype(np.int64))
-                for k, svm in enumerate(svms):
+                for k, svm in zip(mine, svms):
                     mask = torch.from_numpy(negative[candidate, k])
                     svm.offer(feats[mask], keys[mask], scores[mask, k])
             last = epoch == epochs - 1 and i == len(records) - 1
@@ -206,6 +228,9 @@ def run(cfg: DictConfig) -> int:
                 if svm.needs_training() or (last and svm.num_added > 0):
                     svm.retrain()
             bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
+    # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
+    done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
+    svms = [done[k] for k in range(num_classes)]
     untrained = [s.name for s in svms if not s.trained]
     if untrained:
         raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
@@ -218,10 +243,10 @@ def run(cfg: DictConfig) -> int:
     stats = {}
     for s in svms:
         last = s.history[-1]
-        stats[s.name] = {"positives": len(s.positives), "hard_negatives": len(s.negatives), "added": s.total_added,
+        stats[s.name] = {"positives": s.positives, "hard_negatives": s.negatives, "added": s.total_added,
                          "evicted": s.total_evicted, "retrains": s.retrains, "objective": last["objective"]}
         log.info("svm: %-12s %5d positives, %6d hard negatives cached (%d added, %d evicted), %d trainings, "
-                 "objective %.4f", s.name, len(s.positives), len(s.negatives), s.total_added, s.total_evicted,
+                 "objective %.4f", s.name, s.positives, s.negatives, s.total_added, s.total_evicted,
                  s.retrains, last["objective"])
     trivial = [n for n, st in stats.items() if st["objective"] >= 0.9 * trivial_objective(st["positives"], settings)]
     if trivial:
@@ -229,9 +254,12 @@ def run(cfg: DictConfig) -> int:
                     "its %s): fc7 barely separates these classes at svm.C=%g: %s. Their scores rank windows "
                     "poorly; stronger features (pretraining, finetune) or a larger svm.C help", len(trivial), len(svms),
                     "2 C w1 P", settings.C, ", ".join(trivial))
-    meta = {**io.checkpoint_meta(cfg), "settings": key}
-    io.save_torch({"weight": torch.stack([s.w for s in svms]).float(), "bias": torch.tensor([s.b for s in svms]).float(),
-                   "feature_scale": float(scale), "meta": meta, "stats": stats}, artifact)
-    log.info("svm: wrote %s in %.1f s (peak resident memory %.0f MiB, solver %s)", artifact,
-             time.perf_counter() - t0, peak_rss_mb(), settings.solver)
+    if distributed.is_main():  # one writer; the others wait below until the artifact is there
+        meta = {**io.checkpoint_meta(cfg), "settings": key}
+        io.save_torch({"weight": torch.stack([s.w for s in svms]).float(),
+                       "bias": torch.tensor([s.b for s in svms]).float(),
+                       "feature_scale": float(scale), "meta": meta, "stats": stats}, artifact)
+        log.info("svm: wrote %s in %.1f s (peak resident memory %.0f MiB, solver %s)", artifact,
+                 time.perf_counter() - t0, peak_rss_mb(), settings.solver)
+    distributed.barrier()
     return 0

@@ -86,8 +86,11 @@ def run(cfg: DictConfig) -> int:
             curves = [str(p) for p in sorted(history_dir(cfg).glob(f"{stage}*_curves.png")) if p.stat().st_mtime >= started]
             results.append(StageResult(stage, "ran", seconds, peak, str(artifact), curves))
 
+    from spp_det import distributed
     from spp_det.artifact import assemble
 
+    if not distributed.is_main():  # under torchrun rank 0 assembles model.pt and writes the summary
+        return 0
     start = time.perf_counter()
     model_path = assemble(cfg)
     results.append(StageResult("model", "ran", time.perf_counter() - start, peak_rss_mb(), str(model_path)))
