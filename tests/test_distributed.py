@@ -10,7 +10,8 @@ directory, and checks:
 - fine-tuning under DDP (each rank half of every mini-batch, its own dropout masks): weights
   within the measured tolerance of one process, not equal;
 - svm, bboxreg and eval from the *same* finetune.pt: identical SVMs, regressors and metrics (the
-  classes split over the ranks, the test images split and gathered: deterministic).
+  classes split over the ranks, the test images split and gathered: deterministic);
+- detect on a folder: the same detection files and annotated image names.
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ FINETUNE_TOLERANCE = 0.05
 
 
 def launch(prefix: list[str], stage: str, root: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
-    args = [*prefix, stage, *TINY, f"data.root={root / 'synth'}", f"cache_dir={root / run / 'cache'}",
-            f"work_dir={root / run / 'work'}", *extra]
+    cache = root / ("two" if run == "same" else run) / "cache"  # "same" reuses the caches the 2-process run filled
+    args = [*prefix, stage, *TINY, f"data.root={root / 'synth'}", f"cache_dir={cache}", f"work_dir={root / run / 'work'}",
+            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process; the same for one process
     result = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -128,6 +130,10 @@ def runs(tmp_path_factory):
     shutil.copy(root / "one" / "work" / "finetune.pt", root / "same" / "work" / "finetune.pt")
     two("train", root, "same")
     metrics["same"] = evaluate(two, root, "same")
+    for runner, run in ((one, "one"), (two, "same")):  # detect on a folder with the one-process model.pt
+        runner("detect", root, run, f"model.checkpoint={root / 'one' / 'work' / 'model.pt'}",
+               f"detect.source={root / 'synth' / 'JPEGImages'}", f"detect.output={root / run / 'detect'}",
+               "detect.format=[jsonl,coco,voc]", "detect.score_thresh=-1.5", f"hydra.run.dir={root / run / 'detect_log'}")
     return root, metrics
 
 
@@ -167,3 +173,14 @@ def test_svm_bboxreg_and_eval_from_the_same_finetune_are_identical(runs):
         assert one_m[key] == two_m[key], key
     for name in (f"comp4_det_test_{c}.txt" for c in CLASSES):
         assert (root / "one" / "eval" / name).read_text() == (root / "same" / "eval" / name).read_text()
+
+
+def test_detect_on_a_folder_writes_the_same_files(runs):
+    root, _ = runs
+    one_dir, two_dir = root / "one" / "detect", root / "same" / "detect"
+    for name in ("detections.jsonl", "detections_coco.json", "coco_images.json"):
+        assert (one_dir / name).read_text() == (two_dir / name).read_text(), name
+    assert (one_dir / "detections.jsonl").read_text()  # something was detected
+    for sub in ("annotated", "voc"):
+        names = sorted(p.name for p in (one_dir / sub).iterdir())
+        assert len(names) == 16 and names == sorted(p.name for p in (two_dir / sub).iterdir()), sub

@@ -21,6 +21,11 @@ A file that cannot be used (empty, not an image, truncated, too many pixels, det
 is logged with the reason and skipped; the summary line counts skipped files by reason. The
 exit code is non-zero only when no image could be processed, or ``detect.strict=true`` and some
 file was skipped.
+
+Under ``torchrun`` each rank detects its share of the files (``spp_det.distributed.shard``) and
+writes their annotated copies (names are given to all files in input order on every rank, so no
+two ranks pick the same); rank 0 gathers the detections and writes ``detections.jsonl``, the COCO
+and VOC files and the summary, in input order, as one process would.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from spp_det import distributed
 from spp_det.detection.draw import draw_detections
 from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
 from spp_det.errors import UserError
@@ -164,9 +170,11 @@ def run(cfg) -> int:
     voc = VocWriter(output, classes) if "voc" in formats else None
 
     start = time.perf_counter()
-    done, num_detections = 0, 0
     skipped: Counter = Counter()
     used_names: set[str] = set()
+    # every file's output name, in input order (the same on every rank under torchrun)
+    names = {path: safe_output_name(path.relative_to(base), used_names) for path in paths}
+    found: list[tuple] = []  # (input index, relative name, path, width, height, detections, output name)
     timings: dict[str, float] = {}
 
     def skip(path: Path, kind: str, reason: str) -> None:
@@ -176,10 +184,12 @@ def run(cfg) -> int:
     from spp_det.proposals import ProposalPrefetcher
     from spp_det.runtime import num_workers
 
+    index = {path: i for i, path in enumerate(paths)}
+    paths = distributed.shard(paths)  # this rank's files (all of them in one process)
     # selective search of the next files in worker processes while the network runs on this one
     prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers),
                                   max_pixels=d.max_pixels)
-    with prefetch, atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
+    with prefetch:
         for path in tqdm(paths, desc="detect", unit="image"):
             relative = path.relative_to(base)
             try:
@@ -197,7 +207,7 @@ def run(cfg) -> int:
             if keep_labels is not None:
                 dets = dets.select(np.isin(dets.labels, list(keep_labels)))
 
-            name = safe_output_name(relative, used_names)
+            name = names[path]
             target = annotated_dir / name
             if target.resolve() in input_set:  # never write onto an input file
                 name = safe_output_name(PurePath(f"{relative.as_posix()}#annotated"), used_names)
@@ -206,17 +216,24 @@ def run(cfg) -> int:
                 draw_detections(image, dets, classes).save(out_tmp, format="JPEG" if name.endswith(".jpg") else "PNG",
                                                           **({"quality": 92} if name.endswith(".jpg") else {}))
             height, width = image.shape[:2]
+            found.append((index[path], relative.as_posix(), path, width, height, dets, name))
+
+    parts = distributed.gather((found, skipped))  # rank 0 writes every file's detections, in input order
+    if parts is None:
+        return 0
+    found = sorted((f for part, _ in parts for f in part), key=lambda f: f[0])
+    skipped = sum((counts for _, counts in parts), Counter())
+    with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
+        for _, relative, path, width, height, dets, name in found:
             if coco is not None:
-                coco.add(relative.as_posix(), width, height, dets)
+                coco.add(relative, width, height, dets)
             if voc is not None:
-                voc.add(relative.as_posix(), path, width, height, dets, PurePath(name).stem)
+                voc.add(relative, path, width, height, dets, PurePath(name).stem)
             for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
-                jsonl.write(json.dumps({"file": relative.as_posix(), "class": classes[int(label) - 1],
+                jsonl.write(json.dumps({"file": relative, "class": classes[int(label) - 1],
                                         "score": round(float(score), 6),
                                         "box": [round(float(v), 2) for v in box]}, ensure_ascii=False) + "\n")
-            num_detections += len(dets)
-            done += 1
-
+    done, num_detections = len(found), sum(len(f[5]) for f in found)
     written = [jsonl_path, *(coco.close() if coco is not None else [])]
     seconds = time.perf_counter() - start
     reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))

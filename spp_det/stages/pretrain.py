@@ -24,6 +24,14 @@ Writes ``work_dir/pretrain.pt`` = ``{"backbone": state_dict, "head": fc6/fc7 sta
 "classifier": state_dict, "meta": checkpoint_meta(cfg) + sizes + settings, "history": [...]}``
 atomically; ``work_dir/pretrain_state.pt`` holds a resumable per-epoch checkpoint (weights,
 optimizer, epoch) while it runs and is removed when the artifact is written.
+
+Under ``torchrun`` crop training (``voc_crops``, ``image_folder``: the paper's ImageNet-style
+pretraining) uses DistributedDataParallel: every rank builds the same mini-batch of ``batch_size``
+crops and trains on every ``world_size``-th of them, the loss scaled so that the averaged gradient
+is the whole batch's; the batch, epochs and lr schedule stay the configured ones. BatchNorm layers
+(narrow ZF-5) normalise over each rank's share, as DDP does, not over the whole batch. Window
+training (one image per step, not the paper) is not split: rank 0 runs it while the others wait.
+Rank 0 writes the checkpoints and the artifact.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from spp_det import io
+from spp_det import distributed, io
 from spp_det.boxes import box_iou, clip_boxes
 from spp_det.errors import UserError
 from spp_det.proposals import load_proposals, record_proposals
@@ -397,6 +405,9 @@ def train_classifier(
     model.to(device)
     optimizer = make_optimizer(model, pcfg)
     start, history = resume(state_path, settings, model, optimizer, "epoch")
+    if not distributed.is_main():
+        state_path = None  # rank 0 writes the checkpoints
+    net = distributed.ddp(model, device)  # model itself in one process
     n, bs = len(train_set), int(pcfg.batch_size)
     object_pool = str(pcfg.get("pool", "image")) == "object"
     for epoch in range(start, int(pcfg.epochs)):
@@ -406,7 +417,7 @@ def train_classifier(
         for group in optimizer.param_groups:
             group["lr"] = lr
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout
+        torch.manual_seed(seed * 100_003 + epoch + 1_000_000_007 * distributed.rank())  # dropout, each rank its own
         order = torch.randperm(n, generator=g).numpy()
         model.train()
         total, count = 0.0, 0
@@ -415,8 +426,13 @@ def train_classifier(
         for s in bar:
             images, labels, windows = make_batch(train_set, order[s:s + bs], size, True, float(pcfg.scale_jitter), g,
                                                  bool(pcfg.get("channel_shuffle", False)), return_windows=True)
-            logits = model(normalise(images.to(device)), windows.to(device) if object_pool else None)
-            loss = F.cross_entropy(logits, labels.to(device))
+            if distributed.active():  # this rank's rows of the same batch; averaged gradients = the whole batch's
+                share, scale = distributed.batch_share(len(labels)), distributed.loss_scale(len(labels))
+                logits = net(normalise(images[share].to(device)), windows[share].to(device) if object_pool else None)
+                loss = F.cross_entropy(logits, labels[share].to(device), reduction="sum") * scale
+            else:
+                logits = model(normalise(images.to(device)), windows.to(device) if object_pool else None)
+                loss = F.cross_entropy(logits, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -550,13 +566,15 @@ def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
     final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
     meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": settings,
             "class_names": train_set.class_names, "source": str(pcfg.source)}
-    model.cpu()
-    io.save_torch({"backbone": model.backbone.state_dict(), "head": model.head.state_dict(),
-                   "classifier": model.classifier.state_dict(), "meta": meta, "history": history,
-                   "val_acc": final_acc}, artifact)
-    state_path.unlink(missing_ok=True)
-    log.info("pretrain: wrote %s in %.1f s; held-out accuracy by input size %s", artifact,
-             time.perf_counter() - t0, {s: round(a, 4) for s, a in final_acc.items()})
+    if distributed.is_main():  # one writer; the others wait below until the artifact is there
+        model.cpu()
+        io.save_torch({"backbone": model.backbone.state_dict(), "head": model.head.state_dict(),
+                       "classifier": model.classifier.state_dict(), "meta": meta, "history": history,
+                       "val_acc": final_acc}, artifact)
+        state_path.unlink(missing_ok=True)
+        log.info("pretrain: wrote %s in %.1f s; held-out accuracy by input size %s", artifact,
+                 time.perf_counter() - t0, {s: round(a, 4) for s, a in final_acc.items()})
+    distributed.barrier()
     return 0
 
 
@@ -826,6 +844,9 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     train_records, val_records = train_val_split(data)
     if not train_records:
         raise UserError(f"pretrain: no training images in {data.root} split {data.train_split}")
+    if not distributed.is_main():  # window training is not split over ranks: wait for rank 0's artifact
+        distributed.barrier()
+        return 0
     use_difficult = bool(cfg.data.get("use_difficult", False))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.update(weights=None, backbone_checkpoint=None, checkpoint=None)
@@ -866,4 +887,5 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
                    "val_acc": {"windows": val_acc}}, artifact)
     state_path.unlink(missing_ok=True)
     log.info("pretrain: wrote %s in %.1f s; held-out window accuracy %.3f", artifact, time.perf_counter() - t0, val_acc)
+    distributed.barrier()
     return 0
