@@ -70,6 +70,8 @@ def load_stage(stage: str):
 
 
 def main(argv: list[str] | None = None) -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: one set of progress bars, rank 0's
+        os.environ.setdefault("TQDM_DISABLE", "1")  # (read when tqdm is imported: before any stage module)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -111,7 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("SPP_DET_RUN_STAMP", stamp)  # configs/config.yaml hydra.run.dir
         if not distributed.is_main():
             sys.argv.insert(-1, "hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
-            os.environ.setdefault("TQDM_DISABLE", "1")  # one set of progress bars: rank 0's
     try:
         hydra_main()
     finally:
