@@ -107,15 +107,6 @@ def gather(obj: Any) -> list[Any] | None:
     return out
 
 
-def unshard(parts: list[list[T]]) -> list[T]:
-    """Inverse of ``shard``: the lists of ``shard(items)`` of every rank (``gather``'s result)
-    back into the order of ``items``."""
-    out: list[T] = []
-    for i in range(max((len(p) for p in parts), default=0)):
-        out.extend(p[i] for p in parts if i < len(p))
-    return out
-
-
 @contextlib.contextmanager
 def main_first(enabled: bool = True) -> Iterator[None]:
     """Rank 0 runs the block first, then the others (e.g. rank 0 writes a shared cache file that

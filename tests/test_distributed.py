@@ -40,7 +40,7 @@ def test_one_process_helpers_are_the_identity():
     assert distributed.batch_share(8) == slice(0, 8, 1) and distributed.loss_scale(8) == 1 / 8
 
 
-def test_shards_are_disjoint_cover_everything_and_unshard_restores_the_order(monkeypatch):
+def test_shards_are_disjoint_and_cover_everything(monkeypatch):
     items = list(range(11))
     parts = []
     for r in range(3):
@@ -49,7 +49,6 @@ def test_shards_are_disjoint_cover_everything_and_unshard_restores_the_order(mon
         monkeypatch.setattr(distributed, "world_size", lambda: 3)
         parts.append(distributed.shard(items))
     assert sorted(sum(parts, [])) == items and parts[1] == [1, 4, 7, 10]
-    assert distributed.unshard(parts) == items
 
 
 def test_the_batch_split_gives_the_whole_batch_gradient():
