@@ -106,6 +106,9 @@ class Detector:
         scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
         return scores.cpu(), boxes.cpu()
 
+    # no_grad here, not only on score_windows: detect / detect_pair call this directly, and an autograd
+    # graph per image grew eval by about 1 GB per image (OOM on the raccoon photos)
+    @torch.no_grad()
     def _score_on_device(self, image: np.ndarray, proposals, bbox_reg: bool,
                          timings: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``score_windows`` leaving the results on the model's device: on a GPU the windows go up
