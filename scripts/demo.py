@@ -56,14 +56,14 @@ def main() -> int:
         step("synth", exp, f"data.root={SYNTH}")
     step("train", exp, *extra)
     model = run / "model.pt"
-    step("eval", exp, *extra, f"model.checkpoint={model}", f"hydra.run.dir={run}/eval")
+    step("eval", exp, *extra, f"eval.checkpoint={model}", f"hydra.run.dir={run}/eval")
 
     # a small folder of held-out test images for `detect` (copies, so inputs stay untouched)
     test_ids = (REPO / SYNTH / "ImageSets/Main/test.txt").read_text().split()[:N_DETECT]
     (REPO / DETECT_IMAGES).mkdir(parents=True, exist_ok=True)
     for image_id in test_ids:
         shutil.copy2(REPO / SYNTH / "JPEGImages" / f"{image_id}.jpg", REPO / DETECT_IMAGES / f"{image_id}.jpg")
-    step("detect", exp, *extra, f"model.checkpoint={model}", f"detect.source={DETECT_IMAGES}",
+    step("detect", exp, *extra, f"detect.checkpoint={model}", f"detect.source={DETECT_IMAGES}",
          f"detect.output={run}/detect", f"hydra.run.dir={run}/detect")
 
     metrics = json.loads((REPO / run / "eval" / "metrics.json").read_text())

@@ -20,12 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from spp_det import io
 from spp_det.errors import UserError
+from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
 
 FORMAT = "spp-det-model"
 VERSION = 1
 ARTIFACT = "model.pt"
+# assembled at the end of every `spp-det train` (cheap): everything detection needs in one file
+STAGE = declare.Stage("model", ARTIFACT, reads=("model", "data.classes"), consumes=("finetune", "svm", "bboxreg"),
+                      paper="the detector of Sec. 4.1 (fc7 -> SVM scores, box regression)")
 
 
 def _stage_file(work_dir: Path, name: str, cfg: DictConfig, required: bool = True) -> dict | None:
@@ -56,7 +60,7 @@ def assemble(cfg: DictConfig) -> Path:
                     work_dir / "bboxreg.pt")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     # the artifact holds every weight: rebuilding must never download or read another file
-    model_cfg.update(weights=None, backbone_checkpoint=None, checkpoint=None)
+    model_cfg.update(weights=None, backbone_checkpoint=None)
     artifact = {
         "format": FORMAT,
         "version": VERSION,
@@ -82,7 +86,7 @@ def load(path: str | Path) -> dict:
     missing, unreadable, or not a model artifact of a format this version reads."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: model file not found (model.checkpoint); `spp-det train` writes work_dir/model.pt")
+        raise UserError(f"{path}: model file not found (eval.checkpoint / detect.checkpoint); `spp-det train` writes work_dir/model.pt")
     try:
         artifact = io.load_torch(path)
     except Exception as exc:  # truncated, corrupt, or a pickle with arbitrary objects

@@ -136,20 +136,21 @@ def time_proposals(images: Sequence[np.ndarray], proposals_cfg) -> dict:
 
 
 def time_engine(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
-                rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None, rcnn_batch: int = 32) -> dict:
+                rcnn_windows: int | None = 200, rcnn_model: SPPNet | None = None, rcnn_batch: int = 32,
+                rcnn_warp: tuple[float, int] = (16.0, 224)) -> dict:
     """Mean seconds per image by step over ``images`` and their ``windows`` (one image at a time).
 
     Returns ``{"spp": {conv5, pool, fc, total, cache_bytes}, "rcnn": {measured_windows, total,
     per_window} | absent, "per_image": [...]}``; R-CNN mode (``rcnn_model`` or ``model``) runs on
-    the first ``rcnn_windows`` windows, ``rcnn_batch`` crops at a time, and its total is scaled
-    linearly to all windows.
+    the first ``rcnn_windows`` windows, ``rcnn_batch`` crops at a time, each warped with
+    ``rcnn_warp`` = (context padding, input size), and its total is scaled linearly to all windows.
     """
     per_image = []
     for image, wins in zip(images, windows):
         row = {"spp": time_spp(model, image, wins)}
         if rcnn_windows:
             subset = wins[: int(rcnn_windows)]
-            r = time_rcnn(rcnn_model or model, image, subset, batch_size=rcnn_batch)
+            r = time_rcnn(rcnn_model or model, image, subset, rcnn_batch, *rcnn_warp)
             row["rcnn"] = {"measured_windows": len(subset), "measured_seconds": r["total"],
                            "per_window": r["per_window"], "total": r["per_window"] * len(wins)}
         per_image.append(row)
@@ -188,7 +189,7 @@ def profile_spp(model: SPPNet, image: np.ndarray, windows: np.ndarray, out_file:
 
 def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequence[np.ndarray],
                     precisions: Sequence[str], fc_rank: Sequence[int] | None, rcnn_windows: int,
-                    rcnn_batch: int = 32) -> dict:
+                    rcnn_batch: int = 32, rcnn_warp: tuple[float, int] = (16.0, 224)) -> dict:
     """SPP-net (``model``'s scales) and R-CNN mode side by side at each of ``precisions``, with the
     fc layers as trained and, when ``fc_rank`` is given, as their truncated SVD
     (``spp_det.inference``): ``{"fp32": {"spp": ..., "rcnn": ..., "speedup": x}, "fp32+svd": ...}``.
@@ -205,7 +206,8 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
             autocast = set_precision(variant, str(precision))
             time_spp(variant, images[0][:200, :200], windows[0][:50])  # warm-up of the new kernels
             with autocast():
-                res = time_engine(variant, images, windows, rcnn_windows=rcnn_windows, rcnn_batch=rcnn_batch)
+                res = time_engine(variant, images, windows, rcnn_windows=rcnn_windows, rcnn_batch=rcnn_batch,
+                                  rcnn_warp=rcnn_warp)
             table[f"{precision}{'+svd' if rank else ''}"] = {
                 "spp": {k: res["spp"][k] for k in ("conv5", "pool", "fc", "total")},
                 "rcnn": res["rcnn"]["total"], "speedup": res["rcnn"]["total"] / res["spp"]["total"]}
@@ -240,8 +242,9 @@ def run(cfg) -> int | None:
 
     log.info("bench: %d images, %d windows each, %s, device %s, %d threads", len(images), int(b.windows),
              cfg.model.backbone, device, torch.get_num_threads())
+    rcnn_warp = (float(b.rcnn_context), int(b.rcnn_input))
     res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows),
-                          rcnn_batch=int(b.get("rcnn_batch", 32)))
+                          rcnn_batch=int(b.get("rcnn_batch", 32)), rcnn_warp=rcnn_warp)
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
     heads = [time_heads(one, im, w, len(cfg.data.classes), cfg.eval.score_thresh, cfg.eval.nms_iou,
@@ -256,7 +259,7 @@ def run(cfg) -> int | None:
     precisions = None
     if b.get("precisions"):
         precisions = time_precisions(one, images, windows, list(b.precisions), b.get("fc_rank"),
-                                     int(b.rcnn_windows), int(b.get("rcnn_batch", 32)))
+                                     int(b.rcnn_windows), int(b.get("rcnn_batch", 32)), rcnn_warp)
     profiled = None
     if b.get("profile", False):
         profiled = {f"{len(m.scales)}scale": profile_spp(m, images[0], windows[0], run_dir() / f"profile_{len(m.scales)}scale.txt")

@@ -74,21 +74,6 @@ def hash_settings(settings: Any) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# model settings only eval and detect read: changing them never makes a trained artifact stale
-TEST_ONLY_MODEL_KEYS = ("checkpoint", "test_scales", "test_max_size")
-
-
-def model_settings(model_cfg, drop: tuple[str, ...] = ()) -> dict:
-    """The model config as a plain dict for a stage's settings hash, without the test-only keys
-    and ``drop``."""
-    from omegaconf import OmegaConf
-
-    model = OmegaConf.to_container(model_cfg, resolve=True)
-    for key in (*TEST_ONLY_MODEL_KEYS, *drop):
-        model.pop(key, None)
-    return model
-
-
 def checkpoint_meta(cfg) -> dict:
     """What a checkpoint must agree on with the config that loads it."""
     return {

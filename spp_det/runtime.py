@@ -46,8 +46,11 @@ def compose_config(overrides: list[str] | None = None, stage: str = "test"):
     """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
     from hydra import compose, initialize_config_dir
 
-    from spp_det.cli import config_dir
+    from spp_det.cli import config_dir, moved_key_errors
 
+    moved = moved_key_errors(list(overrides or []))
+    if moved:
+        raise UserError("; ".join(moved))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=[f"stage={stage}", *(overrides or [])])
 

@@ -107,7 +107,7 @@ def fake(monkeypatch):
 
 
 def config(source, output, *extra):
-    return compose_config([f"detect.source={source}", f"detect.output={output}", "model.checkpoint=unused.pt",
+    return compose_config([f"detect.source={source}", f"detect.output={output}", "detect.checkpoint=unused.pt",
                            "device=cpu", f"detect.max_pixels={MAX_PIXELS}", *extra], stage="detect")
 
 

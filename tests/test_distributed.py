@@ -106,7 +106,7 @@ def two(stage, root, run, *extra):
 
 
 def evaluate(runner, root, run) -> dict:
-    runner("eval", root, run, f"model.checkpoint={root / run / 'work' / 'model.pt'}",
+    runner("eval", root, run, f"eval.checkpoint={root / run / 'work' / 'model.pt'}",
            f"hydra.run.dir={root / run / 'eval'}")
     return json.loads((root / run / "eval" / "metrics.json").read_text())
 
@@ -131,7 +131,7 @@ def runs(tmp_path_factory):
     two("train", root, "same")
     metrics["same"] = evaluate(two, root, "same")
     for runner, run in ((one, "one"), (two, "same")):  # detect on a folder with the one-process model.pt
-        runner("detect", root, run, f"model.checkpoint={root / 'one' / 'work' / 'model.pt'}",
+        runner("detect", root, run, f"detect.checkpoint={root / 'one' / 'work' / 'model.pt'}",
                f"detect.source={root / 'synth' / 'JPEGImages'}", f"detect.output={root / run / 'detect'}",
                "detect.format=[jsonl,coco,voc]", "detect.score_thresh=-1.5", f"hydra.run.dir={root / run / 'detect_log'}")
     return root, metrics

@@ -37,9 +37,9 @@ def pipeline(tmp_path_factory):
               f"work_dir={root / 'work'}", "device=cpu", *EASY]
     spp_det("synth", *common, "synth.num_images=60", "synth.pretrain_images=150", cwd=root)
     train = spp_det("train", *common, *SMALL, cwd=root)
-    spp_det("eval", *common, f"model.checkpoint={root / 'work' / 'model.pt'}", f"hydra.run.dir={root / 'eval'}",
+    spp_det("eval", *common, f"eval.checkpoint={root / 'work' / 'model.pt'}", f"hydra.run.dir={root / 'eval'}",
             cwd=root)
-    spp_det("detect", *common, f"model.checkpoint={root / 'work' / 'model.pt'}",
+    spp_det("detect", *common, f"detect.checkpoint={root / 'work' / 'model.pt'}",
             f"detect.source={root / 'synth' / 'JPEGImages'}", f"detect.output={root / 'detect'}",
             "detect.score_thresh=-1.5",  # the eval threshold: the tiny model's SVM scores are mostly below 0
             f"hydra.run.dir={root / 'detect_log'}", cwd=root)

@@ -356,7 +356,7 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
     no_boxes = SimpleNamespace(get=lambda path, image: np.zeros((0, 4), np.float32), close=lambda: None)
     monkeypatch.setattr(stage, "proposal_stream", lambda recs, cfg: no_boxes)
     monkeypatch.chdir(tmp_path)
-    overrides = ["data=synth", f"data.root={root}", "data.year=null", "model.checkpoint=model.pt", "device=cpu"]
+    overrides = ["data=synth", f"data.root={root}", "data.year=null", "eval.checkpoint=model.pt", "device=cpu"]
     assert stage.run(compose_config(overrides, stage="eval")) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["map_voc07"] == pytest.approx(1.0) and metrics["coco"]["AP"] == pytest.approx(1.0)

@@ -221,7 +221,7 @@ EASY = ["synth.classes=[circle,square,cross]", "synth.distractors=[0,1]", "synth
         "synth.truncated_fraction=0", "pretrain.window_proposals=null"]
 SMALL = (["pretrain.epochs=1", "pretrain.lr_steps=[1]", "pretrain.iterations=20", "pretrain.iteration_lr_steps=[15]",
           "finetune.iterations=20", "finetune.val_every=10", "finetune.checkpoint_every=10", "svm.flip=false",
-          "model.scales=[160,320]", "model.test_scales=[160,320]"] if TINY else
+          "model.scales=[160,320]", "eval.scales=[160,320]"] if TINY else
          ["pretrain.epochs=6", "pretrain.lr_steps=[5]", "pretrain.iterations=400", "pretrain.iteration_lr_steps=[320]",
           "finetune.iterations=400", "finetune.val_every=100", "finetune.checkpoint_every=200"])
 IMAGES = ["synth.num_images=20", "synth.pretrain_images=20"] if TINY else ["synth.num_images=60", "synth.pretrain_images=150"]
@@ -268,7 +268,7 @@ def trained_on_both(tmp_path_factory):
                                               json.loads((work / "train_summary.json").read_text())}
     for trained, device in (("cpu", "cpu"), (TARGET, TARGET), ("cpu", TARGET)):
         out = root / f"eval_{trained}_on_{device}"
-        spp_det("eval", *common, f"model.checkpoint={root / f'work_{trained}' / 'model.pt'}", f"device={device}",
+        spp_det("eval", *common, f"eval.checkpoint={root / f'work_{trained}' / 'model.pt'}", f"device={device}",
                 f"hydra.run.dir={out}", cwd=root)
         metrics = json.loads((out / "metrics.json").read_text())
         figures[f"eval_{trained}_model_on_{device}"] = {
@@ -278,7 +278,7 @@ def trained_on_both(tmp_path_factory):
     images.mkdir()
     for path in sorted((root / "synth" / "JPEGImages").iterdir())[:8]:
         shutil.copy(path, images / path.name)
-    detect = spp_det("detect", *common, f"model.checkpoint={root / f'work_{TARGET}' / 'model.pt'}", f"device={TARGET}",
+    detect = spp_det("detect", *common, f"detect.checkpoint={root / f'work_{TARGET}' / 'model.pt'}", f"device={TARGET}",
                      f"detect.source={images}", f"detect.output={root / 'detect'}",
                      "detect.score_thresh=-1.5", f"hydra.run.dir={root / 'detect_log'}", cwd=root)
     figures["detect_summary"] = detect.stdout.strip().splitlines()[-1]

@@ -105,7 +105,7 @@ def test_eval_and_detect_load_the_detector_with_the_configured_precision_and_ran
     monkeypatch.setattr(detector_module.Detector, "load",
                         classmethod(lambda cls, path, device, *a, **kw: seen.update(kw) or pytest.skip.Exception))
     (tmp_path / "model.pt").write_bytes(b"")
-    cfg = compose_config(["eval.precision=bf16", "eval.fc_rank=[16,8]", f"model.checkpoint={tmp_path / 'model.pt'}"])
+    cfg = compose_config(["eval.precision=bf16", "eval.fc_rank=[16,8]", f"eval.checkpoint={tmp_path / 'model.pt'}"])
     try:
         stage.load_detector(cfg)
     except AttributeError:  # the stand-in returned by the fake load has no .model

@@ -270,13 +270,13 @@ def test_window_sampling_draws_background_from_proposals_mirrored_with_the_image
 def test_window_settings_cover_what_windows_depend_on(synth_root, tmp_path):
     base = {"pretrain.source": "crops+windows"}
     key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}))
-    crop_key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}), pretrain.WINDOW_KEYS)
+    crop_key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}), pretrain.CROPS)
     props = {"pretrain.window_proposals": "{mode: single, resize_to: 200}"}
     assert key(**props) != key() and crop_key(**props) == crop_key()
     assert key(**props) != key(**props, **{"proposals.max_boxes": 100})  # the boxes it reads
     assert key(**{"model.scales": "[64]"}) != key() and crop_key(**{"model.scales": "[64]"}) == crop_key()
     assert key(**{"pretrain.frozen_convs": 2}) != key() and crop_key(**{"pretrain.frozen_convs": 2}) == crop_key()
-    test_only = {"model.test_scales": "[64,96]", "model.test_max_size": 300}  # eval / detect settings
+    test_only = {"eval.scales": "[64,96]", "eval.max_size": 300}  # eval / detect settings
     assert key(**test_only) == key() and crop_key(**test_only) == crop_key()
 
 
@@ -284,8 +284,8 @@ def test_test_only_model_settings_never_make_trained_stages_stale(tmp_path):
     from spp_det.stages import finetune, svm
 
     base = compose_config(["experiment=demo"])
-    tested = compose_config(["experiment=demo", "model.test_scales=[160,896]", "model.test_max_size=1300",
-                             "model.checkpoint=x.pt"])
+    tested = compose_config(["experiment=demo", "eval.scales=[160,896]", "eval.max_size=1300",
+                             "eval.checkpoint=x.pt"])
     assert finetune.settings_key(tested, None) == finetune.settings_key(base, None)
     (tmp_path / "finetune.pt").write_bytes(b"weights")
     assert svm.settings_key(tested, tmp_path / "finetune.pt") == svm.settings_key(base, tmp_path / "finetune.pt")

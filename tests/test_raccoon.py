@@ -35,12 +35,12 @@ def trained(tmp_path_factory):
 
     spp_det("train")  # no preset: the default recipe, EfficientNet-Lite0 with packaged ImageNet weights
     model = root / "work" / "model.pt"
-    spp_det("eval", f"model.checkpoint={model}", f"hydra.run.dir={root / 'eval'}")
+    spp_det("eval", f"eval.checkpoint={model}", f"hydra.run.dir={root / 'eval'}")
     photos = root / "photos"
     photos.mkdir()
     for image_id in (RACCOON / "ImageSets" / "Main" / "test.txt").read_text().split()[:5]:
         (photos / f"{image_id}.jpg").write_bytes((RACCOON / "JPEGImages" / f"{image_id}.jpg").read_bytes())
-    spp_det("detect", f"model.checkpoint={model}", f"detect.source={photos}", f"detect.output={root / 'detect'}",
+    spp_det("detect", f"detect.checkpoint={model}", f"detect.source={photos}", f"detect.output={root / 'detect'}",
             f"hydra.run.dir={root / 'detect_log'}")
     return root, json.loads((root / "eval" / "metrics.json").read_text())
 

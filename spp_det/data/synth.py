@@ -321,7 +321,10 @@ def _object_size(rng: np.random.Generator, s: SynthSettings, short: int) -> floa
 def draw_image(seed: int, index: int, s: SynthSettings, classes: list[str]) -> tuple[np.ndarray, list[SynthObject], int]:
     """Image ``index`` of the dataset with ``seed``: ``(RGB uint8 [H, W, 3], objects, dropped)``
     where ``dropped`` counts planned objects left out because they would be hidden by more than
-    ``max_occlusion``. Objects are listed in drawing order (later ones on top)."""
+    ``max_occlusion``. Objects are listed in drawing order (later ones on top).
+
+    One function over 60 lines on purpose: every draw from ``rng`` happens here in one visible
+    order, and that order is what makes a seed give the same dataset in every version."""
     rng = np.random.default_rng([seed, index])
     w, h = _image_size(rng, s)
     short = min(w, h)
@@ -482,6 +485,81 @@ def _check_root(root: Path, overwrite: bool) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def assign_splits(s: SynthSettings) -> tuple[list[str], dict[str, str], tuple[str, ...]]:
+    """Image ids, the split of each id, and the splits written (with ``pretrain`` when there are
+    extra pretraining images). The first ``num_images`` ids are split at random (seeded); the
+    extra ones after them (which stay the same whatever ``pretrain_images`` is) go to ``pretrain``."""
+    counts = split_counts(s.num_images, s.fractions)
+    ids = [f"{i + 1:06d}" for i in range(s.num_images + s.pretrain_images)]
+    order = np.random.default_rng([s.seed, 1 << 30]).permutation(s.num_images)
+    split_of, k = {}, 0
+    for name in SPLITS:
+        for j in order[k: k + counts.get(name, 0)]:
+            split_of[ids[j]] = name
+        k += counts.get(name, 0)
+    splits = SPLITS + ((PRETRAIN_SPLIT,) if s.pretrain_images else ())
+    for image_id in ids[s.num_images:]:
+        split_of[image_id] = PRETRAIN_SPLIT
+    return ids, split_of, splits
+
+
+def write_image(folder: Path, image_id: str, image: np.ndarray, objects: list, jpeg_quality: int) -> None:
+    """``JPEGImages/<id>.jpg`` and ``Annotations/<id>.xml`` of one drawn image under ``folder``."""
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode image {image_id} as JPEG")
+    (folder / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg.tobytes())
+    h, w = image.shape[:2]
+    (folder / "Annotations" / f"{image_id}.xml").write_text(annotation_xml(image_id, w, h, objects))
+
+
+def count_image(summary: dict, present: dict, image_id: str, split: str | None, objects: list, dropped: int) -> None:
+    """Add one image's objects to ``summary`` (see ``write_synthetic``) and to ``present`` (per split,
+    per class: image id -> 1 with a non-difficult object of the class, 0 with difficult ones only)."""
+    for key in ([split, "total"] + (["trainval"] if split in ("train", "val") else [])) if split else ["total"]:
+        summary["images"][key] += 1
+        summary["objects"][key] += len(objects)
+        summary["difficult"][key] += sum(o.difficult for o in objects)
+        summary["truncated"][key] += sum(o.truncated for o in objects)
+    summary["occluded"] += sum(o.occluded for o in objects)
+    summary["dropped_occluded"] += dropped
+    for o in objects:
+        pc = summary["per_class"][o.name]
+        pc["objects"] += 1
+        pc["difficult"] += int(o.difficult)
+        pc["truncated"] += int(o.truncated)
+        if split:
+            seen = present[split][o.name]
+            seen[image_id] = max(seen.get(image_id, 0), 0 if o.difficult else 1)
+
+
+def write_split_lists(main: Path, ids: list[str], split_of: dict[str, str], splits: tuple[str, ...],
+                      classes: list[str], present: dict) -> None:
+    """``ImageSets/Main/<split>.txt`` (and ``trainval``) and the devkit's per-class lists
+    ``<class>_<split>.txt``: 1 present, -1 absent, 0 only difficult."""
+    split_ids = {sp: sorted(i for i in ids if split_of.get(i) == sp) for sp in splits}
+    split_ids["trainval"] = sorted(split_ids["train"] + split_ids["val"])
+    present["trainval"] = {c: {**present["train"][c], **present["val"][c]} for c in classes}
+    for sp, members in split_ids.items():
+        (main / f"{sp}.txt").write_text("".join(f"{i}\n" for i in members))
+        for c in classes:
+            labels = present[sp][c]
+            (main / f"{c}_{sp}.txt").write_text("".join(f"{i} {labels.get(i, -1):2d}\n" for i in members))
+
+
+def move_into_place(partial: Path, root: Path) -> None:
+    """Replace ``root``'s dataset by the one written in ``partial``; ImageSets (what makes the
+    folder look like a dataset) goes out first and comes in last."""
+    order_out = ("ImageSets", "synth_summary.json", "Annotations", "JPEGImages")
+    trash = partial / "old"
+    trash.mkdir()
+    for name in order_out:
+        if (root / name).exists() or (root / name).is_symlink():
+            os.replace(root / name, trash / name)
+    for name in reversed(order_out):
+        os.replace(partial / name, root / name)
+
+
 def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str, ...], progress: bool = True) -> dict:
     """Write the synthetic dataset into ``root`` (VOC layout, see the module docstring).
 
@@ -505,19 +583,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
     root = Path(root)
     _check_root(root, s.overwrite)
     start = time.perf_counter()
-
-    counts = split_counts(s.num_images, s.fractions)
-    ids = [f"{i + 1:06d}" for i in range(s.num_images + s.pretrain_images)]
-    order = np.random.default_rng([s.seed, 1 << 30]).permutation(s.num_images)
-    split_of, k = {}, 0
-    for name in SPLITS:
-        for j in order[k: k + counts.get(name, 0)]:
-            split_of[ids[j]] = name
-        k += counts.get(name, 0)
-    # the extra images after the first num_images (which stay the same whatever pretrain_images is)
-    splits = SPLITS + ((PRETRAIN_SPLIT,) if s.pretrain_images else ())
-    for image_id in ids[s.num_images:]:
-        split_of[image_id] = PRETRAIN_SPLIT
+    ids, split_of, splits = assign_splits(s)
 
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=root))
@@ -533,56 +599,17 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
             "occluded": 0, "dropped_occluded": 0,
             "per_class": {c: {"objects": 0, "difficult": 0, "truncated": 0} for c in classes},
         }
-        # per split, per class: image id -> 1 (a non-difficult object), 0 (only difficult ones)
         present: dict[str, dict[str, dict[str, int]]] = {sp: {c: {} for c in classes} for sp in splits}
         for i, image_id in enumerate(tqdm(ids, desc="synth", unit="img", disable=not progress)):
             image, objects, dropped = draw_image(s.seed, i, s, classes)
-            ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                                    [cv2.IMWRITE_JPEG_QUALITY, s.jpeg_quality])
-            if not ok:
-                raise RuntimeError(f"OpenCV could not encode image {image_id} as JPEG")
-            (partial / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg.tobytes())
-            h, w = image.shape[:2]
-            (partial / "Annotations" / f"{image_id}.xml").write_text(annotation_xml(image_id, w, h, objects))
-            split = split_of.get(image_id)
-            for key in ([split, "total"] + (["trainval"] if split in ("train", "val") else [])) if split else ["total"]:
-                summary["images"][key] += 1
-                summary["objects"][key] += len(objects)
-                summary["difficult"][key] += sum(o.difficult for o in objects)
-                summary["truncated"][key] += sum(o.truncated for o in objects)
-            summary["occluded"] += sum(o.occluded for o in objects)
-            summary["dropped_occluded"] += dropped
-            for o in objects:
-                pc = summary["per_class"][o.name]
-                pc["objects"] += 1
-                pc["difficult"] += int(o.difficult)
-                pc["truncated"] += int(o.truncated)
-                if split:
-                    seen = present[split][o.name]
-                    seen[image_id] = max(seen.get(image_id, 0), 0 if o.difficult else 1)
-
-        split_ids = {sp: sorted(i for i in ids if split_of.get(i) == sp) for sp in splits}
-        split_ids["trainval"] = sorted(split_ids["train"] + split_ids["val"])
-        present["trainval"] = {c: {**present["train"][c], **present["val"][c]} for c in classes}
-        for sp, members in split_ids.items():
-            (main / f"{sp}.txt").write_text("".join(f"{i}\n" for i in members))
-            for c in classes:  # the devkit's per-class lists: 1 present, -1 absent, 0 only difficult
-                labels = present[sp][c]
-                (main / f"{c}_{sp}.txt").write_text("".join(f"{i} {labels.get(i, -1):2d}\n" for i in members))
+            write_image(partial, image_id, image, objects, s.jpeg_quality)
+            count_image(summary, present, image_id, split_of.get(image_id), objects, dropped)
+        write_split_lists(main, ids, split_of, splits, classes, present)
         summary["seconds"] = round(time.perf_counter() - start, 3)
         settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "overwrite"}
         settings["fractions"] = dict(s.fractions)
         (partial / "synth_summary.json").write_text(json.dumps({"settings": settings, **summary}, indent=2) + "\n")
-
-        # Move into place; ImageSets (what makes the folder look like a dataset) goes out first, in last.
-        order_out = ("ImageSets", "synth_summary.json", "Annotations", "JPEGImages")
-        trash = partial / "old"
-        trash.mkdir()
-        for name in order_out:
-            if (root / name).exists() or (root / name).is_symlink():
-                os.replace(root / name, trash / name)
-        for name in reversed(order_out):
-            os.replace(partial / name, root / name)
+        move_into_place(partial, root)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return summary

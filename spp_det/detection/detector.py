@@ -22,7 +22,8 @@ from spp_det import artifact as model_artifact
 from spp_det.errors import UserError
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
-from spp_det.detection.postprocess import Detections, postprocess
+from spp_det.detection.postprocess import postprocess
+from spp_det.structures import Detections
 
 SCORERS = ("svm", "softmax")
 
@@ -67,8 +68,9 @@ class Detector:
     def load(cls, path: str | Path, device: torch.device | str = "cpu", test_scales=None, test_max_size=None,
              **kwargs) -> "Detector":
         """Rebuild the detector from a model artifact (``spp_det.artifact``) on ``device``, at
-        ``test_scales`` / ``test_max_size`` when given, else the artifact's ``model.test_scales`` /
-        ``test_max_size``, else the scales it was trained at."""
+        ``test_scales`` / ``test_max_size`` when given (``eval.scales`` / ``eval.max_size``), else the
+        artifact's ``test_scales`` / ``test_max_size`` (model.pt files written while those were model
+        keys), else the scales it was trained at."""
         from spp_det.model import build_model
 
         art = model_artifact.load(path)

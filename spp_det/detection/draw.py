@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 
 # Distinct colours (Tableau 10), one per class in turn.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

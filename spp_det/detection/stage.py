@@ -1,4 +1,4 @@
-"""``spp-det detect model.checkpoint=model.pt detect.source=PATH detect.output=DIR``.
+"""``spp-det detect detect.checkpoint=model.pt detect.source=PATH detect.output=DIR``.
 
 Detects objects in one image or every image of a folder (recursive). Writes, under the output
 folder (``detect.output``; the run directory when null):
@@ -45,24 +45,33 @@ from spp_det.detection.draw import draw_detections
 from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
+from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
+
+STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC files), annotated images",
+                      reads=("detect", "eval.precision", "eval.fc_rank", "proposals"), consumes=("model",),
+                      paper="Sec. 4.1 test procedure on any folder of images")
 
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
 
 def load_detector(cfg, scorer: str = "svm"):
-    """``Detector.load(model.checkpoint, ...)`` at ``model.test_scales`` when set; a clear error when no checkpoint is given."""
-    checkpoint = cfg.model.get("checkpoint")
+    """``Detector.load(checkpoint, ...)`` at the test ``scales`` / ``max_size`` when set, from the
+    ``detect`` group under ``spp-det detect`` and the ``eval`` group otherwise (detect's default to
+    eval's); a clear error when no checkpoint is given."""
+    group = "detect" if cfg.get("stage") == "detect" else "eval"
+    checkpoint = cfg[group].get("checkpoint")
     if not checkpoint:
-        raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs model.checkpoint=PATH (a model.pt written by `spp-det train`)")
+        raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs {group}.checkpoint=PATH "
+                        "(a model.pt written by `spp-det train`)")
     if not Path(checkpoint).is_file():
-        raise UserError(f"model.checkpoint={checkpoint}: no such file")
+        raise UserError(f"{group}.checkpoint={checkpoint}: no such file")
     from spp_det.detection.detector import Detector
     from spp_det.runtime import resolve_device
 
-    detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg.model.get("test_scales"),
-                             cfg.model.get("test_max_size"), scorer=str(scorer),
+    detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg[group].get("scales"),
+                             cfg[group].get("max_size"), scorer=str(scorer),
                              precision=str(cfg.eval.get("precision", "fp32")), fc_rank=cfg.eval.get("fc_rank"))
     log.info("%s: scales %s, max_size %s", cfg.get("stage", "detect"), detector.model.scales, detector.model.max_size)
     return detector
@@ -140,49 +149,26 @@ def _inputs(source: Path, output: Path) -> tuple[list[Path], Path]:
     return paths, base
 
 
-def run(cfg) -> int:
-    from spp_det.data.images import ImageError, read_image
-    from spp_det.runtime import run_dir
+def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used_names: set[str], annotated_dir: Path,
+                 input_set: set, keep_labels) -> tuple[list[tuple], Counter]:
+    """Detect on this rank's share of ``paths`` and draw each annotated image (named ``names[path]``,
+    or a new name beside ``used_names`` when that would overwrite an input); returns
+    ``(found, skipped)``: ``(input index, relative name, path, width, height, detections, output
+    name)`` per file done, and the count of skipped files by reason."""
     from tqdm import tqdm
 
-    from omegaconf import OmegaConf
+    from spp_det.data.images import ImageError, read_image
+    from spp_det.proposals import ProposalPrefetcher
+    from spp_det.runtime import num_workers
 
-    d = cfg.detect
-    if OmegaConf.is_missing(d, "source"):
-        raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
-    source = Path(str(d.source))
-    formats = parse_formats(d.get("format", ["jsonl"]))
-    output = Path(d.output) if d.output else run_dir()
-    paths, base = _inputs(source, output)
-    if not paths:
-        raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
-    input_set = {p.resolve() for p in paths}
-
-    detector = load_detector(cfg, cfg.detect.get("scorer", "svm"))
-    classes = list(detector.classes)
-    keep_labels = _class_filter(d.get("classes"), classes)
-    annotated_dir = output / "annotated"
-    annotated_dir.mkdir(parents=True, exist_ok=True)
-    jsonl_path = output / "detections.jsonl"
-    if jsonl_path.resolve() in input_set:
-        raise UserError(f"{jsonl_path}: would overwrite an input file; choose another detect.output")
-    coco = CocoWriter(output, classes) if "coco" in formats else None
-    voc = VocWriter(output, classes) if "voc" in formats else None
-
-    start = time.perf_counter()
+    d, classes = cfg.detect, list(detector.classes)
     skipped: Counter = Counter()
-    used_names: set[str] = set()
-    # every file's output name, in input order (the same on every rank under torchrun)
-    names = {path: safe_output_name(path.relative_to(base), used_names) for path in paths}
-    found: list[tuple] = []  # (input index, relative name, path, width, height, detections, output name)
+    found: list[tuple] = []
     timings: dict[str, float] = {}
 
     def skip(path: Path, kind: str, reason: str) -> None:
         skipped[kind] += 1
         log.warning("skipped %s: %s", path, reason)
-
-    from spp_det.proposals import ProposalPrefetcher
-    from spp_det.runtime import num_workers
 
     index = {path: i for i, path in enumerate(paths)}
     paths = distributed.shard(paths)  # this rank's files (all of them in one process)
@@ -217,12 +203,11 @@ def run(cfg) -> int:
                                                           **({"quality": 92} if name.endswith(".jpg") else {}))
             height, width = image.shape[:2]
             found.append((index[path], relative.as_posix(), path, width, height, dets, name))
+    return found, skipped
 
-    parts = distributed.gather((found, skipped))  # rank 0 writes every file's detections, in input order
-    if parts is None:
-        return 0
-    found = sorted((f for part, _ in parts for f in part), key=lambda f: f[0])
-    skipped = sum((counts for _, counts in parts), Counter())
+
+def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, coco, voc) -> None:
+    """``detections.jsonl`` (one JSON object per detection) and the COCO / VOC files, in ``found``'s order."""
     with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
         for _, relative, path, width, height, dets, name in found:
             if coco is not None:
@@ -233,6 +218,47 @@ def run(cfg) -> int:
                 jsonl.write(json.dumps({"file": relative, "class": classes[int(label) - 1],
                                         "score": round(float(score), 6),
                                         "box": [round(float(v), 2) for v in box]}, ensure_ascii=False) + "\n")
+
+
+def run(cfg) -> int:
+    from omegaconf import OmegaConf
+
+    from spp_det.runtime import run_dir
+
+    d = cfg.detect
+    if OmegaConf.is_missing(d, "source"):
+        raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
+    source = Path(str(d.source))
+    formats = parse_formats(d.get("format", ["jsonl"]))
+    output = Path(d.output) if d.output else run_dir()
+    paths, base = _inputs(source, output)
+    if not paths:
+        raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
+    input_set = {p.resolve() for p in paths}
+
+    detector = load_detector(cfg, cfg.detect.get("scorer", "svm"))
+    classes = list(detector.classes)
+    keep_labels = _class_filter(d.get("classes"), classes)
+    annotated_dir = output / "annotated"
+    annotated_dir.mkdir(parents=True, exist_ok=True)
+    jsonl_path = output / "detections.jsonl"
+    if jsonl_path.resolve() in input_set:
+        raise UserError(f"{jsonl_path}: would overwrite an input file; choose another detect.output")
+    coco = CocoWriter(output, classes) if "coco" in formats else None
+    voc = VocWriter(output, classes) if "voc" in formats else None
+
+    start = time.perf_counter()
+    used_names: set[str] = set()
+    # every file's output name, in input order (the same on every rank under torchrun)
+    names = {path: safe_output_name(path.relative_to(base), used_names) for path in paths}
+    found, skipped = detect_files(cfg, detector, paths, base, names, used_names, annotated_dir, input_set,
+                                  keep_labels)
+    parts = distributed.gather((found, skipped))  # rank 0 writes every file's detections, in input order
+    if parts is None:
+        return 0
+    found = sorted((f for part, _ in parts for f in part), key=lambda f: f[0])
+    skipped = sum((counts for _, counts in parts), Counter())
+    write_detections(found, classes, jsonl_path, coco, voc)
     done, num_detections = len(found), sum(len(f[5]) for f in found)
     written = [jsonl_path, *(coco.close() if coco is not None else [])]
     seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from spp_det.boxes import box_iou
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 from spp_det.evaluation.voc_ap import MIN_OVERLAP, VOCEvaluator
 
 ERROR_TYPES = ("correct", "localisation", "similar", "other", "background")
@@ -108,12 +108,44 @@ def _error_type(record, box, label: int, iou_same: float, similar: set[int]) -> 
     return "other" if near.any() else "background"
 
 
+def confusion_matrix(records, classes: list[str], errors: dict, matched: list[np.ndarray], false_positives: list,
+                     images: list[ImageOutcome]) -> np.ndarray:
+    """``int64 [K + 1, K + 1]``: rows true class (last: background), columns predicted class (last:
+    missed), from the top-ranked detections' outcomes (``analyse``); adds every object not found as
+    its own class to ``images``' misses."""
+    k_all = len(classes)
+    confusion = np.zeros((k_all + 1, k_all + 1), np.int64)
+    for k in range(1, k_all + 1):  # true positives: the diagonal
+        confusion[k - 1, k - 1] = errors[classes[k - 1]]["correct"]
+    # A false positive at IoU >= 0.5 on an object of another class that its own class's detections
+    # did not find counts as that class confused with the predicted one (each object once, highest
+    # score first); any other false positive as background (the last row).
+    used = [m.copy() for m in matched]
+    for score, i, box, k in sorted(false_positives, key=lambda t: -t[0]):
+        r = records[i]
+        free = np.nonzero(~used[i] & ~r.difficult & (r.labels != k))[0]
+        if len(free):
+            overlaps = box_iou(box[None], r.boxes[free])[0]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] >= MIN_OVERLAP:
+                used[i][free[best]] = True
+                confusion[int(r.labels[free[best]]) - 1, k - 1] += 1
+                continue
+        confusion[k_all, k - 1] += 1
+    for i, r in enumerate(records):
+        for g in np.nonzero(~used[i] & ~r.difficult)[0]:
+            confusion[int(r.labels[g]) - 1, k_all] += 1  # an object no top-ranked detection found
+        for g in np.nonzero(~matched[i] & ~r.difficult)[0]:  # not found as its own class
+            images[i].missed += 1
+            images[i].items.append(Outcome(np.asarray(r.boxes[g], np.float64), int(r.labels[g]), "miss"))
+    return confusion
+
+
 def analyse(records, classes, detections: dict[str, Detections], similar=None) -> Analysis:
     """Hoiem error types, confusion matrix and per-image outcomes of ``detections`` (image id ->
     ``Detections``) on ``records``, at the top-ranked detections of each class (module docstring).
     ``similar``: groups of similar class names (None: Hoiem's VOC groups)."""
     classes = list(classes)
-    k_all = len(classes)
     groups = similar_groups(classes, similar)
     evaluator = VOCEvaluator(records, classes)
     for r in records:
@@ -150,30 +182,7 @@ def analyse(records, classes, detections: dict[str, Detections], similar=None) -
                 false_positives.append((score, i, box, k))
         errors[name] = counts
 
-    confusion = np.zeros((k_all + 1, k_all + 1), np.int64)
-    for k in range(1, k_all + 1):  # true positives: the diagonal
-        confusion[k - 1, k - 1] = errors[classes[k - 1]]["correct"]
-    # A false positive at IoU >= 0.5 on an object of another class that its own class's detections
-    # did not find counts as that class confused with the predicted one (each object once, highest
-    # score first); any other false positive as background (the last row).
-    used = [m.copy() for m in matched]
-    for score, i, box, k in sorted(false_positives, key=lambda t: -t[0]):
-        r = records[i]
-        free = np.nonzero(~used[i] & ~r.difficult & (r.labels != k))[0]
-        if len(free):
-            overlaps = box_iou(box[None], r.boxes[free])[0]
-            best = int(np.argmax(overlaps))
-            if overlaps[best] >= MIN_OVERLAP:
-                used[i][free[best]] = True
-                confusion[int(r.labels[free[best]]) - 1, k - 1] += 1
-                continue
-        confusion[k_all, k - 1] += 1
-    for i, r in enumerate(records):
-        for g in np.nonzero(~used[i] & ~r.difficult)[0]:
-            confusion[int(r.labels[g]) - 1, k_all] += 1  # an object no top-ranked detection found
-        for g in np.nonzero(~matched[i] & ~r.difficult)[0]:  # not found as its own class
-            images[i].missed += 1
-            images[i].items.append(Outcome(np.asarray(r.boxes[g], np.float64), int(r.labels[g]), "miss"))
+    confusion = confusion_matrix(records, classes, errors, matched, false_positives, images)
     return Analysis(classes, errors, confusion, images)
 
 

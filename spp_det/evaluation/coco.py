@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 
 log = logging.getLogger(__name__)
 

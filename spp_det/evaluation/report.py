@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path, hash_file, write_json
 

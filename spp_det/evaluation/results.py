@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from spp_det.boxes import internal_to_voc
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
 
@@ -55,17 +55,8 @@ def write_results(out_dir: str | Path, split: str, classes, detections: dict[str
     return paths
 
 
-def read_results(results_dir: str | Path, split: str, classes, image_ids) -> dict[str, Detections]:
-    """Read ``comp<N>_det_<split>_<class>.txt`` files back -> image id -> ``Detections``
-    (internal boxes, labels 1..K); every image of ``image_ids`` has an entry.
-
-    Raises ``UserError`` naming the file (and line) for a malformed line, an image id not in the
-    split, a file for a class not in ``classes``, two files for one class, or no files at all.
-    A class without a file is warned about and has no detections.
-    """
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise UserError(f"eval.results_dir={results_dir}: no such folder")
+def result_files(results_dir: Path, split: str, classes) -> dict[str, Path]:
+    """Class name -> its ``comp<N>_det_<split>_<class>.txt`` in ``results_dir`` (see ``read_results``)."""
     pattern = re.compile(rf"^(comp\d+)_det_{re.escape(split)}_(.+)\.txt$")
     files: dict[str, Path] = {}
     for path in sorted(results_dir.iterdir()):
@@ -85,6 +76,21 @@ def read_results(results_dir: str | Path, split: str, classes, image_ids) -> dic
     if missing:
         log.warning("%s: no result file for %d classes (scored as without detections): %s",
                     results_dir, len(missing), ", ".join(missing))
+    return files
+
+
+def read_results(results_dir: str | Path, split: str, classes, image_ids) -> dict[str, Detections]:
+    """Read ``comp<N>_det_<split>_<class>.txt`` files back -> image id -> ``Detections``
+    (internal boxes, labels 1..K); every image of ``image_ids`` has an entry.
+
+    Raises ``UserError`` naming the file (and line) for a malformed line, an image id not in the
+    split, a file for a class not in ``classes``, two files for one class, or no files at all.
+    A class without a file is warned about and has no detections.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"eval.results_dir={results_dir}: no such folder")
+    files = result_files(results_dir, split, classes)
 
     known = set(image_ids)
     per_image: dict[str, list[tuple[float, list[float], int]]] = {i: [] for i in image_ids}

@@ -2,7 +2,7 @@
 
 Two modes:
 
-- ``spp-det eval model.checkpoint=model.pt data.root=... data.test_split=test`` runs the trained
+- ``spp-det eval eval.checkpoint=model.pt data.root=... data.test_split=test`` runs the trained
   detector over the split (cached proposals reused) and scores its detections;
 - ``spp-det eval eval.results_dir=DIR data.root=... data.test_split=test`` scores an existing
   folder of ``comp4_det_<split>_<class>.txt`` files, loading no model (to compare detectors).
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from spp_det import distributed
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 from spp_det.errors import UserError
 from spp_det.evaluation.coco import coco_evaluate
 from spp_det.evaluation.plots import plot_pr_curves
@@ -30,8 +30,14 @@ from spp_det.evaluation.report import build_report, checkpoint_info, write_eval_
 from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
+from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
+
+# writes into its run directory; reads the test split only (no training stage reads eval.* or data.test_split)
+STAGE = declare.Stage("eval", "run dir: metrics.json, comp4 result files, report.html",
+                      reads=("eval", "data", "proposals"), consumes=("model",),
+                      paper="Sec. 4.1 test: scores, NMS 0.3; VOC devkit AP")
 
 
 def score_detections(
@@ -185,7 +191,7 @@ def run(cfg) -> int:
     classes = list(cfg.data.classes)
     similar = cfg.eval.get("similar_classes")
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True),
-                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.model.get("checkpoint")),
+                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.eval.get("checkpoint")),
                 "results_dir": str(cfg.eval.results_dir) if cfg.eval.results_dir else None,
                 "similar_classes": None if similar is None else [list(g) for g in similar]}
     if cfg.eval.results_dir:
@@ -197,13 +203,13 @@ def run(cfg) -> int:
                                    write_result_files=False, coco=cfg.eval.get("coco", True),
                                    extra={"results_dir": str(cfg.eval.results_dir)}, run_info=run_info)
     else:
-        if not cfg.model.get("checkpoint"):
-            raise UserError("spp-det eval needs model.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
+        if not cfg.eval.get("checkpoint"):
+            raise UserError("spp-det eval needs eval.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
                             "(a folder of comp4_det_<split>_<class>.txt files)")
         from spp_det.detection import stage as detection_stage
 
         detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
-        check_classes(detector.classes, classes, str(cfg.model.checkpoint))
+        check_classes(detector.classes, classes, str(cfg.eval.checkpoint))
         metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)
         if metrics is None:  # not rank 0 under torchrun: its detections went to rank 0
             return 0

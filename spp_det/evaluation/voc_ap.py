@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from spp_det.boxes import box_iou
-from spp_det.detection.postprocess import Detections
+from spp_det.structures import Detections
 
 # IoU at which a detection hits a ground-truth box (VOCopts.minoverlap).
 MIN_OVERLAP = 0.5

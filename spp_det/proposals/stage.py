@@ -16,8 +16,14 @@ from spp_det.data.voc import load_split
 from spp_det.proposals.cache import ProposalImageError, load_proposals
 from spp_det.proposals.precomputed import write_schema
 from spp_det.runtime import num_workers
+from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
+
+# a content-keyed cache (image bytes, the box-changing settings: spp_det.stages.declare.proposals_cache);
+# proposals.export and proposals.split only say what to fill and where to copy the boxes
+STAGE = declare.Stage("proposals", "cache_dir/proposals/", reads=("proposals", "data"),
+                      paper="Sec. 4.1 selective search, fast mode (~2,000 windows per image)")
 
 
 def splits_to_fill(cfg) -> list[str]:

@@ -34,11 +34,12 @@ from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
 from spp_det.stages.curves import record_history
-from spp_det.stages.svm import load_finetuned_model, settings_key, training_records, window_features
+from spp_det.stages.svm import head_stage, load_finetuned_model, settings_key, training_records, window_features
 
 log = logging.getLogger(__name__)
 
 ARTIFACT = "bboxreg.pt"
+STAGE = head_stage("bboxreg", ARTIFACT, "R-CNN appendix C (box regression)")
 
 
 class Reservoir:
@@ -102,7 +103,7 @@ def run(cfg: DictConfig) -> int:
     device = resolve_device(cfg.device)
     model, finetune_path = load_finetuned_model(cfg, device)
     artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path, "bboxreg")
+    key = settings_key(cfg, finetune_path, STAGE)
     if io.artifact_is_current(artifact, key):
         log.info("bboxreg: %s is current; skipped", artifact)
         return 0

@@ -15,9 +15,14 @@ from spp_det import distributed
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.runtime import resolve_device
+from spp_det.stages import declare
 from spp_det.stages.finetune import backbone_source, build_finetune_model
 
 log = logging.getLogger(__name__)
+
+# a content-keyed cache (weights, image bytes, scales): always runs, repeats are cache hits
+STAGE = declare.Stage("features", "cache_dir/conv5/", reads=("model", *declare.TRAINING_DATA), consumes=("backbone",),
+                      ignores=declare.NOT_TRAINING_DATA, paper="Sec. 4.1 conv5 once per image and scale")
 
 
 def split_records(cfg) -> list:

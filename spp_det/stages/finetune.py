@@ -54,6 +54,7 @@ from spp_det import distributed, io
 from spp_det.boxes import flip_boxes
 from spp_det.errors import UserError
 from spp_det.runtime import resolve_device
+from spp_det.stages import declare
 from spp_det.stages.curves import record_history
 from spp_det.stages.sampling import fg_bg_indices, label_windows, sample_windows, subsample
 
@@ -364,11 +365,15 @@ def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) ->
                     "(allow_random_backbone=true trains on random conv layers anyway)")
 
 
+STAGE = declare.Stage(
+    "finetune", ARTIFACT, reads=("finetune", "model", *declare.TRAINING_DATA, "seed"),
+    consumes=("backbone", "proposals"),  # the backbone file's bytes count, not its name
+    ignores=("model.backbone_checkpoint", *declare.NOT_TRAINING_DATA), paper="Sec. 3.1.2 / 4.1 fine-tuning")
+
+
 def settings_key(cfg: DictConfig, source: Path | None) -> str:
-    """Hash of every setting (and the backbone file's bytes) that changes the fine-tuned weights."""
-    model = io.model_settings(cfg.model, ("backbone_checkpoint",))  # its bytes count instead, below
-    return io.hash_settings({"finetune": cfg.finetune, "model": model, "data": cfg.data, "proposals": cfg.proposals,
-                             "seed": cfg.seed, "backbone": io.hash_file(source) if source else None})
+    """``STAGE``'s settings key (``spp_det.stages.declare``); ``source``: the backbone file or None."""
+    return declare.settings_key(cfg, STAGE, {"backbone": source, "proposals": declare.proposals_cache(cfg.proposals)})
 
 
 def build_finetune_model(cfg: DictConfig, source: Path | None):

@@ -55,6 +55,7 @@ from spp_det.boxes import box_iou, clip_boxes
 from spp_det.errors import UserError
 from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
+from spp_det.stages import declare
 from spp_det.stages.curves import record_history
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ CROPS_ARTIFACT = "pretrain_crops.pt"  # source=crops+windows: the first phase's 
 CROPS_STATE = "pretrain_crops_state.pt"
 # settings only source=windows reads: a change to them keeps crops+windows' crop phase current
 WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
-               "start_from", "val_every_block", "window_proposals", "frozen_convs")
+               "start_from", "window_proposals", "frozen_convs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,22 +455,33 @@ def train_classifier(
     return history
 
 
-def settings_key(cfg: DictConfig, drop: tuple[str, ...] = ()) -> str:
-    """Hash of every setting that changes the pretrained weights (``drop``: pretrain keys that do not)."""
-    windows = cfg.pretrain.get("source") in ("windows", "crops+windows") and "iterations" not in drop
-    # detection-time settings do not change the classifier (window training pools as detection does)
-    model = io.model_settings(cfg.model, ("backbone_checkpoint", "rcnn_context", "rcnn_input",
-                                          *(() if windows else ("scales", "max_size", "best_scale_area", "projection"))))
-    data = {k: cfg.data.get(k) for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
-                                          "use_difficult", "max_images")}
+# the data keys pretraining reads (on its own splits when pretrain.train_split / val_split are set)
+PRETRAIN_DATA = tuple(f"data.{k}" for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
+                                            "use_difficult", "max_images"))
+CROPS = declare.Stage(
+    "pretrain_crops", ARTIFACT, reads=("pretrain", "model", *PRETRAIN_DATA, "seed"),
+    # crops never pool windows the way detection does: its scales and projection do not matter
+    ignores=(*(f"pretrain.{k}" for k in WINDOW_KEYS), "model.backbone_checkpoint", "model.scales", "model.max_size",
+             "model.best_scale_area", "model.projection"),
+    paper="Sec. 2.3 / 3.1 classification pretraining, multi-size")
+WINDOWS = declare.Stage(
+    "pretrain_windows", ARTIFACT, reads=("pretrain", "model", *PRETRAIN_DATA, "seed"),
+    consumes=("start_from", "proposals"),  # pretrain.start_from's weights, not its name
+    ignores=("model.backbone_checkpoint", "pretrain.start_from"),
+    paper="not the paper: windows pooled as detection pools them (configs/pretrain)")
+
+
+def settings_key(cfg: DictConfig, phase: declare.Stage | None = None) -> str:
+    """The settings key of pretraining's ``phase`` (``CROPS`` or ``WINDOWS``; default: the one
+    ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``)."""
+    if phase is None:
+        phase = WINDOWS if cfg.pretrain.get("source") in ("windows", "crops+windows") else CROPS
+    if phase is CROPS:
+        return declare.settings_key(cfg, CROPS)
     start = cfg.pretrain.get("start_from")
-    start_hash = io.hash_file(start) if start and Path(start).is_file() else None  # its weights, not just its name
-    pcfg = {k: v for k, v in OmegaConf.to_container(cfg.pretrain, resolve=True).items() if k not in drop}
-    key = {"pretrain": pcfg, "model": model, "data": data, "seed": cfg.seed, "start_from": start_hash}
-    proposals = window_proposals_cfg(cfg) if windows else None
-    if proposals is not None:  # the boxes they give change the training windows
-        key["proposals"] = OmegaConf.to_container(proposals, resolve=True)
-    return io.hash_settings(key)
+    return declare.settings_key(cfg, WINDOWS, {
+        "start_from": Path(start) if start and Path(start).is_file() else None,
+        "proposals": declare.proposals_cache(window_proposals_cfg(cfg))})  # the boxes change the windows
 
 
 def window_proposals_cfg(cfg: DictConfig) -> DictConfig | None:
@@ -500,7 +512,7 @@ def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) ->
         return run_windows(cfg, artifact, state_path, settings, on_epoch)
     if pcfg.source == "crops+windows":  # crops first, then windows starting from them
         crops_cfg = OmegaConf.merge(cfg, {"pretrain": {"source": "voc_crops"}})
-        crops_artifact, crops_settings = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, WINDOW_KEYS)
+        crops_artifact, crops_settings = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, CROPS)
         if io.artifact_is_current(crops_artifact, crops_settings):
             log.info("pretrain: %s is current; window training starts from it", crops_artifact)
         else:

@@ -46,6 +46,7 @@ from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.stages import declare
 from spp_det.stages.curves import record_history
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,22 @@ def trivial_objective(positives: int, settings: SVMSettings) -> float:
     return 2 * settings.C * settings.pos_weight * positives + 0.5 / settings.bias_multiplier ** 2
 
 
-def settings_key(cfg: DictConfig, finetune_path: Path, section: str = "svm") -> str:
-    """Hash of everything that changes a head trained on the fine-tuned net (``section``: the
-    ``svm`` or ``bboxreg`` settings): its settings, data, model, proposals, and the fine-tuned
-    weights' bytes."""
-    return io.hash_settings({section: cfg[section], "model": io.model_settings(cfg.model), "data": cfg.data, "proposals": cfg.proposals,
-                             "seed": cfg.seed, "finetune": io.hash_file(finetune_path)})
+def head_stage(name: str, artifact: str, paper: str) -> declare.Stage:
+    """The declaration of a head trained on the fine-tuned net (svm, bboxreg): its own group, the
+    model and training data; the fine-tuned weights' bytes (every weight comes from them) and the
+    proposals."""
+    return declare.Stage(name, artifact, reads=(name, "model", *declare.TRAINING_DATA, "seed"),
+                         consumes=("finetune", "proposals"),
+                         ignores=("model.weights", "model.backbone_checkpoint", *declare.NOT_TRAINING_DATA), paper=paper)
+
+
+STAGE = head_stage("svm", ARTIFACT, "Sec. 4.1 SVMs (R-CNN hard-negative mining)")
+
+
+def settings_key(cfg: DictConfig, finetune_path: Path, stage: declare.Stage = STAGE) -> str:
+    """``stage``'s settings key (``spp_det.stages.declare``) given the fine-tuned ``finetune_path``."""
+    return declare.settings_key(cfg, stage, {"finetune": Path(finetune_path),
+                                             "proposals": declare.proposals_cache(cfg.proposals)})
 
 
 def outcome(svm: ClassSVM) -> SimpleNamespace:
