@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from spp_det import io
 from spp_det.errors import UserError
+from spp_det.model.build import without_weights
 from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,7 @@ def assemble(cfg: DictConfig) -> Path:
     if bboxreg is None:
         log.warning("%s: not found; the model has no box regressors (detection runs with bbox_reg off)",
                     work_dir / "bboxreg.pt")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    # the artifact holds every weight: rebuilding must never download or read another file
-    model_cfg.update(weights=None, backbone_checkpoint=None)
+    model_cfg = without_weights(cfg.model)  # the artifact holds every weight: rebuilding reads nothing else
     artifact = {
         "format": FORMAT,
         "version": VERSION,

@@ -172,7 +172,7 @@ def test_training_on_random_conv_layers_stops_before_any_work(tmp_path):
     with pytest.raises(UserError, match="pretrain.enabled=true") as err:
         train.run(cfg)
     assert "model.weights" in str(err.value) and not work.exists()  # nothing was started
-    from spp_det.stages.finetune import require_trained_backbone
+    from spp_det.model import require_trained_backbone
 
     require_trained_backbone(compose_config(["model=zf5_narrow", "allow_random_backbone=true"]))  # tests opt out
     require_trained_backbone(compose_config(["model=zf5_narrow", "pretrain.enabled=true"]), pretrain_planned=True)

@@ -14,7 +14,11 @@ from torch import nn
 from spp_det.boxes import box_iou
 from spp_det.data.voc import ImageRecord
 from spp_det.errors import UserError
-from spp_det.stages import finetune, sampling
+from spp_det.model import new_fc8
+from spp_det.stages import finetune
+from spp_det.training import sampling
+from spp_det.training.loop import lr_at
+from spp_det.training.windows import finetune_windows
 
 HAS_ENGINE = all(importlib.util.find_spec(m) is not None for m in ("spp_det.model", "spp_det.features.cache",
                                                                       "spp_det.proposals"))
@@ -52,24 +56,24 @@ def test_foreground_and_background_follow_the_iou_ranges():
 
 
 def test_a_batch_is_one_quarter_foreground_when_there_is_enough():
-    idx, n_fg = sampling.sample_windows(np.arange(100), np.arange(100, 1000), 128, 0.25, np.random.default_rng(0))
+    idx, n_fg = sampling.sample_minibatch(np.arange(100), np.arange(100, 1000), 128, 0.25, np.random.default_rng(0))
     assert len(idx) == 128 and n_fg == 32 and len(set(idx.tolist())) == 128
     assert (idx[:32] < 100).all() and (idx[32:] >= 100).all()
 
 
 def test_few_foreground_windows_are_filled_up_with_background_and_vice_versa():
-    idx, n_fg = sampling.sample_windows(np.arange(5), np.arange(5, 1000), 128, 0.25, np.random.default_rng(0))
+    idx, n_fg = sampling.sample_minibatch(np.arange(5), np.arange(5, 1000), 128, 0.25, np.random.default_rng(0))
     assert n_fg == 5 and len(idx) == 128
-    idx, n_fg = sampling.sample_windows(np.arange(200), np.arange(200, 210), 128, 0.25, np.random.default_rng(0))
+    idx, n_fg = sampling.sample_minibatch(np.arange(200), np.arange(200, 210), 128, 0.25, np.random.default_rng(0))
     assert len(idx) == 128 and n_fg == 118 and (idx >= 200).sum() == 10
-    idx, n_fg = sampling.sample_windows(np.arange(0), np.arange(3), 128, 0.25, np.random.default_rng(0))
+    idx, n_fg = sampling.sample_minibatch(np.arange(0), np.arange(3), 128, 0.25, np.random.default_rng(0))
     assert n_fg == 0 and sorted(idx.tolist()) == [0, 1, 2]
 
 
 def test_sampling_is_seeded():
-    a = sampling.sample_windows(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(3))[0]
-    b = sampling.sample_windows(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(3))[0]
-    c = sampling.sample_windows(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(4))[0]
+    a = sampling.sample_minibatch(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(3))[0]
+    b = sampling.sample_minibatch(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(3))[0]
+    c = sampling.sample_minibatch(np.arange(50), np.arange(50, 500), 64, 0.25, np.random.default_rng(4))[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -87,7 +91,7 @@ def test_ground_truth_boxes_are_foreground_candidates_and_background_is_capped()
     rec = make_record([[10, 10, 60, 60], [100, 100, 180, 150]], [2, 5])
     rng = np.random.default_rng(0)
     proposals = np.concatenate([random_boxes(rng, 300), [[12, 12, 62, 62]]]).astype(np.float32)
-    windows, labels, n_fg = finetune.image_windows(rec, proposals, FCFG, False, rng)
+    windows, labels, n_fg = finetune_windows(rec, proposals, FCFG, False, rng)
     assert np.array_equal(windows[:2], rec.boxes) and labels[:2].tolist() == [2, 5]  # GT first, own class
     assert n_fg >= 3 and (labels[:n_fg] > 0).all()
     assert len(windows) - n_fg == 4 and (labels[n_fg:] == 0).all()  # max_bg_per_image
@@ -95,7 +99,7 @@ def test_ground_truth_boxes_are_foreground_candidates_and_background_is_capped()
 
 def test_an_image_without_objects_gives_no_windows_and_no_error():
     rec = make_record(np.zeros((0, 4)), [])
-    windows, labels, n_fg = finetune.image_windows(rec, random_boxes(np.random.default_rng(0), 50), FCFG, False,
+    windows, labels, n_fg = finetune_windows(rec, random_boxes(np.random.default_rng(0), 50), FCFG, False,
                                                    np.random.default_rng(0))
     assert n_fg == 0 and len(windows) == 0  # every proposal has IoU 0 < 0.1: neither fg nor bg
 
@@ -103,9 +107,9 @@ def test_an_image_without_objects_gives_no_windows_and_no_error():
 def test_windows_on_a_difficult_object_are_neither_foreground_nor_background():
     rec = make_record([[10, 10, 60, 60], [100, 100, 180, 150]], [2, 5], difficult=[False, True])
     on_difficult = np.array([[101, 101, 179, 151]], np.float32)
-    windows, labels, n_fg = finetune.image_windows(rec, on_difficult, FCFG, False, np.random.default_rng(0))
+    windows, labels, n_fg = finetune_windows(rec, on_difficult, FCFG, False, np.random.default_rng(0))
     assert n_fg == 1 and len(windows) == 1  # only the non-difficult GT box itself
-    windows, labels, n_fg = finetune.image_windows(rec, on_difficult, FCFG, True, np.random.default_rng(0))
+    windows, labels, n_fg = finetune_windows(rec, on_difficult, FCFG, True, np.random.default_rng(0))
     assert n_fg == 3  # with use_difficult both boxes and the window are foreground
 
 
@@ -127,7 +131,7 @@ def toy_pool(seed: int, n_per_class: int = 60) -> finetune.WindowPool:
 def toy_net(seed: int = 0) -> finetune.FCClassifier:
     torch.manual_seed(seed)
     head = nn.Sequential(nn.Linear(DIM, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.5))
-    return finetune.FCClassifier(head, finetune.new_fc8(64, CLASSES, 0.01))
+    return finetune.FCClassifier(head, new_fc8(64, CLASSES, 0.01))
 
 
 def loop_cfg(**kw):
@@ -137,14 +141,14 @@ def loop_cfg(**kw):
 
 
 def test_fc8_starts_as_gaussian_with_std_0_01():
-    fc8 = finetune.new_fc8(512, 21, 0.01)
+    fc8 = new_fc8(512, 21, 0.01)
     assert abs(float(fc8.weight.detach().std()) - 0.01) < 0.001 and float(fc8.bias.detach().abs().max()) == 0
 
 
 def test_learning_rate_steps():
-    assert finetune.lr_at(0, 1e-4, [250000], 0.1) == 1e-4
-    assert finetune.lr_at(249999, 1e-4, [250000], 0.1) == 1e-4
-    assert finetune.lr_at(250000, 1e-4, [250000], 0.1) == pytest.approx(1e-5)
+    assert lr_at(0, 1e-4, [250000], 0.1) == 1e-4
+    assert lr_at(249999, 1e-4, [250000], 0.1) == 1e-4
+    assert lr_at(250000, 1e-4, [250000], 0.1) == pytest.approx(1e-5)
 
 
 def test_training_lowers_the_validation_loss():
@@ -171,7 +175,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     state = tmp_path / "b.pt"
     with pytest.raises(Killed):
         finetune.train_fc(toy_net(), pool, val, loop_cfg(), 0, cpu, state, "s", on_iteration=kill_at_45)
-    assert finetune.io.load_torch(state)["iteration"] == 40  # the last checkpoint before the kill
+    assert finetune.io.load_torch(state)["step"] == 40  # the last checkpoint before the kill
     seen = []
     resumed = toy_net(seed=123)  # different start: everything must come from the checkpoint
     resumed_result = finetune.train_fc(resumed, pool, val, loop_cfg(), 0, cpu, state, "s",

@@ -14,7 +14,9 @@ from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.proposals import record_proposals
 from spp_det.runtime import compose_config
-from spp_det.stages import pretrain
+from spp_det.stages import pretrain, pretrain_crops, pretrain_windows
+from spp_det.training import crops as crop_data
+from spp_det.training import loop, sampling
 
 CLASSES = ["circle", "square", "triangle"]
 SYNTH = {"seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
@@ -44,7 +46,7 @@ PCFG = OmegaConf.create({"crop_context": 0.1, "background_crops": True, "backgro
 
 def test_crops_cover_every_object_and_background_crops_avoid_objects(synth_root):
     records = load_split(data_cfg(synth_root), "train")
-    crops = pretrain.crop_boxes(records, 0.1, 2, np.random.default_rng(0))
+    crops = crop_data.crop_boxes(records, 0.1, 2, np.random.default_rng(0))
     n_objects = sum(int((~r.difficult).sum()) for r in records)
     objects = [c for c in crops if c[2] > 0]
     background = [c for c in crops if c[2] == 0]
@@ -75,11 +77,11 @@ class TinyBackbone(nn.Module):
         return self.net(x)
 
 
-def tiny_classifier(num_classes: int) -> pretrain.SPPClassifier:
+def tiny_classifier(num_classes: int) -> pretrain_crops.SPPClassifier:
     torch.manual_seed(0)
     levels = (3, 2, 1)
     head = nn.Sequential(nn.Linear(8 * 14, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.5))
-    return pretrain.SPPClassifier(TinyBackbone(), lambda x: pretrain.whole_map_pyramid(x, levels), head, num_classes, 32)
+    return pretrain_crops.SPPClassifier(TinyBackbone(), lambda x: pretrain_crops.whole_map_pyramid(x, levels), head, num_classes, 32)
 
 
 def normalise(x):
@@ -91,12 +93,12 @@ def crop_sets(root):
 
     train, val = train_val_split(data_cfg(root))
     rng = np.random.default_rng(0)
-    return (pretrain.voc_crop_set(train, CLASSES, PCFG, 36, rng), pretrain.voc_crop_set(val, CLASSES, PCFG, 36, rng))
+    return (crop_data.voc_crop_set(train, CLASSES, PCFG, 36, rng), crop_data.voc_crop_set(val, CLASSES, PCFG, 36, rng))
 
 
 def test_whole_map_pyramid_of_one_cell_repeats_it():
     conv5 = torch.arange(6.0).view(1, 6, 1, 1)
-    out = pretrain.whole_map_pyramid(conv5, (2, 1))
+    out = pretrain_crops.whole_map_pyramid(conv5, (2, 1))
     assert out.shape == (1, 6 * 5)
     assert torch.equal(out[0, :24].view(6, 4), conv5.view(6, 1).expand(6, 4))
 
@@ -104,7 +106,7 @@ def test_whole_map_pyramid_of_one_cell_repeats_it():
 def test_multi_size_training_alternates_input_sizes_and_lowers_the_loss(synth_root):
     train_set, val_set = crop_sets(synth_root)
     model = tiny_classifier(len(train_set.class_names))
-    history = pretrain.train_classifier(model, normalise, train_set, val_set, PCFG, torch.device("cpu"), seed=0)
+    history = pretrain_crops.train_classifier(model, normalise, train_set, val_set, PCFG, torch.device("cpu"), seed=0)
     assert [h["size"] for h in history] == [32, 24, 32, 24, 32, 24]
     batches = -(-len(train_set) // PCFG.batch_size)
     assert model.backbone.seen_sizes == [s for s in [32, 24, 32, 24, 32, 24] for _ in range(batches)]
@@ -116,7 +118,7 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(synth_root, tmp_
     train_set, val_set = crop_sets(synth_root)
     cfg = OmegaConf.merge(PCFG, {"epochs": 3})
     full = tiny_classifier(len(train_set.class_names))
-    pretrain.train_classifier(full, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, tmp_path / "a.pt", "s")
+    pretrain_crops.train_classifier(full, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, tmp_path / "a.pt", "s")
 
     def stop_after_first(epoch, entry):
         if epoch == 0:
@@ -124,11 +126,11 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(synth_root, tmp_
 
     state = tmp_path / "b.pt"
     with pytest.raises(KeyboardInterrupt):
-        pretrain.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set, cfg,
+        pretrain_crops.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set, cfg,
                                   torch.device("cpu"), 0, state, "s", on_epoch=stop_after_first)
     resumed = tiny_classifier(len(train_set.class_names))
     nn.init.zeros_(resumed.classifier.weight)  # must come back from the checkpoint
-    history = pretrain.train_classifier(resumed, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, state, "s")
+    history = pretrain_crops.train_classifier(resumed, normalise, train_set, val_set, cfg, torch.device("cpu"), 0, state, "s")
     assert [h["epoch"] for h in history] == [0, 1, 2]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -181,26 +183,26 @@ def test_bad_settings_are_clear_errors(synth_root, tmp_path):
 def test_channel_shuffle_permutes_colours_of_training_crops_only():
     # a crop with three distinct constant channels: a shuffled batch holds the same values in other orders
     crop = torch.stack([torch.full((8, 8), v, dtype=torch.uint8) for v in (10, 120, 240)])
-    crops = pretrain.CropSet(lambda j: crop, np.zeros(64, np.int64), ["bg"])
+    crops = crop_data.CropSet(lambda j: crop, np.zeros(64, np.int64), ["bg"])
     g = torch.Generator().manual_seed(0)
-    images, _ = pretrain.make_batch(crops, np.arange(64), 8, True, 1.0, g, channel_shuffle=True)
+    images, _ = crop_data.make_batch(crops, np.arange(64), 8, True, 1.0, g, channel_shuffle=True)
     orders = {tuple(int(images[k, c, 4, 4]) for c in range(3)) for k in range(64)}
     assert all(sorted(o) == [10, 120, 240] for o in orders) and len(orders) > 3
-    plain, _ = pretrain.make_batch(crops, np.arange(8), 8, True, 1.0, g)
+    plain, _ = crop_data.make_batch(crops, np.arange(8), 8, True, 1.0, g)
     assert all(tuple(int(plain[k, c, 4, 4]) for c in range(3)) == (10, 120, 240) for k in range(8))
-    evaluated, _ = pretrain.make_batch(crops, np.arange(8), 8, False, 1.0, g, channel_shuffle=True)
+    evaluated, _ = crop_data.make_batch(crops, np.arange(8), 8, False, 1.0, g, channel_shuffle=True)
     assert torch.equal(evaluated, crop.expand(8, 3, 8, 8))  # evaluation: colours untouched
 
 
 def test_optimizer_choice_sgd_or_adam_and_adam_learns(synth_root):
     model = tiny_classifier(4)
-    assert isinstance(pretrain.make_optimizer(model, PCFG), torch.optim.SGD)
+    assert isinstance(loop.make_optimizer(model, PCFG), torch.optim.SGD)
     adam = OmegaConf.merge(PCFG, {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0})
-    assert isinstance(pretrain.make_optimizer(model, adam), torch.optim.AdamW)
+    assert isinstance(loop.make_optimizer(model, adam), torch.optim.AdamW)
     with pytest.raises(UserError, match="pretrain.optimizer"):
-        pretrain.make_optimizer(model, OmegaConf.merge(PCFG, {"optimizer": "lbfgs"}))
+        loop.make_optimizer(model, OmegaConf.merge(PCFG, {"optimizer": "lbfgs"}))
     train_set, val_set = crop_sets(synth_root)
-    history = pretrain.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set,
+    history = pretrain_crops.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set,
                                         OmegaConf.merge(adam, {"channel_shuffle": True}), torch.device("cpu"), seed=0)
     assert history[-1]["loss"] < history[0]["loss"] - 0.1
 
@@ -210,14 +212,14 @@ def test_object_windows_follow_the_crop_resize_and_flip_and_object_pooling_uses_
     j = int(np.flatnonzero(train_set.labels > 0)[0])
     frac = train_set.windows[j]
     assert ((frac >= 0) & (frac <= 1)).all() and (frac[2:] > frac[:2]).all()
-    _, _, wins = pretrain.make_batch(train_set, np.array([j]), 30, False, 1.0, torch.Generator(), return_windows=True)
+    _, _, wins = crop_data.make_batch(train_set, np.array([j]), 30, False, 1.0, torch.Generator(), return_windows=True)
     assert torch.allclose(wins[0], torch.tensor(frac * 30), atol=1e-4)  # evaluation: the whole crop resized
     # a mirrored full-area training crop mirrors the window: x -> size - x
     crop = torch.zeros(3, 10, 10, dtype=torch.uint8)
     crop[:, :, :3] = 255  # a bright left band marks which side is which
-    one = pretrain.CropSet(lambda i: crop, np.array([1]), ["bg", "a"], np.array([[0.0, 0.2, 0.3, 0.8]], np.float32))
+    one = crop_data.CropSet(lambda i: crop, np.array([1]), ["bg", "a"], np.array([[0.0, 0.2, 0.3, 0.8]], np.float32))
     for seed in range(20):
-        image, _, win = pretrain.make_batch(one, np.array([0]), 10, True, 1.0, torch.Generator().manual_seed(seed),
+        image, _, win = crop_data.make_batch(one, np.array([0]), 10, True, 1.0, torch.Generator().manual_seed(seed),
                                             return_windows=True)
         left_bright = image[0, 0, 5, 0] > 128
         assert (win[0, 0] < 5) == bool(left_bright)  # the window stays on the bright band
@@ -237,7 +239,7 @@ def test_window_sampling_labels_by_iou_and_keeps_one_scale(synth_root):
     rng = np.random.default_rng(0)
     scale_of = lambda b: (np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) > 40).astype(int)  # two "scales"
     for _ in range(5):
-        s, boxes, labels = pretrain.sample_windows(rec, scale_of, 32, 0.25, 0.5, rng, use_difficult=True)
+        s, boxes, labels = sampling.sample_scale_windows(rec, scale_of, 32, 0.25, 0.5, rng, use_difficult=True)
         assert len(boxes) > 0 and (scale_of(boxes) == s).all()  # all pooled on one map
         iou = box_iou(boxes, rec.boxes)
         fg = labels > 0
@@ -259,10 +261,10 @@ def test_window_sampling_draws_background_from_proposals_mirrored_with_the_image
     assert np.allclose(record_proposals(rec, unflipped), far)  # mirrored as the record is
     one_scale = lambda b: np.zeros(len(b), int)
     rng = np.random.default_rng(0)
-    _, boxes, labels = pretrain.sample_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True, far)
+    _, boxes, labels = sampling.sample_scale_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True, far)
     assert (boxes == far).all(1).any() and labels[(boxes == far).all(1)].max() == 0  # drawn, as background
     rng = np.random.default_rng(0)
-    _, plain, _ = pretrain.sample_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True)
+    _, plain, _ = sampling.sample_scale_windows(rec, one_scale, 2000, 0.25, 0.5, rng, True)
     near_far = lambda b: (box_iou(b, far)[:, 0] > 0.5).sum()  # the proposal and its jittered copies
     assert near_far(boxes) > near_far(plain) + 100
 
@@ -332,7 +334,7 @@ def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
                "model.scales": "[64,96]", "model.best_scale_area": 1600,
                "pretrain.window_proposals": "{mode: single, resize_to: 96}"}
     cfg = stage_cfg(root, tmp_path, **windows)
-    with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):
+    with caplog.at_level("INFO", logger="spp_det.stages"):
         assert pretrain.run(cfg) == 0
     work = tmp_path / "work"
     crops = torch.load(work / pretrain.CROPS_ARTIFACT, weights_only=True)
@@ -344,7 +346,7 @@ def test_crops_then_windows_on_a_pretraining_split(tmp_path, caplog):
     assert len(list((tmp_path / "cache" / "proposals").glob("*/*"))) >= 5  # cached like detection's
     # a windows-only change keeps the crop phase
     caplog.clear()
-    with caplog.at_level("INFO", logger="spp_det.stages.pretrain"):
+    with caplog.at_level("INFO", logger="spp_det.stages"):
         assert pretrain.run(stage_cfg(root, tmp_path, **{**windows, "pretrain.iterations": 6})) == 0
     assert "pretrain_crops.pt is current" in caplog.text
     assert torch.load(work / pretrain.CROPS_ARTIFACT, weights_only=True)["history"] == crops["history"]
@@ -362,13 +364,13 @@ def test_frozen_convs_fix_leading_convs_and_their_norms():
     from spp_det.model import build_model
 
     backbone = build_model(compose_config(["model=zf5_narrow", "model.width=0.05", "model.norm=batchnorm"]).model).backbone
-    assert pretrain.freeze_leading_convs(backbone, 0) == []
-    fixed = pretrain.freeze_leading_convs(backbone, 2)
+    assert pretrain_windows.freeze_leading_convs(backbone, 0) == []
+    fixed = pretrain_windows.freeze_leading_convs(backbone, 2)
     frozen = [n for n, p in backbone.named_parameters() if not p.requires_grad]
     assert frozen == ["body.0.weight", "body.1.weight", "body.1.bias", "body.4.weight", "body.5.weight", "body.5.bias"]
     assert {id(p) for m in fixed for p in m.parameters()} == {id(p) for p in backbone.parameters() if not p.requires_grad}
     with pytest.raises(UserError, match="has 5 conv layers"):
-        pretrain.freeze_leading_convs(backbone, 6)
+        pretrain_windows.freeze_leading_convs(backbone, 6)
 
 
 def test_frozen_layers_stay_bit_identical_through_window_training(synth_root):
@@ -382,10 +384,10 @@ def test_frozen_layers_stay_bit_identical_through_window_training(synth_root):
     torch.manual_seed(0)
     model = build_model(cfg.model)
     classifier = nn.Linear(model.head.out_dim, len(CLASSES) + 1)
-    fixed = pretrain.freeze_leading_convs(model.backbone, 2)
+    fixed = pretrain_windows.freeze_leading_convs(model.backbone, 2)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     records = load_split(data_cfg(synth_root), "train")
-    pretrain.train_windows(pretrain.WindowTrainer(model, classifier, fixed), records[:6], records[6:8], cfg.pretrain, 0)
+    pretrain_windows.train_windows(pretrain_windows.WindowTrainer(model, classifier, fixed), records[:6], records[6:8], cfg.pretrain, 0)
     after = model.backbone.state_dict()
     frozen_keys = [k for k in before if k.split(".")[1] in {"0", "1", "4", "5"}]  # conv1, bn1, conv2, bn2
     assert any("running_mean" in k for k in frozen_keys) and any("num_batches_tracked" in k for k in frozen_keys)
@@ -404,6 +406,6 @@ def test_window_sampling_takes_the_scale_of_a_ground_truth_box_after_degenerate_
     rec = ImageRecord("img", tmp_path / "img.png", 100, 100, boxes, np.array([1, 2]), np.zeros(2, bool),
                       np.zeros(2, bool))
     scale_of = lambda b: ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 40 ** 2).astype(int)
-    scales = [pretrain.sample_windows(rec, scale_of, 16, 0.25, 0.5, np.random.default_rng(seed), True)[0]
+    scales = [sampling.sample_scale_windows(rec, scale_of, 16, 0.25, 0.5, np.random.default_rng(seed), True)[0]
               for seed in range(40)]
     assert 10 <= scales.count(0) <= 30  # the degenerate box is drawn about half the time, and its scale is 0

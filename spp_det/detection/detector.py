@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from spp_det import artifact as model_artifact
 from spp_det.errors import UserError
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
+from spp_det.model import build_model
 from spp_det.detection.postprocess import postprocess
 from spp_det.structures import Detections
 
@@ -71,14 +71,11 @@ class Detector:
         ``test_scales`` / ``test_max_size`` when given (``eval.scales`` / ``eval.max_size``), else the
         artifact's ``test_scales`` / ``test_max_size`` (model.pt files written while those were model
         keys), else the scales it was trained at."""
-        from spp_det.model import build_model
-
         art = model_artifact.load(path)
         model_cfg = dict(art["config"])
         model_cfg["scales"] = list(test_scales or model_cfg.get("test_scales") or model_cfg["scales"])
         model_cfg["max_size"] = test_max_size or model_cfg.get("test_max_size") or model_cfg.get("max_size")
-        model_cfg.update(weights=None, backbone_checkpoint=None)  # never download: the file holds every weight
-        model = build_model(OmegaConf.create(model_cfg))
+        model = build_model(model_cfg, pretrained=False)  # never download: the file holds every weight
         try:
             model.load_state_dict(art["state_dict"])
         except RuntimeError as exc:

@@ -27,14 +27,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
-from spp_det.boxes import box_iou
-from spp_det.errors import UserError
 from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
+from spp_det.features.cache import FeatureCache
+from spp_det.model import load_finetuned_model
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
 from spp_det.stages.curves import record_history
-from spp_det.stages.svm import head_stage, load_finetuned_model, settings_key, training_records, window_features
+from spp_det.stages.svm import head_stage, settings_key
+from spp_det.training.windows import bboxreg_windows, training_records, window_features
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +80,8 @@ class Reservoir:
         return self._parts[0]
 
 
-def regression_examples(record, proposals: np.ndarray, min_iou: float, use_difficult: bool):
-    """Windows of one image that train a regressor: ``windows`` ``float32 [E, 4]`` (ground-truth
-    boxes and proposals with IoU > ``min_iou`` to a used box), ``targets`` ``float32 [E, 4]`` (that
-    box of max IoU), ``labels`` ``int64 [E]`` (its class)."""
-    used = np.ones(len(record.boxes), bool) if use_difficult else ~np.asarray(record.difficult, bool)
-    gt, labels = np.asarray(record.boxes, np.float32).reshape(-1, 4)[used], np.asarray(record.labels)[used]
-    windows = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
-    if not len(gt):
-        return np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    iou = box_iou(windows, gt)  # [W, G]
-    best = iou.argmax(axis=1)
-    keep = iou[np.arange(len(windows)), best] > min_iou
-    return windows[keep], gt[best[keep]], labels[best[keep]].astype(np.int64)
-
-
 def run(cfg: DictConfig) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
-    from spp_det.features.cache import FeatureCache
-
     bcfg = cfg.bboxreg
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -118,7 +102,7 @@ def run(cfg: DictConfig) -> int:
     norms = NormMeter()
     for i, rec in enumerate(tqdm(records, desc="bboxreg: pool5", unit="image")):
         boxes = record_proposals(rec, proposals)
-        windows, targets, labels = regression_examples(rec, boxes, float(bcfg.min_iou), use_difficult)
+        windows, targets, labels = bboxreg_windows(rec, boxes, float(bcfg.min_iou), use_difficult)
         if i < int(bcfg.scale_images) and len(boxes):
             sample = boxes[rng.permutation(len(boxes))[: int(bcfg.scale_windows)]]
         else:

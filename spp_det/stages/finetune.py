@@ -36,6 +36,7 @@ Writes ``work_dir/finetune.pt`` = ``{"state_dict": SPPNet state_dict (fine-tuned
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -46,17 +47,23 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
 from spp_det import distributed, io
 from spp_det.boxes import flip_boxes
+from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
+from spp_det.features.cache import FeatureCache
+from spp_det.model import backbone_source, build_finetune_model, new_fc8, require_trained_backbone
+from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
 from spp_det.stages.curves import record_history
-from spp_det.stages.sampling import fg_bg_indices, label_windows, sample_windows, subsample
+from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, sgd_step
+from spp_det.training.sampling import sample_minibatch, subsample
+from spp_det.training.windows import finetune_windows
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +98,6 @@ class WindowPool:
         return torch.from_numpy(rows).float(), torch.from_numpy(self.labels[indices])
 
 
-def image_windows(record, proposals: np.ndarray, fcfg, use_difficult: bool, rng: np.random.Generator):
-    """Training windows of one image record: ``(windows float32 [W, 4], labels int64 [W], n_fg)``.
-
-    Candidates are the ground-truth boxes (counted as foreground, as in R-CNN / Fast R-CNN) and
-    the proposals; foreground is IoU >= ``fg_iou`` (label = that box's class), background IoU in
-    ``[bg_iou[0], bg_iou[1])``; at most ``max_bg_per_image`` background windows are kept. Difficult
-    objects (when not trained on) are neither targets nor background: windows covering one by
-    >= ``fg_iou`` are left out.
-    """
-    used = np.ones(len(record.boxes), bool) if use_difficult else ~record.difficult
-    gt, gt_labels = record.boxes[used], record.labels[used]
-    candidates = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
-    labelled = label_windows(candidates, gt, gt_labels, float(fcfg.fg_iou), ignore_boxes=record.boxes[~used])
-    fg, bg = fg_bg_indices(labelled, float(fcfg.fg_iou), tuple(float(v) for v in fcfg.bg_iou))
-    bg = subsample(bg, fcfg.get("max_bg_per_image"), rng)
-    keep = np.concatenate([fg, bg])
-    return candidates[keep], labelled.labels[keep], len(fg)
-
-
 def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficult: bool, seed: int,
                device: torch.device, store_dir: Path | None, key: str, desc: str) -> WindowPool:
     """Label every record's windows, then pool5 them from the cached conv5 maps (see the module
@@ -120,7 +108,7 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
         if rec.flipped:
             boxes = flip_boxes(boxes, rec.width)
         rng = np.random.default_rng([seed, i, int(rec.flipped)])
-        w, lab, n_fg = image_windows(rec, boxes, fcfg, use_difficult, rng)
+        w, lab, n_fg = finetune_windows(rec, boxes, fcfg, use_difficult, rng)
         windows.append(w)
         labels.append(lab)
         n_fgs.append(n_fg)
@@ -142,8 +130,6 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
             if pool5.shape == (n, dim):
                 log.info("finetune: %s: pool5 from %s", desc, path)
                 return WindowPool(pool5, all_labels, fg, bg, len(records))
-        import contextlib
-
         ctx = io.atomic_path(path) if path is not None else contextlib.nullcontext(None)
         with ctx as tmp:
             if tmp is not None:
@@ -192,19 +178,6 @@ class FCClassifier(nn.Module):
         return self.fc8(self.head(pool5))
 
 
-def new_fc8(in_dim: int, num_classes: int, std: float) -> nn.Linear:
-    """The (K+1)-way fc8, weights N(0, std) (0.01 in the paper), bias 0."""
-    fc8 = nn.Linear(in_dim, num_classes)
-    nn.init.normal_(fc8.weight, std=std)
-    nn.init.zeros_(fc8.bias)
-    return fc8
-
-
-def lr_at(iteration: int, lr: float, lr_steps, gamma: float) -> float:
-    """Step schedule: ``lr * gamma ** (number of steps <= iteration)`` (paper: 1e-4, then 1e-5 after 250k)."""
-    return lr * gamma ** sum(int(iteration >= s) for s in lr_steps)
-
-
 @torch.no_grad()
 def evaluate(net: FCClassifier, pool: WindowPool, indices: np.ndarray, device, batch_size: int = 1024) -> dict:
     """Mean softmax loss and accuracy of ``net`` (eval mode: no dropout) on ``pool[indices]``."""
@@ -225,6 +198,43 @@ def _clone_state(module: nn.Module) -> dict:
     return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
 
 
+@dataclasses.dataclass
+class Validation:
+    """Scores ``net`` on the validation windows ``pool[indices]`` (``evaluate_fn``) and keeps the
+    snapshot with the lowest loss in ``best``; ``running`` is the smoothed training loss for the log.
+    ``state()`` is what a resumed run needs of it; ``seconds`` (when given) gets the wall-clock
+    seconds from one validation to the next."""
+
+    net: FCClassifier
+    pool: WindowPool | None
+    indices: np.ndarray
+    device: torch.device
+    evaluate_fn: Callable[..., dict]
+    seconds: list[float] | None
+    best: dict = dataclasses.field(default_factory=lambda: {"iteration": 0, "loss": float("inf"),
+                                                            "accuracy": float("nan"), "state": None})
+    running: float = 0.0
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def state(self) -> dict:
+        return {"best": self.best, "running": self.running}
+
+    def __call__(self, it: int, lr: float) -> dict:
+        """The history entry of iteration ``it``."""
+        entry = {"iteration": it, **self.evaluate_fn(self.net, self.pool, self.indices, self.device),
+                 "train_loss": self.running, "lr": lr}
+        if self.seconds is not None:
+            self.seconds.append(time.perf_counter() - self.since)
+        self.since = time.perf_counter()
+        improved = entry["loss"] < self.best["loss"]
+        if improved:
+            self.best = {"iteration": it, "loss": entry["loss"], "accuracy": entry["accuracy"],
+                         "state": _clone_state(self.net)}
+        log.info("finetune: iteration %d: train loss %.4f, validation loss %.4f, accuracy %.3f%s",
+                 it, self.running, entry["loss"], entry["accuracy"], " (best so far)" if improved else "")
+        return entry
+
+
 def train_fc(
     net: FCClassifier,
     train_pool: WindowPool,
@@ -242,83 +252,54 @@ def train_fc(
     ``{"best_iteration", "best_loss", "best_accuracy", "history": [{"iteration", "loss",
     "accuracy", "train_loss", "lr"}]}`` and leaves the best snapshot's weights in ``net``.
 
-    ``seconds`` (when given) gets the wall-clock seconds up to each history entry from the one
-    before (this run's entries only: a resumed run's earlier ones were timed by the killed run).
-    ``on_iteration(i, net)`` runs after iteration ``i`` (1-based) and its checkpoint; tests raise
-    from it to simulate a killed run. Resumes from ``state_path`` when it holds a checkpoint with
-    the same ``settings``.
+    ``seconds``: see ``Validation`` (this run's entries only: a resumed run's earlier ones were
+    timed by the killed run). ``on_iteration(i, net)`` runs after iteration ``i`` (1-based) and its
+    checkpoint; tests raise from it to simulate a killed run. Resumes from ``state_path``
+    (``spp_det.training.loop``) when it holds a checkpoint with the same ``settings``.
     """
     if not len(train_pool.fg) and not len(train_pool.bg):
         raise UserError("finetune: no training windows (no ground-truth boxes and no proposals in the training split)")
     if not len(train_pool.fg):
         raise UserError("finetune: no foreground windows in the training split (no ground-truth boxes?)")
     iterations, batch_size = int(fcfg.iterations), int(fcfg.batch_size)
-    val_every, checkpoint_every = int(fcfg.val_every), int(fcfg.checkpoint_every)
-    lr_steps, gamma = [int(s) for s in fcfg.lr_steps], float(fcfg.lr_gamma)
     net.to(device).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=float(fcfg.lr), momentum=float(fcfg.momentum),
-                                weight_decay=float(fcfg.weight_decay))
-    main = distributed.is_main()
+    optimizer = make_optimizer(net, fcfg)  # SGD with momentum and weight decay (paper)
     val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
-    history: list[dict] = []
-    best: dict = {"iteration": 0, "loss": float("inf"), "accuracy": float("nan"), "state": None}
-    start, running = 0, 0.0
-    if state_path is not None and state_path.is_file():
-        state = io.load_torch(state_path)
-        if state.get("settings") == settings and int(state["iteration"]) <= iterations:
-            net.load_state_dict(state["net"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, history, best = int(state["iteration"]), list(state["history"]), dict(state["best"])
-            running = float(state.get("running", 0.0))
-            log.info("finetune: resuming from %s at iteration %d", state_path, start)
-        else:
-            log.info("finetune: %s was written with other settings; starting over", state_path)
+    validate = Validation(net, val_pool, val_idx, device, evaluate_fn, seconds)
+    # seed stride 1_000_003: the one fine-tuning always used (same batches and masks as before the shared loop)
+    loop = StepLoop("finetune", iterations, net, optimizer, seed, 1_000_003, state_path, settings,
+                    int(fcfg.checkpoint_every), final_checkpoint=False, first=1, extra=validate.state,
+                    on_step=None if on_iteration is None else lambda it, _: on_iteration(it, net))
+    done, history, extra = loop.resume()
+    validate.best, validate.running = extra.get("best", validate.best), extra.get("running", 0.0)
     model = distributed.ddp(net, device)  # net itself in one process
     share, scale = distributed.batch_share(batch_size), distributed.loss_scale(batch_size)
+    bar = tqdm(desc="finetune", unit="batch", initial=done, total=iterations)
 
-    bar = tqdm(range(start + 1, iterations + 1), desc="finetune", unit="batch", initial=start, total=iterations)
-    since = time.perf_counter()
-    for it in bar:
-        lr = lr_at(it - 1, float(fcfg.lr), lr_steps, gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Seeded by (seed, iteration) alone, so a resumed run draws exactly the same batches and
-        # dropout masks as an uninterrupted one.
-        rng = np.random.default_rng([seed, it])
-        torch.manual_seed(seed * 1_000_003 + it + 1_000_000_007 * distributed.rank())  # each rank its own masks
-        idx, _ = sample_windows(train_pool.fg, train_pool.bg, batch_size, float(fcfg.fg_fraction), rng)
+    def step(s: Step) -> dict | None:
+        it = s.number
+        lr = lr_at(it - 1, float(fcfg.lr), [int(v) for v in fcfg.lr_steps], float(fcfg.lr_gamma))
+        idx, _ = sample_minibatch(train_pool.fg, train_pool.bg, batch_size, float(fcfg.fg_fraction), s.rng)
         x, y = train_pool.batch(idx)
         if distributed.active():  # this rank's rows of the same batch; averaged gradients = the whole batch's
-            x, y = x[share], y[share]
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum") * scale
+            loss = F.cross_entropy(model(x[share].to(device)), y[share].to(device), reduction="sum") * scale
         else:
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
-            raise UserError(f"finetune: the loss became {loss.item()} at iteration {it}; lower finetune.lr (now {fcfg.lr})")
-        running = loss.item() if it == 1 else 0.98 * running + 0.02 * loss.item()  # smoothed, for the log
+        sgd_step(optimizer, loss, lr, "finetune", f"iteration {it}", f"finetune.lr (now {fcfg.lr})")
+        validate.running = loss.item() if it == 1 else 0.98 * validate.running + 0.02 * loss.item()
+        bar.update()
         if it % 50 == 0:
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr:.2g}")
-        if (it % val_every == 0 or it == iterations) and len(val_idx):
-            entry = {"iteration": it, **evaluate_fn(net, val_pool, val_idx, device), "train_loss": running, "lr": lr}
-            if seconds is not None:
-                seconds.append(time.perf_counter() - since)
-            since = time.perf_counter()
-            history.append(entry)
-            improved = entry["loss"] < best["loss"]
-            if improved:
-                best = {"iteration": it, "loss": entry["loss"], "accuracy": entry["accuracy"], "state": _clone_state(net)}
-            log.info("finetune: iteration %d: train loss %.4f, validation loss %.4f, accuracy %.3f%s",
-                     it, running, entry["loss"], entry["accuracy"], " (best so far)" if improved else "")
-        if main and state_path is not None and (it % checkpoint_every == 0) and it < iterations:
-            io.save_torch({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                           "history": history, "best": best, "settings": settings, "running": running,
-                           "torch_rng": torch.get_rng_state()}, state_path)
-        if on_iteration is not None:
-            on_iteration(it, net)
+            bar.set_postfix(loss=f"{validate.running:.3f}", lr=f"{lr:.2g}")
+        return validate(it, lr) if (it % int(fcfg.val_every) == 0 or it == iterations) and len(val_idx) else None
+
+    history = loop.run(step, done, history)
     bar.close()
+    return keep_best(net, validate.best, iterations, history)
+
+
+def keep_best(net: FCClassifier, best: dict, iterations: int, history: list[dict]) -> dict:
+    """Load the snapshot with the lowest validation loss into ``net`` (the last weights when nothing
+    was validated) and return ``train_fc``'s result."""
     if best["state"] is None:
         log.warning("finetune: no validation windows (empty validation split?): keeping the last iteration's "
                     "weights, not a snapshot chosen on validation")
@@ -336,35 +317,6 @@ def train_fc(
 # --------------------------------------------------------------------------------------------
 
 
-def backbone_source(cfg: DictConfig) -> Path | None:
-    """Where the conv weights come from: ``model.backbone_checkpoint``, else ``work_dir/pretrain.pt``
-    when it exists and no ImageNet weights are configured; None = the model's own initialisation."""
-    if cfg.model.get("backbone_checkpoint"):
-        path = Path(cfg.model.backbone_checkpoint)
-        if not path.is_file():
-            raise UserError(f"model.backbone_checkpoint={path}: file not found")
-        return path
-    pretrain = Path(cfg.work_dir) / "pretrain.pt"
-    if pretrain.is_file() and not cfg.model.get("weights"):
-        return pretrain
-    return None
-
-
-def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) -> None:
-    """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
-    the backbone needs ``model.weights``, ``model.backbone_checkpoint``, a ``pretrain.pt`` in
-    ``work_dir`` or pretraining planned. ``allow_random_backbone=true`` opts out (tests)."""
-    if cfg.model.get("weights") or pretrain_planned or backbone_source(cfg) is not None \
-            or cfg.get("allow_random_backbone", False):
-        return
-    raise UserError(f"model.backbone={cfg.model.backbone} has neither pretrained weights nor pretraining: its conv "
-                    "layers are random and detection would learn nothing. Use an ImageNet backbone (the default "
-                    "model=efficientnet_lite0 needs no download; or model.weights=IMAGENET1K_V1 / a weights file), "
-                    "pretrain it (pretrain.enabled=true, e.g. pretrain.source=image_folder "
-                    "pretrain.image_folder=/path/to/imagenet/train), or give model.backbone_checkpoint=pretrain.pt "
-                    "(allow_random_backbone=true trains on random conv layers anyway)")
-
-
 STAGE = declare.Stage(
     "finetune", ARTIFACT, reads=("finetune", "model", *declare.TRAINING_DATA, "seed"),
     consumes=("backbone", "proposals"),  # the backbone file's bytes count, not its name
@@ -376,37 +328,25 @@ def settings_key(cfg: DictConfig, source: Path | None) -> str:
     return declare.settings_key(cfg, STAGE, {"backbone": source, "proposals": declare.proposals_cache(cfg.proposals)})
 
 
-def build_finetune_model(cfg: DictConfig, source: Path | None):
-    """The SPPNet with its backbone from ``source`` (checked against the config) and fc6/fc7 from
-    the pretrain head when the shapes match."""
-    from spp_det.model import build_model
-
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    head_state = None
-    if source is not None:
-        ckpt = io.load_torch(source)
-        if not isinstance(ckpt, dict) or "backbone" not in ckpt:
-            raise UserError(f"{source}: not a pretrain checkpoint (no 'backbone' entry)")
-        io.check_checkpoint(ckpt.get("meta", {}), cfg, source)
-        model_cfg["backbone_checkpoint"] = str(source)
-        head_state = ckpt.get("head")
-    model = build_model(OmegaConf.create(model_cfg))
-    if head_state is not None:
-        own = model.head.state_dict()
-        if all(k in head_state and head_state[k].shape == v.shape for k, v in own.items()):
-            model.head.load_state_dict(head_state)
-            log.info("finetune: fc6/fc7 initialised from the pretrain head in %s", source)
-        else:
-            log.info("finetune: %s head shapes differ from model.fc_dim; fc6/fc7 start fresh", source)
-    return model
+def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
+    """The pooled windows of the training split (with its mirrors when ``data.flip``) and of the
+    validation split, from the conv5 cache the features stage fills (``build_pool``)."""
+    train, val = train_val_split(cfg.data)
+    proposals = load_proposals(train + val, cfg.proposals, cfg.cache_dir,  # shared with the proposals stage
+                               workers=int(cfg.get("num_workers", 0)), progress=True)
+    if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
+        train = train + [r.flip() for r in train]
+    cache = FeatureCache(cfg.cache_dir, model)
+    use_difficult, seed = bool(cfg.data.get("use_difficult", False)), int(cfg.seed)
+    store = Path(cfg.cache_dir) / "finetune_pool5"
+    return (build_pool(model, cache, train, proposals, cfg.finetune, use_difficult, seed, device, store,
+                       io.hash_settings([settings, "train"]), "training"),
+            build_pool(model, cache, val, proposals, cfg.finetune, use_difficult, seed, device, store,
+                       io.hash_settings([settings, "val"]), "validation"))
 
 
 def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
     """Fine-tune fc6, fc7 and fc8 (see the module docstring); writes ``work_dir/finetune.pt``."""
-    from spp_det.data.voc import train_val_split
-    from spp_det.features.cache import FeatureCache
-    from spp_det.proposals import load_proposals
-
     fcfg = cfg.finetune
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
@@ -429,19 +369,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     model = build_finetune_model(cfg, source).to(device)
     model.eval()
 
-    train, val = train_val_split(cfg.data)
-    proposals = load_proposals(train + val, cfg.proposals, cfg.cache_dir,  # shared with the proposals stage
-                               workers=int(cfg.get("num_workers", 0)), progress=True)
-    if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
-        train = train + [r.flip() for r in train]
-    cache = FeatureCache(cfg.cache_dir, model)  # the same cache the features stage fills
-    use_difficult = bool(cfg.data.get("use_difficult", False))
-    store = Path(cfg.cache_dir) / "finetune_pool5"
-    train_pool = build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,
-                            io.hash_settings([settings, "train"]), "training")
-    val_pool = build_pool(model, cache, val, proposals, fcfg, use_difficult, seed, device, store,
-                          io.hash_settings([settings, "val"]), "validation")
-
+    train_pool, val_pool = split_pools(cfg, model, settings, device)
     num_classes = len(cfg.data.classes) + 1
     net = FCClassifier(copy.deepcopy(model.head), new_fc8(model.head.out_dim, num_classes, float(fcfg.fc8_std)))
     seconds: list[float] = []

@@ -37,100 +37,25 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
-from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
+from spp_det.features.cache import FeatureCache
+from spp_det.model import load_finetuned_model
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
 from spp_det.stages import declare
 from spp_det.stages.curves import record_history
+from spp_det.training.windows import svm_windows, training_records, window_features
 
 log = logging.getLogger(__name__)
 
 ARTIFACT = "svm.pt"
-FINETUNE = "finetune.pt"
 # keys of cached negatives: image index * KEY_STRIDE + window index (an image has < 2^20 windows)
 KEY_STRIDE = 1 << 20
-
-
-def load_finetuned_model(cfg: DictConfig, device: torch.device):
-    """The fine-tuned ``SPPNet`` from ``work_dir/finetune.pt`` in eval mode on ``device``, and
-    that file's path. The network is built with ``weights=None`` (the checkpoint holds every
-    weight, so nothing is downloaded) and checked against the config's classes and network."""
-    from spp_det.model import build_model
-
-    path = Path(cfg.work_dir) / FINETUNE
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run `spp-det finetune` (or `spp-det train`) with this work_dir first")
-    try:
-        state = io.load_torch(path)
-    except Exception as exc:  # corrupt, truncated or not a torch file
-        raise UserError(f"{path}: cannot read the fine-tuned checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise UserError(f"{path}: not a fine-tuning checkpoint (expected a dict with 'state_dict')")
-    io.check_checkpoint(state.get("meta", {}), cfg, path)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.update(weights=None, backbone_checkpoint=None)  # every weight comes from the checkpoint
-    model = build_model(OmegaConf.create(model_cfg))
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit the configured model: {exc}") from None
-    return model.to(device).eval(), path
-
-
-def training_records(cfg: DictConfig, flip: bool):
-    """Records of ``data.train_split`` (plus mirrors when ``flip``) and their proposals."""
-    from spp_det.data.voc import load_split
-    from spp_det.proposals import load_proposals
-
-    records = load_split(cfg.data, cfg.data.train_split)
-    proposals = load_proposals(records, cfg.proposals, cfg.cache_dir,
-                               workers=int(cfg.get("num_workers", 0)), progress=True)
-    if flip:
-        records = records + [r.flip() for r in records]
-    return records, proposals
-
-
-def image_windows(record, proposals: np.ndarray, num_classes: int, use_difficult: bool):
-    """Windows of one image and their overlaps with the ground truth.
-
-    Returns ``windows`` ``float32 [W, 4]`` (every ground-truth box first, then the proposals),
-    ``positive`` ``bool [W]`` (a ground-truth box trained on: not difficult unless
-    ``use_difficult``), ``overlaps`` ``float32 [W, K]`` (max IoU with any box of class k, difficult
-    ones included; 0 when the image has none of k). Column k is class k + 1.
-    """
-    gt = np.asarray(record.boxes, np.float32).reshape(-1, 4)
-    windows = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
-    positive = np.zeros(len(windows), bool)
-    positive[: len(gt)] = True if use_difficult else ~np.asarray(record.difficult, bool)
-    overlaps = np.zeros((len(windows), num_classes), np.float32)
-    if len(gt):
-        iou = box_iou(windows, gt)  # [W, G]
-        for c in np.unique(record.labels):
-            overlaps[:, c - 1] = iou[:, record.labels == c].max(axis=1)
-    return windows, positive, overlaps
-
-
-@torch.no_grad()
-def window_features(model, maps, record, windows: np.ndarray, batch: int, layer: str = "fc7") -> torch.Tensor:
-    """``pool5`` or ``fc7`` features ``float32 [W, D]`` (CPU) of ``windows`` ``[W, 4]`` of one image,
-    from its conv5 ``maps``, ``batch`` windows at a time."""
-    device = model.device
-    maps = [m.to(device=device, dtype=torch.float32) for m in maps]
-    dim = model.pool5_dim if layer == "pool5" else model.head.out_dim
-    out = torch.empty((len(windows), dim))
-    for start in range(0, len(windows), batch):
-        chunk = torch.from_numpy(windows[start:start + batch]).to(device)
-        feats = model.pool5(maps, image_hw=(record.height, record.width), windows=chunk)
-        if layer == "fc7":
-            feats = model.fc7(feats)
-        out[start:start + len(chunk)] = feats.float().cpu()
-    return out
 
 
 def trivial_objective(positives: int, settings: SVMSettings) -> float:
@@ -167,8 +92,6 @@ def outcome(svm: ClassSVM) -> SimpleNamespace:
 
 def run(cfg: DictConfig) -> int:
     """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
-    from spp_det.features.cache import FeatureCache
-
     scfg = cfg.svm
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -192,7 +115,7 @@ def run(cfg: DictConfig) -> int:
     norms = NormMeter()
     scale_images, scale_windows = int(scfg.scale_images), int(scfg.scale_windows)
     for i, rec in enumerate(tqdm(records, desc="svm: positives", unit="image")):
-        windows, positive, _ = image_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+        windows, positive, _ = svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
         pos_idx = np.flatnonzero(positive)
         sample = rng.permutation(len(windows))[:scale_windows] if i < scale_images else np.zeros(0, np.int64)
         wanted = np.concatenate([pos_idx, sample])
@@ -219,7 +142,7 @@ def run(cfg: DictConfig) -> int:
     for epoch in range(epochs if svms else 0):
         bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
         for i, rec in enumerate(bar):
-            windows, _, overlaps = image_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+            windows, _, overlaps = svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
             negative = overlaps < float(scfg.neg_iou)  # [W, K]
             candidate = np.flatnonzero(negative.any(axis=1))
             if len(candidate):

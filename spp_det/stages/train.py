@@ -65,7 +65,7 @@ def pretrain_wanted(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig) -> int:
-    from spp_det.stages.finetune import require_trained_backbone
+    from spp_det.model import require_trained_backbone
 
     require_trained_backbone(cfg, pretrain_planned=pretrain_wanted(cfg))  # before any work
     work_dir = Path(cfg.work_dir)

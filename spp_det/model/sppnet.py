@@ -1,10 +1,13 @@
 """SPP-net: conv5 once per image and scale, a pyramid vector per window, fc6 -> fc7.
 
-    image ─► resize to each scale ─► backbone ─► conv5 maps            (SPPNet.conv5)
-    window ─► best scale ─► project onto conv5 ─► pyramid pooling      (SPPNet.pool5)
+    image ─► resize to each scale ─► backbone ─► conv5 maps            (SPPNet.conv5; one scale: conv5_at)
+    window ─► best scale ─► project onto conv5 ─► pyramid pooling      (SPPNet.pool5; one scale: pool5_at)
     pool5 ─► fc6 ─► ReLU ─► Dropout ─► fc7 ─► ReLU ─► Dropout           (SPPNet.fc7)
 
-The model owns tensors only: no losses in ``forward``, no file I/O (stages and caches do that).
+``conv5_at`` and ``pool5_at`` are the single-scale steps, differentiable (window pretraining trains
+the conv layers through them); ``conv5`` / ``pool5`` run them over every scale. The model owns
+tensors only: no losses in ``forward``, no file I/O (``spp_det.model.build`` loads weights; stages
+and caches do the rest).
 """
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from spp_det.errors import UserError
-from spp_det.features.backbones import Backbone, build_backbone
+from spp_det.features.backbones import Backbone
 from spp_det.features.projection import RULES, project_windows
-from spp_det.features.scales import best_scale, resize_image, scale_windows, scaled_sizes
-from spp_det.ops import SpatialPyramidPool, spatial_pyramid_pool
+from spp_det.features.scales import ScaledSize, best_scale, resize_image, scale_windows, scaled_sizes
+from spp_det.ops import SpatialPyramidPool
 
 
 class FCHead(nn.Module):
@@ -45,6 +48,15 @@ class FCHead(nn.Module):
 
     def forward(self, pool5: Tensor) -> Tensor:
         return self.drop7(self.relu7(self.fc7(self.drop6(self.relu6(self.fc6(pool5))))))
+
+
+def new_fc8(in_dim: int, num_classes: int, std: float = 0.01) -> nn.Linear:
+    """A new classifier layer on fc7 (fine-tuning's (K+1)-way fc8, pretraining's classifier):
+    weights N(0, std) (0.01 in the paper), bias 0."""
+    fc8 = nn.Linear(in_dim, num_classes)
+    nn.init.normal_(fc8.weight, std=std)
+    nn.init.zeros_(fc8.bias)
+    return fc8
 
 
 class SPPNet(nn.Module):
@@ -85,8 +97,29 @@ class SPPNet(nn.Module):
         maps: dict[tuple[int, int], Tensor] = {}
         for size in sizes:
             if (size.height, size.width) not in maps:
-                maps[size.height, size.width] = self.backbone(self.backbone.normalize(resize_image(image, size)))
+                maps[size.height, size.width] = self.conv5_at(image, size)
         return [maps[size.height, size.width] for size in sizes]
+
+    def conv5_at(self, image: np.ndarray, size: ScaledSize) -> Tensor:
+        """RGB ``uint8 [H, W, 3]`` resized to ``size`` -> its conv5 map ``Tensor[1, C, h, w]`` (with
+        gradients when enabled)."""
+        return self.backbone(self.backbone.normalize(resize_image(image, size)))
+
+    def pool5_at(self, fmap: Tensor, windows: Tensor, size: ScaledSize | None = None,
+                 batch_index: Tensor | None = None) -> Tensor:
+        """Pyramid vectors ``Tensor[K, pool5_dim]`` of ``windows`` ``float Tensor[K, 4]`` on ONE scale's
+        conv5 maps ``fmap`` ``Tensor[B, C, h, w]``, differentiable w.r.t. ``fmap``.
+
+        ``windows`` are image pixels scaled by ``size`` onto the map's input (None: already in the
+        input's pixels), projected by ``projection``; ``batch_index`` ``[K]`` names each window's map
+        (None: map 0).
+        """
+        if size is not None:
+            windows = scale_windows(windows, size)
+        cells = project_windows(windows, fmap.shape[-2:], self.backbone.stride, self.backbone.centre0,
+                                self.projection, self.backbone.release_shrink)
+        index = cells.new_zeros((cells.shape[0], 1)) if batch_index is None else batch_index.to(cells)[:, None]
+        return self.pyramid(fmap, torch.cat([index, cells], dim=1))
 
     def pool5(self, conv5_maps: Sequence[Tensor], image_hw: tuple[int, int], windows) -> Tensor:
         """Pyramid vectors ``Tensor[K, pool5_dim]`` of image windows ``[K, 4]`` (image pixels).
@@ -108,11 +141,7 @@ class SPPNet(nn.Module):
             chosen = (scale_of == s).nonzero().flatten()
             if chosen.numel() == 0:
                 continue
-            fmap = fmap.to(device=device, dtype=dtype)
-            cells = project_windows(scale_windows(windows[chosen], size), fmap.shape[-2:], self.backbone.stride,
-                                    self.backbone.centre0, self.projection, self.backbone.release_shrink)
-            cells = torch.cat([cells.new_zeros((cells.shape[0], 1)), cells], dim=1)  # batch index 0
-            out[chosen] = self.pyramid(fmap, cells)
+            out[chosen] = self.pool5_at(fmap.to(device=device, dtype=dtype), windows[chosen], size)
         return out
 
     def fc7(self, pool5: Tensor) -> Tensor:
@@ -136,39 +165,3 @@ class SPPNet(nn.Module):
         finally:
             self.train(was_training)
         return pool5, fc7
-
-
-def load_backbone_checkpoint(backbone: Backbone, path) -> None:
-    """Load ``{"backbone": state_dict}`` (``spp-det pretrain``'s ``pretrain.pt``) into ``backbone``."""
-    from pathlib import Path
-
-    from spp_det.io import load_torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: model.backbone_checkpoint not found")
-    try:
-        state = load_torch(path)
-    except Exception as exc:  # a corrupt or foreign file
-        raise UserError(f"{path}: cannot read backbone checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "backbone" not in state:
-        raise UserError(f"{path}: not a backbone checkpoint (expected a dict with key 'backbone')")
-    try:
-        backbone.load_state_dict(state["backbone"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: backbone weights do not fit this model.backbone/model.width: {exc}") from None
-
-
-def build_model(model_cfg) -> SPPNet:
-    """``SPPNet`` from the ``model`` config group (``weights`` via torchvision enums, or
-    ``backbone_checkpoint``; ``weights=None`` initialises randomly and downloads nothing)."""
-    backbone = build_backbone(model_cfg)
-    if model_cfg.get("backbone_checkpoint"):
-        load_backbone_checkpoint(backbone, model_cfg.backbone_checkpoint)
-    pyramid = SpatialPyramidPool([int(n) for n in model_cfg.pyramid_levels])
-    head = FCHead(pyramid.out_dim(backbone.out_channels), int(model_cfg.fc_dim), float(model_cfg.dropout))
-    return SPPNet(backbone, pyramid, head, scales=list(model_cfg.scales), max_size=model_cfg.get("max_size"),
-                  best_scale_area=float(model_cfg.best_scale_area), projection=str(model_cfg.projection))
-
-
-__all__ = ["FCHead", "SPPNet", "build_model", "load_backbone_checkpoint", "spatial_pyramid_pool"]
