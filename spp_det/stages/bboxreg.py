@@ -80,23 +80,14 @@ class Reservoir:
         return self._parts[0]
 
 
-def run(cfg: DictConfig) -> int:
-    """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
+def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) -> tuple[list[Reservoir], float]:
+    """One pass over ``records``: each class's training examples (pool5 features, proposal, target
+    box; at most ``bboxreg.max_per_class``, a uniform sample) and the global pool5 feature scale."""
     bcfg = cfg.bboxreg
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model, finetune_path = load_finetuned_model(cfg, device)
-    artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path, STAGE)
-    if io.artifact_is_current(artifact, key):
-        log.info("bboxreg: %s is current; skipped", artifact)
-        return 0
     classes = list(cfg.data.classes)
     use_difficult = bool(cfg.data.get("use_difficult", False))
     batch = int(bcfg.window_batch)
     cap = int(bcfg.max_per_class) if bcfg.get("max_per_class") else None
-    records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
-    cache = FeatureCache(cfg.cache_dir, model)
     rng = np.random.default_rng(int(cfg.seed))
     reservoirs = [Reservoir(cap, np.random.default_rng([int(cfg.seed), k])) for k in range(len(classes))]
     norms = NormMeter()
@@ -114,7 +105,23 @@ def run(cfg: DictConfig) -> int:
         for k in np.unique(labels):
             sel = torch.from_numpy(np.flatnonzero(labels == k))
             reservoirs[k - 1].add(feats[sel], torch.from_numpy(windows)[sel], torch.from_numpy(targets)[sel])
-    scale = feature_scale(norms.mean, float(bcfg.feature_norm))
+    return reservoirs, feature_scale(norms.mean, float(bcfg.feature_norm))
+
+
+def run(cfg: DictConfig) -> int:
+    """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
+    bcfg = cfg.bboxreg
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, finetune_path = load_finetuned_model(cfg, device)
+    artifact = Path(cfg.work_dir) / ARTIFACT
+    key = settings_key(cfg, finetune_path, STAGE)
+    if io.artifact_is_current(artifact, key):
+        log.info("bboxreg: %s is current; skipped", artifact)
+        return 0
+    classes = list(cfg.data.classes)
+    records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
+    reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model), records, proposals)
 
     dim = int(model.pool5_dim)
     weight = torch.zeros(len(classes), dim + 1, 4)

@@ -3,12 +3,14 @@
 This is how a user without ImageNet weights (offline, or with a new kind of imagery) gets a
 backbone. With ImageNet weights (``model.weights``) it is skipped. By ``pretrain.source``:
 
-| source | phase module | what trains |
-|---|---|---|
-| ``voc_crops`` | ``pretrain_crops`` | the paper's multi-size SPP classifier (Sec. 2.3, 3.1) on object crops of the training split (every non-difficult object padded by ``crop_context``, plus random background crops with IoU < 0.3 to every object) |
-| ``image_folder`` | ``pretrain_crops`` | the same on a class-per-folder image set |
-| ``windows`` | ``pretrain_windows`` | not the paper: windows pooled from conv5 of whole images as detection pools proposals |
-| ``crops+windows`` | both | ``voc_crops`` first (``work_dir/pretrain_crops.pt``), then ``windows`` starting from those weights |
+* ``voc_crops`` (``pretrain_crops``): the paper's multi-size SPP classifier (Sec. 2.3, 3.1) on
+  object crops of the training split: every non-difficult object padded by ``crop_context``, plus
+  random background crops with IoU < 0.3 to every object;
+* ``image_folder`` (``pretrain_crops``): the same on a class-per-folder image set;
+* ``windows`` (``pretrain_windows``, not the paper): windows pooled from conv5 of whole images as
+  detection pools proposals;
+* ``crops+windows`` (both): ``voc_crops`` first (``work_dir/pretrain_crops.pt``), then ``windows``
+  starting from those weights.
 
 ``pretrain.train_split`` may name a split detection never trains on (the demo's extra synthetic
 ``pretrain`` images, standing in for ImageNet).

@@ -137,10 +137,11 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
             total += loss.item()
             count += 1
             bar.set_postfix(loss=f"{total / count:.3f}")
-        last = b == blocks - 1
+        # held-out accuracy after the last block only
+        val_acc = window_accuracy(trainer, val_records, pcfg, seed, use_difficult, proposals) if b == blocks - 1 \
+            else None
         entry = {"epoch": b, "iteration": min(iterations, (b + 1) * every), "lr": lr, "loss": total / max(count, 1),
-                 "val_acc": window_accuracy(trainer, val_records, pcfg, seed, use_difficult, proposals) if last else None,
-                 "seconds": time.perf_counter() - t0}
+                 "val_acc": val_acc, "seconds": time.perf_counter() - t0}
         log.info("pretrain windows: iteration %d/%d, lr %.4g, loss %.4f, held-out window accuracy %s (%.1f s)",
                  entry["iteration"], iterations, lr, entry["loss"],
                  "-" if entry["val_acc"] is None else f"{entry['val_acc']:.3f}", entry["seconds"])

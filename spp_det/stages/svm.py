@@ -90,38 +90,22 @@ def outcome(svm: ClassSVM) -> SimpleNamespace:
                            total_evicted=svm.total_evicted, retrains=svm.retrains)
 
 
-def run(cfg: DictConfig) -> int:
-    """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
-    scfg = cfg.svm
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model, finetune_path = load_finetuned_model(cfg, device)
-    artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path)
-    if io.artifact_is_current(artifact, key):
-        log.info("svm: %s is current; skipped", artifact)
-        return 0
-    settings = SVMSettings.from_cfg(scfg)
-    classes = list(cfg.data.classes)
-    num_classes = len(classes)
-    use_difficult = bool(cfg.data.get("use_difficult", False))
-    batch = int(scfg.window_batch)
-    records, proposals = training_records(cfg, bool(scfg.get("flip", False)))
-    cache = FeatureCache(cfg.cache_dir, model)
+def positives_and_scale(cfg: DictConfig, model, cache, records, windows_of) -> tuple[list[torch.Tensor], float]:
+    """Pass 1: the unscaled fc7 features ``[P_k, D]`` of each class's positives (its ground-truth
+    boxes) and the global feature scale (mean norm of a sample of windows -> ``svm.feature_norm``)."""
+    scfg, classes = cfg.svm, list(cfg.data.classes)
     rng = np.random.default_rng(int(cfg.seed))
-
-    # pass 1: positives (unscaled fc7 of ground-truth boxes) and the feature scale
     positives: list[list[torch.Tensor]] = [[] for _ in classes]
     norms = NormMeter()
     scale_images, scale_windows = int(scfg.scale_images), int(scfg.scale_windows)
     for i, rec in enumerate(tqdm(records, desc="svm: positives", unit="image")):
-        windows, positive, _ = svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+        windows, positive, _ = windows_of(rec)
         pos_idx = np.flatnonzero(positive)
         sample = rng.permutation(len(windows))[:scale_windows] if i < scale_images else np.zeros(0, np.int64)
         wanted = np.concatenate([pos_idx, sample])
         if not len(wanted):
             continue
-        feats = window_features(model, cache.conv5(rec), rec, windows[wanted], batch)
+        feats = window_features(model, cache.conv5(rec), rec, windows[wanted], int(scfg.window_batch))
         for j, idx in enumerate(pos_idx):
             positives[int(rec.labels[idx]) - 1].append(feats[j:j + 1])
         norms.update(feats[len(pos_idx):])
@@ -133,20 +117,24 @@ def run(cfg: DictConfig) -> int:
     scale = feature_scale(norms.mean, float(scfg.feature_norm))
     log.info("svm: fc7 mean norm %.3f over %d windows -> feature scale %.5f; positives per class: %s",
              norms.mean, norms.count, scale, {c: sum(len(t) for t in p) for c, p in zip(classes, positives)})
-    mine = distributed.shard(range(num_classes))  # this rank's classes (all of them in one process)
-    svms = [ClassSVM(classes[k], torch.cat(positives[k]) * scale, settings, device) for k in mine]
-    del positives
+    return [torch.cat(p) for p in positives], scale
 
-    # pass 2: hard-negative mining
+
+def mine_hard_negatives(scfg, model, cache, records, windows_of, svms: list[ClassSVM], mine: list[int],
+                        num_classes: int, scale: float) -> None:
+    """Pass 2: ``svm.epochs`` passes over ``records`` offering each class's SVM (this rank's classes
+    ``mine``) the negatives it scores above the hard threshold; an SVM retrains when enough were
+    added, and once more at the end when any were (R-CNN's hard-negative mining)."""
     epochs = int(scfg.epochs)
     for epoch in range(epochs if svms else 0):
         bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
         for i, rec in enumerate(bar):
-            windows, _, overlaps = svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+            windows, _, overlaps = windows_of(rec)
             negative = overlaps < float(scfg.neg_iou)  # [W, K]
             candidate = np.flatnonzero(negative.any(axis=1))
             if len(candidate):
-                feats = window_features(model, cache.conv5(rec), rec, windows[candidate], batch) * scale
+                feats = window_features(model, cache.conv5(rec), rec, windows[candidate], int(scfg.window_batch))
+                feats = feats * scale
                 # [K, D] with zero rows for other ranks' classes (torchrun): a product of the same shape as
                 # in one process rounds each class's column the same way, so the same negatives are mined
                 weight, bias = torch.zeros(num_classes, feats.shape[1]), torch.zeros(num_classes)
@@ -162,18 +150,10 @@ def run(cfg: DictConfig) -> int:
                 if svm.needs_training() or (last and svm.num_added > 0):
                     svm.retrain()
             bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
-    # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
-    done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
-    svms = [done[k] for k in range(num_classes)]
-    untrained = [s.name for s in svms if not s.trained]
-    if untrained:
-        raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
-                        f"{cfg.data.train_split!r}; need images with proposals away from those objects")
 
-    record_history(cfg, "svm", [  # one row per retraining of each class's SVM during the mining
-        {"step": j, "class": s.name, "loss": h["objective"], "pos_loss": h["pos_loss"], "neg_loss": h["neg_loss"],
-         "reg_loss": h["reg_loss"], "negatives": h["negatives"], "evicted": h["evicted"], "seconds": h["seconds"]}
-        for s in svms for j, h in enumerate(s.history, start=1)])
+
+def log_outcome(svms: list[SimpleNamespace], settings: SVMSettings) -> dict:
+    """Per-class statistics for the artifact (logged), with a warning for SVMs near the trivial solution."""
     stats = {}
     for s in svms:
         last = s.history[-1]
@@ -188,6 +168,48 @@ def run(cfg: DictConfig) -> int:
                     "its %s): fc7 barely separates these classes at svm.C=%g: %s. Their scores rank windows "
                     "poorly; stronger features (pretraining, finetune) or a larger svm.C help", len(trivial), len(svms),
                     "2 C w1 P", settings.C, ", ".join(trivial))
+    return stats
+
+
+def run(cfg: DictConfig) -> int:
+    """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
+    scfg = cfg.svm
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, finetune_path = load_finetuned_model(cfg, device)
+    artifact = Path(cfg.work_dir) / ARTIFACT
+    key = settings_key(cfg, finetune_path)
+    if io.artifact_is_current(artifact, key):
+        log.info("svm: %s is current; skipped", artifact)
+        return 0
+    settings = SVMSettings.from_cfg(scfg)
+    classes = list(cfg.data.classes)
+    num_classes = len(classes)
+    use_difficult = bool(cfg.data.get("use_difficult", False))
+    records, proposals = training_records(cfg, bool(scfg.get("flip", False)))
+    cache = FeatureCache(cfg.cache_dir, model)
+
+    def windows_of(rec):
+        return svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+
+    positives, scale = positives_and_scale(cfg, model, cache, records, windows_of)
+    mine = distributed.shard(range(num_classes))  # this rank's classes (all of them in one process)
+    svms = [ClassSVM(classes[k], positives[k] * scale, settings, device) for k in mine]
+    del positives
+    mine_hard_negatives(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale)
+    # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
+    done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
+    svms = [done[k] for k in range(num_classes)]
+    untrained = [s.name for s in svms if not s.trained]
+    if untrained:
+        raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
+                        f"{cfg.data.train_split!r}; need images with proposals away from those objects")
+
+    record_history(cfg, "svm", [  # one row per retraining of each class's SVM during the mining
+        {"step": j, "class": s.name, "loss": h["objective"], "pos_loss": h["pos_loss"], "neg_loss": h["neg_loss"],
+         "reg_loss": h["reg_loss"], "negatives": h["negatives"], "evicted": h["evicted"], "seconds": h["seconds"]}
+        for s in svms for j, h in enumerate(s.history, start=1)])
+    stats = log_outcome(svms, settings)
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         meta = {**io.checkpoint_meta(cfg), "settings": key}
         io.save_torch({"weight": torch.stack([s.w for s in svms]).float(),
