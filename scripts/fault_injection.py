@@ -9,8 +9,11 @@ uninterrupted runs give the same bits):
 1. an uninterrupted reference run (its own work and cache directories), timing each stage;
 2. an interrupted run: for every stage in turn, ``--kills / 6`` times, ``spp-det train`` is started
    (resuming whatever the killed runs left), and killed with SIGKILL (its whole process group) at a
-   random moment of that stage (uniform over the reference run's duration of the stage, counted from
-   the stage's "==> stage" log line); after every kill each file the run left is loaded
+   random moment of that stage (uniform over 0.6 x what the killed runs have not yet spent of the
+   reference run's duration of the stage, counted from the stage's "==> stage" log line: stage
+   times vary with the load on the machine; a kill that comes after the stage ended lands in a
+   later one and is counted there); after every kill
+   each file the run left is loaded
    (``work_dir/*.pt``, proposals and conv5 cache entries): one that does not load is *corrupt*;
 3. the interrupted run is resumed to the end, and every tensor of every stage artifact
    (``pretrain*.pt``, ``finetune.pt``, ``svm.pt``, ``bboxreg.pt``, ``model.pt``) and every cache entry
@@ -76,9 +79,10 @@ def reference(root: Path) -> dict[str, float]:
     return {r["stage"]: float(r["seconds"]) for r in summary if r["stage"] in STAGES}
 
 
-def kill_during(root: Path, stage: str, seconds: float, rng: random.Random, n: int) -> str | None:
-    """Start the interrupted run and SIGKILL it a random moment into ``stage``; returns the stage
-    running when the signal came (None when the run finished first)."""
+def kill_during(root: Path, stage: str, seconds: float, rng: random.Random, n: int) -> tuple[str | None, float]:
+    """Start the interrupted run and SIGKILL it a random moment (uniform in ``[0, seconds)``) into
+    ``stage``; returns the stage running when the signal came (None when the run finished first)
+    and the seconds it had spent in ``stage``."""
     log = root / f"interrupted_{n:03d}.log"
     proc = start(root, "interrupted", log)
     delay, seen = rng.uniform(0.0, seconds), None
@@ -91,11 +95,11 @@ def kill_during(root: Path, stage: str, seconds: float, rng: random.Random, n: i
             current = running_stage(log)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return current
+            return current, (time.monotonic() - seen if seen is not None else 0.0)
         time.sleep(0.05)
     if proc.returncode != 0:
         sys.exit(f"interrupted run failed by itself: see {log}")
-    return None
+    return None, 0.0
 
 
 def files(run_dir: Path) -> dict[str, Path]:
@@ -172,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "synth").is_dir():
         subprocess.run(spp_det(root, "reference", "synth"), check=True, cwd=root, capture_output=True)
     seconds = reference(root)
-    rng, kills, corrupt = random.Random(args.seed), Counter(), []
+    rng, kills, corrupt, spent = random.Random(args.seed), Counter(), [], Counter()
     for n in range(args.kills):
         stage = STAGES[n * len(STAGES) // args.kills]  # evenly over the stages, in pipeline order
-        hit = kill_during(root, stage, seconds[stage], rng, n)
+        # a resumed stage has less left to do: aim within what the killed runs have not done yet
+        # (at least a fifth of the stage: stages without checkpoints start over)
+        left = 0.6 * max(seconds[stage] - spent[stage], 0.2 * seconds[stage])
+        hit, inside = kill_during(root, stage, left, rng, n)
+        spent[stage] += inside
         kills[hit or "finished"] += 1
         corrupt += corrupt_files(root / "interrupted")
         print(f"kill {n + 1}/{args.kills}: aimed at {stage}, landed in {hit}", flush=True)

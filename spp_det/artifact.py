@@ -6,7 +6,7 @@ dicts: never arbitrary pickles). Layout (format ``FORMAT``, version ``VERSION``)
 
     {"format": "spp-det-model", "version": 1,
      "classes": [K names], "config": the model config group as a dict (weights=None),
-     "scales": [shorter sides], "meta": checkpoint_meta,
+     "scales": [shorter sides], "meta": checkpoint_meta, "backbone_source": where the conv weights came from,
      "state_dict": SPPNet state_dict (backbone + fc6/fc7), "fc8": {"weight" [K+1, D], "bias" [K+1]},
      "svm": {"weight" [K, D], "bias" [K], "feature_scale": float},
      "bboxreg": {"weight" [K, D_pool5 + 1, 4], "feature_scale": float} or None}
@@ -67,6 +67,7 @@ def assemble(cfg: DictConfig) -> Path:
         "config": model_cfg,
         "scales": [int(s) for s in cfg.model.scales],
         "meta": io.checkpoint_meta(cfg),
+        "backbone_source": finetune.get("meta", {}).get("backbone_source"),  # recorded by finetune
         "state_dict": finetune["state_dict"],
         "fc8": finetune.get("fc8"),
         "svm": {"weight": svm["weight"], "bias": svm["bias"], "feature_scale": float(svm["feature_scale"])},

@@ -126,3 +126,23 @@ def test_the_architecture_doc_shows_every_declared_stage_as_declared():
         stages.append(importlib.import_module(module).STAGE)
     missing = [declare.table_row(s) for s in stages if declare.table_row(s) not in doc]
     assert not missing, "docs/ARCHITECTURE.md lacks (or has another version of) these rows:\n" + "\n".join(missing)
+
+
+def test_the_backbone_source_follows_the_config_not_the_files_in_work_dir(tmp_path):
+    from spp_det.errors import UserError
+    from spp_det.model import backbone_source, describe_backbone
+
+    def cfg(*extra):
+        return compose_config(["model=zf5_narrow", f"work_dir={tmp_path}", *extra])
+
+    with pytest.raises(UserError, match="spp-det pretrain"):  # pretraining configured but not run: said so
+        backbone_source(cfg("pretrain.enabled=true"))
+    (tmp_path / "pretrain.pt").write_bytes(b"left by an earlier run")
+    assert backbone_source(cfg("pretrain.enabled=true")) == tmp_path / "pretrain.pt"
+    assert backbone_source(cfg("pretrain.enabled=false")) is None  # not configured: the file is not used
+    assert backbone_source(cfg("pretrain.enabled=true", "model.weights=IMAGENET1K_V1")) is None
+    given = tmp_path / "mine.pt"
+    given.write_bytes(b"")
+    assert backbone_source(cfg("pretrain.enabled=true", f"model.backbone_checkpoint={given}")) == given
+    assert describe_backbone(cfg("model.weights=IMAGENET1K_V1"), None) == "model.weights=IMAGENET1K_V1"
+    assert describe_backbone(cfg(), None) == "random initialisation"

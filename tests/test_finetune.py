@@ -319,7 +319,7 @@ def test_a_killed_finetune_stage_resumes_to_the_same_artifact(stage, tmp_path):
 
 
 def test_a_pretrain_checkpoint_from_another_config_is_refused(stage, tmp_path):
-    cfg = stage()
+    cfg = stage("work", "pretrain.enabled=true")  # this config pretrains: finetune starts from work_dir/pretrain.pt
     other = {**finetune.io.checkpoint_meta(cfg), "classes": ["cat", "dog"]}
     finetune.io.save_torch({"backbone": {}, "meta": other}, tmp_path / "work" / "pretrain.pt")
     with pytest.raises(UserError, match="another configuration"):

@@ -92,26 +92,36 @@ def init_from_scratch(backbone: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
+def pretrain_configured(cfg: DictConfig) -> bool:
+    """Whether this config pretrains its own backbone (``pretrain.enabled`` and no ImageNet
+    ``model.weights``): then ``spp-det pretrain`` writes ``work_dir/pretrain.pt`` and finetune starts from it."""
+    return bool(cfg.pretrain.enabled) and not cfg.model.get("weights")
+
+
 def backbone_source(cfg: DictConfig) -> Path | None:
-    """Where the conv weights come from: ``model.backbone_checkpoint``, else ``work_dir/pretrain.pt``
-    when it exists and no ImageNet weights are configured; None = the model's own initialisation."""
+    """Where the conv weights come from, decided by the config, never by which files happen to
+    exist: ``model.backbone_checkpoint`` when given; else ``work_dir/pretrain.pt`` when pretraining
+    is configured (``pretrain_configured``; a clear error when it has not run); else None
+    (``model.weights``, or the model's own initialisation). Finetune records it in its artifact's meta."""
     if cfg.model.get("backbone_checkpoint"):
         path = Path(cfg.model.backbone_checkpoint)
         if not path.is_file():
             raise UserError(f"model.backbone_checkpoint={path}: file not found")
         return path
+    if not pretrain_configured(cfg):
+        return None
     pretrain = Path(cfg.work_dir) / PRETRAIN
-    if pretrain.is_file() and not cfg.model.get("weights"):
-        return pretrain
-    return None
+    if not pretrain.is_file():
+        raise UserError(f"{pretrain}: not found; this config pretrains the backbone (pretrain.enabled=true and no "
+                        "model.weights): run `spp-det pretrain` (or `spp-det train`) with this work_dir first")
+    return pretrain
 
 
 def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) -> None:
     """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
-    the backbone needs ``model.weights``, ``model.backbone_checkpoint``, a ``pretrain.pt`` in
-    ``work_dir`` or pretraining planned. ``allow_random_backbone=true`` opts out (tests)."""
-    if cfg.model.get("weights") or pretrain_planned or backbone_source(cfg) is not None \
-            or cfg.get("allow_random_backbone", False):
+    the backbone needs ``model.weights``, ``model.backbone_checkpoint`` or pretraining configured. ``allow_random_backbone=true`` opts out (tests)."""
+    if cfg.model.get("weights") or pretrain_planned or pretrain_configured(cfg) \
+            or cfg.model.get("backbone_checkpoint") or cfg.get("allow_random_backbone", False):
         return
     raise UserError(f"model.backbone={cfg.model.backbone} has neither pretrained weights nor pretraining: its conv "
                     "layers are random and detection would learn nothing. Use an ImageNet backbone (the default "
@@ -119,6 +129,14 @@ def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) ->
                     "pretrain it (pretrain.enabled=true, e.g. pretrain.source=image_folder "
                     "pretrain.image_folder=/path/to/imagenet/train), or give model.backbone_checkpoint=pretrain.pt "
                     "(allow_random_backbone=true trains on random conv layers anyway)")
+
+
+def describe_backbone(cfg: DictConfig, source: Path | None) -> str:
+    """Where the conv weights came from, as the artifacts record it: the backbone file, the
+    ImageNet ``model.weights``, or the model's own (random) initialisation."""
+    if source is not None:
+        return str(source)
+    return f"model.weights={cfg.model.weights}" if cfg.model.get("weights") else "random initialisation"
 
 
 def build_finetune_model(cfg: DictConfig, source: Path | None) -> SPPNet:

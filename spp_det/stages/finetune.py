@@ -56,7 +56,7 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
 from spp_det.features.cache import FeatureCache
-from spp_det.model import backbone_source, build_finetune_model, new_fc8, require_trained_backbone
+from spp_det.model import backbone_source, build_finetune_model, describe_backbone, new_fc8, require_trained_backbone
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
@@ -383,7 +383,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
 
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         model.head.load_state_dict(net.head.state_dict())
-        meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": str(source) if source else None}
+        meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": describe_backbone(cfg, source)}
         io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                        "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
                        "meta": meta, "val": val_result}, artifact)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from spp_det.cli import load_stage
 from spp_det.io import write_json
+from spp_det.model import pretrain_configured, require_trained_backbone
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
 from spp_det.stages.curves import RESULTS, history_dir
 
@@ -60,19 +61,13 @@ def run_stage(cfg: DictConfig, stage: str) -> tuple[float, float]:
     return seconds, peak_rss_mb()
 
 
-def pretrain_wanted(cfg: DictConfig) -> bool:
-    return bool(cfg.pretrain.enabled) and not cfg.model.weights
-
-
 def run(cfg: DictConfig) -> int:
-    from spp_det.model import require_trained_backbone
-
-    require_trained_backbone(cfg, pretrain_planned=pretrain_wanted(cfg))  # before any work
+    require_trained_backbone(cfg)  # before any work
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
     for stage in ("proposals", "pretrain", "features", "finetune", "svm", "bboxreg"):
-        if stage == "pretrain" and not pretrain_wanted(cfg):
+        if stage == "pretrain" and not pretrain_configured(cfg):
             why = "ImageNet weights given" if cfg.model.weights else "pretrain.enabled=false"
             results.append(StageResult(stage, f"skipped ({why})"))
             continue
