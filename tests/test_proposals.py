@@ -92,6 +92,17 @@ def test_passes_merge_every_run_in_turn():
     assert len(both) == len({tuple(x) for x in both})
 
 
+def test_default_multires_setting_finds_every_shape_within_the_box_budget():
+    # The paper's default (`~experiment`: configs/proposals/opencv_multires.yaml); its full-resolution
+    # pass groups without the colour similarity, so the shapes must still come out as whole regions.
+    cfg = compose_config(["~experiment"]).proposals
+    assert cfg.passes, "the default proposals setting should be the multi-pass one"
+    image, gt = shapes_image(256)
+    boxes = compute_proposals(image, cfg)
+    assert recall(gt, boxes, 0.7) == 1.0
+    assert 0 < len(boxes) <= cfg.max_boxes
+
+
 def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
     cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],
