@@ -31,7 +31,7 @@ def keys(overrides: dict, tmp_path: Path) -> dict[str, str]:
             "pretrain_windows": pretrain.settings_key(cfg, pretrain.WINDOWS),
             "finetune": finetune.settings_key(cfg, tmp_path / "pretrain.pt"),
             "svm": svm.settings_key(cfg, tmp_path / "finetune.pt"),
-            "bboxreg": svm.settings_key(cfg, tmp_path / "finetune.pt", bboxreg.STAGE)}
+            "bboxreg": bboxreg.settings_key(cfg, tmp_path / "finetune.pt")}
 
 
 @pytest.mark.parametrize("key", sorted(NOT_TRAINING))

@@ -30,17 +30,21 @@ from spp_det import distributed, io
 from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
-from spp_det.model import load_finetuned_model
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
 from spp_det.stages.curves import record_history
-from spp_det.stages.svm import head_stage, settings_key
+from spp_det.stages import heads
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
 
 log = logging.getLogger(__name__)
 
 ARTIFACT = "bboxreg.pt"
-STAGE = head_stage("bboxreg", ARTIFACT, "R-CNN appendix C (box regression)")
+STAGE = heads.head_stage("bboxreg", ARTIFACT, "R-CNN appendix C (box regression)")
+
+
+def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+    """``STAGE``'s settings key given the fine-tuned ``finetune_path`` (``spp_det.stages.heads``)."""
+    return heads.settings_key(cfg, STAGE, finetune_path)
 
 
 class Reservoir:
@@ -113,12 +117,10 @@ def run(cfg: DictConfig) -> int:
     bcfg = cfg.bboxreg
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model, finetune_path = load_finetuned_model(cfg, device)
-    artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path, STAGE)
-    if io.artifact_is_current(artifact, key):
-        log.info("bboxreg: %s is current; skipped", artifact)
+    started = heads.start(cfg, STAGE, device)
+    if started is None:
         return 0
+    model, artifact, key = started
     classes = list(cfg.data.classes)
     records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
     reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model), records, proposals)

@@ -44,10 +44,9 @@ from spp_det import distributed, io
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
-from spp_det.model import load_finetuned_model
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb, resolve_device
-from spp_det.stages import declare
+from spp_det.stages import heads
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
 
@@ -64,22 +63,12 @@ def trivial_objective(positives: int, settings: SVMSettings) -> float:
     return 2 * settings.C * settings.pos_weight * positives + 0.5 / settings.bias_multiplier ** 2
 
 
-def head_stage(name: str, artifact: str, paper: str) -> declare.Stage:
-    """The declaration of a head trained on the fine-tuned net (svm, bboxreg): its own group, the
-    model and training data; the fine-tuned weights' bytes (every weight comes from them) and the
-    proposals."""
-    return declare.Stage(name, artifact, reads=(name, "model", *declare.TRAINING_DATA, "seed"),
-                         consumes=("finetune", "proposals"),
-                         ignores=("model.weights", "model.backbone_checkpoint", *declare.NOT_TRAINING_DATA), paper=paper)
+STAGE = heads.head_stage("svm", ARTIFACT, "Sec. 4.1 SVMs (R-CNN hard-negative mining)")
 
 
-STAGE = head_stage("svm", ARTIFACT, "Sec. 4.1 SVMs (R-CNN hard-negative mining)")
-
-
-def settings_key(cfg: DictConfig, finetune_path: Path, stage: declare.Stage = STAGE) -> str:
-    """``stage``'s settings key (``spp_det.stages.declare``) given the fine-tuned ``finetune_path``."""
-    return declare.settings_key(cfg, stage, {"finetune": Path(finetune_path),
-                                             "proposals": declare.proposals_cache(cfg.proposals)})
+def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+    """``STAGE``'s settings key given the fine-tuned ``finetune_path`` (``spp_det.stages.heads``)."""
+    return heads.settings_key(cfg, STAGE, finetune_path)
 
 
 def outcome(svm: ClassSVM) -> SimpleNamespace:
@@ -176,12 +165,10 @@ def run(cfg: DictConfig) -> int:
     scfg = cfg.svm
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model, finetune_path = load_finetuned_model(cfg, device)
-    artifact = Path(cfg.work_dir) / ARTIFACT
-    key = settings_key(cfg, finetune_path)
-    if io.artifact_is_current(artifact, key):
-        log.info("svm: %s is current; skipped", artifact)
+    started = heads.start(cfg, STAGE, device)
+    if started is None:
         return 0
+    model, artifact, key = started
     settings = SVMSettings.from_cfg(scfg)
     classes = list(cfg.data.classes)
     num_classes = len(classes)

@@ -1,0 +1,42 @@
+"""What the two stages that train a head on the fine-tuned net (``svm``, ``bboxreg``) share: their
+declaration and the start of their run (the fine-tuned net, the settings key, the current check),
+so neither stage imports the other."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from spp_det import io
+from spp_det.model import SPPNet, load_finetuned_model
+from spp_det.stages import declare
+
+log = logging.getLogger(__name__)
+
+
+def head_stage(name: str, artifact: str, paper: str) -> declare.Stage:
+    """The declaration of a head trained on the fine-tuned net: its own group, the model and the
+    training data; the fine-tuned weights' bytes (every weight comes from them) and the proposals."""
+    return declare.Stage(name, artifact, reads=(name, "model", *declare.TRAINING_DATA, "seed"),
+                         consumes=("finetune", "proposals"),
+                         ignores=("model.weights", "model.backbone_checkpoint", *declare.NOT_TRAINING_DATA), paper=paper)
+
+
+def settings_key(cfg: DictConfig, stage: declare.Stage, finetune_path: Path) -> str:
+    """``stage``'s settings key (``spp_det.stages.declare``) given the fine-tuned ``finetune_path``."""
+    return declare.settings_key(cfg, stage, {"finetune": Path(finetune_path),
+                                             "proposals": declare.proposals_cache(cfg.proposals)})
+
+
+def start(cfg: DictConfig, stage: declare.Stage, device: torch.device) -> tuple[SPPNet, Path, str] | None:
+    """``(fine-tuned net in eval mode on device, work_dir/<artifact>, settings key)``, or None when
+    that artifact is current (logged as skipped)."""
+    model, finetune_path = load_finetuned_model(cfg, device)
+    artifact = Path(cfg.work_dir) / stage.artifact
+    key = settings_key(cfg, stage, finetune_path)
+    if io.artifact_is_current(artifact, key):
+        log.info("%s: %s is current; skipped", stage.name, artifact)
+        return None
+    return model, artifact, key
