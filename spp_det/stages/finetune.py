@@ -263,7 +263,7 @@ def train_fc(
         raise UserError("finetune: no foreground windows in the training split (no ground-truth boxes?)")
     iterations, batch_size = int(fcfg.iterations), int(fcfg.batch_size)
     net.to(device).train()
-    optimizer = make_optimizer(net, fcfg)  # SGD with momentum and weight decay (paper)
+    optimizer = make_optimizer(net, fcfg, "finetune")  # SGD with momentum and weight decay (paper)
     val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
     validate = Validation(net, val_pool, val_idx, device, evaluate_fn, seconds)
     # seed stride 1_000_003: the one fine-tuning always used (same batches and masks as before the shared loop)

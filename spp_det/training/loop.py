@@ -38,11 +38,11 @@ def lr_at(step: int, lr: float, lr_steps, gamma: float) -> float:
     return lr * gamma ** sum(int(step >= s) for s in lr_steps)
 
 
-def make_optimizer(module: nn.Module, cfg) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, cfg, group: str = "pretrain") -> torch.optim.Optimizer:
     """``cfg.optimizer`` (default ``sgd``) over ``module``'s trainable parameters (not the fixed ones:
     ``frozen_convs``): ``sgd`` is the paper's recipe (``lr``, ``momentum``, ``weight_decay``);
     ``adam`` (not the paper: Adam with decoupled weight decay) serves short from-scratch CPU runs
-    that SGD makes too slow (pretraining only)."""
+    that SGD makes too slow. ``group`` names the config group in errors."""
     name = str(cfg.get("optimizer", "sgd"))
     params = [p for p in module.parameters() if p.requires_grad]
     if name == "sgd":
@@ -50,7 +50,7 @@ def make_optimizer(module: nn.Module, cfg) -> torch.optim.Optimizer:
                                weight_decay=float(cfg.weight_decay))
     if name == "adam":
         return torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-    raise UserError(f"pretrain.optimizer={name!r}: use sgd or adam")
+    raise UserError(f"{group}.optimizer={name!r}: use sgd or adam")
 
 
 def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str, knob: str) -> None:
