@@ -34,9 +34,19 @@ def keys(overrides: dict, tmp_path: Path) -> dict[str, str]:
             "bboxreg": bboxreg.settings_key(cfg, tmp_path / "finetune.pt")}
 
 
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("declare")
+
+
+@pytest.fixture(scope="module")
+def base(inputs) -> dict[str, str]:
+    return keys({}, inputs)
+
+
 @pytest.mark.parametrize("key", sorted(NOT_TRAINING))
-def test_a_key_no_training_stage_reads_changes_no_settings_key(key, tmp_path):
-    assert keys({key: NOT_TRAINING[key]}, tmp_path) == keys({}, tmp_path)
+def test_a_key_no_training_stage_reads_changes_no_settings_key(key, inputs, base):
+    assert keys({key: NOT_TRAINING[key]}, inputs) == base
 
 
 @pytest.mark.parametrize("key, value, changed", [
@@ -52,8 +62,8 @@ def test_a_key_no_training_stage_reads_changes_no_settings_key(key, tmp_path):
     ("proposals.max_boxes", 100, {"pretrain_windows", "finetune", "svm", "bboxreg"}),  # the boxes change
     ("seed", 1, {"pretrain_crops", "pretrain_windows", "finetune", "svm", "bboxreg"}),
 ])
-def test_a_key_a_stage_reads_changes_exactly_its_readers_keys(key, value, changed, tmp_path):
-    base, other = keys({}, tmp_path), keys({key: value}, tmp_path)
+def test_a_key_a_stage_reads_changes_exactly_its_readers_keys(key, value, changed, inputs, base):
+    other = keys({key: value}, inputs)
     assert {stage for stage in base if base[stage] != other[stage]} == changed
 
 
