@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from spp_det.detection import stage
-from spp_det.detection.draw import draw_detections, style_for
+from spp_det.draw import draw_detections, style_for
 from spp_det.detection.postprocess import Detections
 from spp_det.detection.stage import safe_output_name
 from spp_det.errors import UserError

@@ -41,8 +41,8 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from spp_det import distributed
-from spp_det.detection.draw import draw_detections
 from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
+from spp_det.draw import draw_detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.stages import declare

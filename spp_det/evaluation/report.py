@@ -141,7 +141,7 @@ def _draw_example(record, outcome, classes) -> bytes | None:
     from PIL import Image
 
     from spp_det.data.images import ImageError, read_image
-    from spp_det.detection.draw import draw_boxes
+    from spp_det.draw import draw_boxes
 
     try:
         image = read_image(record.path, max_pixels=None)

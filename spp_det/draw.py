@@ -1,4 +1,7 @@
-"""Annotated copies of images: boxes, class names and scores, readable on any image size."""
+"""Annotated copies of images: boxes, class names and scores, readable on any image size.
+
+Shared by `spp-det detect` (annotated copies) and the evaluation report (example images), so
+neither layer imports the other to draw."""
 from __future__ import annotations
 
 import numpy as np
