@@ -45,6 +45,17 @@ class Stage:
     ignores: tuple[str, ...] = ()
     paper: str = ""  # where the paper describes the step (docs/ARCHITECTURE.md)
 
+    @property
+    def cache(self) -> bool:
+        """Whether the artifact is a content-keyed cache (``cache_dir/<name>/``), not a file in ``work_dir``."""
+        return self.artifact.startswith("cache_dir/")
+
+    def path(self, cfg: DictConfig) -> Path:
+        """Where a training stage's artifact lies: ``cache_dir/<name>`` or ``work_dir/<file>``."""
+        if self.cache:
+            return Path(cfg.cache_dir) / self.artifact.removeprefix("cache_dir/").rstrip("/")
+        return Path(cfg.work_dir) / self.artifact
+
 
 def _value(cfg: DictConfig, key: str, ignores: tuple[str, ...]):
     """The resolved value of ``key`` as plain data, without the ``ignores`` inside it (None when unset)."""

@@ -34,7 +34,7 @@ def start(cfg: DictConfig, stage: declare.Stage, device: torch.device) -> tuple[
     """``(fine-tuned net in eval mode on device, work_dir/<artifact>, settings key)``, or None when
     that artifact is current (logged as skipped)."""
     model, finetune_path = load_finetuned_model(cfg, device)
-    artifact = Path(cfg.work_dir) / stage.artifact
+    artifact = stage.path(cfg)
     key = settings_key(cfg, stage, finetune_path)
     if io.artifact_is_current(artifact, key):
         log.info("%s: %s is current; skipped", stage.name, artifact)

@@ -19,15 +19,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from spp_det import distributed
+from spp_det.artifact import assemble
 from spp_det.cli import load_stage
 from spp_det.io import write_json
 from spp_det.model import pretrain_configured, require_trained_backbone
+from spp_det.proposals import stage as proposals
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
+from spp_det.stages import bboxreg, features, finetune, pretrain, svm
 from spp_det.stages.curves import RESULTS, history_dir
 
 log = logging.getLogger(__name__)
 
-TRAINED = ("pretrain", "finetune", "svm", "bboxreg")  # stages writing work_dir/<stage>.pt
+# the stages in order, each with its declaration (spp_det.stages.declare), which names its artifact:
+# a work_dir file for a trained stage, a content-keyed cache for a caching one
+DECLARED = {"proposals": proposals.STAGE, "pretrain": pretrain.CROPS,  # both pretraining phases write pretrain.pt
+            "features": features.STAGE, "finetune": finetune.STAGE, "svm": svm.STAGE, "bboxreg": bboxreg.STAGE}
 
 
 @dataclass
@@ -66,23 +73,20 @@ def run(cfg: DictConfig) -> int:
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
-    for stage in ("proposals", "pretrain", "features", "finetune", "svm", "bboxreg"):
+    for stage, declared in DECLARED.items():
         if stage == "pretrain" and not pretrain_configured(cfg):
             why = "ImageNet weights given" if cfg.model.weights else "pretrain.enabled=false"
             results.append(StageResult(stage, f"skipped ({why})"))
             continue
-        artifact = work_dir / f"{stage}.pt" if stage in TRAINED else Path(cfg.cache_dir)
-        before = _stamp(artifact) if stage in TRAINED else None
+        artifact = declared.path(cfg)
+        before = None if declared.cache else _stamp(artifact)
         started = time.time()
         seconds, peak = run_stage(cfg, stage)
-        if stage in TRAINED and before is not None and _stamp(artifact) == before:
+        if before is not None and _stamp(artifact) == before:
             results.append(StageResult(stage, "skipped (current)", artifact=str(artifact)))
         else:
             curves = [str(p) for p in sorted(history_dir(cfg).glob(f"{stage}*_curves.png")) if p.stat().st_mtime >= started]
             results.append(StageResult(stage, "ran", seconds, peak, str(artifact), curves))
-
-    from spp_det import distributed
-    from spp_det.artifact import assemble
 
     if not distributed.is_main():  # under torchrun rank 0 assembles model.pt and writes the summary
         return 0
