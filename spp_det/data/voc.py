@@ -118,6 +118,38 @@ def _number(node: ET.Element, tag: str, xml_path: Path) -> float:
         raise DatasetError(f"{xml_path}: malformed annotation: <{tag}> is {value!r}, not a number") from None
 
 
+def _image_size(tree: ET.Element, xml_path: Path, image_path: Path) -> tuple[int, int]:
+    """``(width, height)`` in pixels from ``<size>``, or from the image header when the XML has none."""
+    size = tree.find("size")
+    if size is not None and size.find("width") is not None:
+        width, height = int(_number(size, "width", xml_path)), int(_number(size, "height", xml_path))
+    else:  # some VOC-layout datasets omit <size>: read it from the image header
+        width, height = Image.open(image_path).size
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"{xml_path}: malformed annotation: image size {width}x{height}")
+    return width, height
+
+
+def _object_box(obj: ET.Element, what: str, xml_path: Path, width: int, height: int,
+                stats: LoadStats) -> np.ndarray | None:
+    """The object's ``<bndbox>`` as an internal box ``float32 [4]`` clipped to the image (counted in
+    ``stats``); None, counted and warned, when nothing of it is left."""
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise DatasetError(f"{xml_path}: malformed annotation: {what} has no <bndbox>")
+    voc = [_number(bndbox, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
+    box = voc_to_internal(np.array(voc))[0]
+    clipped = np.array([min(max(box[0], 0), width), min(max(box[1], 0), height),
+                        min(max(box[2], 0), width), min(max(box[3], 0), height)], dtype=np.float32)
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        stats.empty_boxes += 1
+        log.warning("%s: %s has a box of zero or negative size %s; skipped", xml_path, what, voc)
+        return None
+    if not np.array_equal(clipped, box):
+        stats.clipped_boxes += 1
+    return clipped
+
+
 def parse_annotation(
     xml_path: Path,
     image_path: Path,
@@ -133,13 +165,7 @@ def parse_annotation(
     except ET.ParseError as exc:
         raise DatasetError(f"{xml_path}: malformed XML: {exc}") from None
     image_id = xml_path.stem
-    size = tree.find("size")
-    if size is not None and size.find("width") is not None:
-        width, height = int(_number(size, "width", xml_path)), int(_number(size, "height", xml_path))
-    else:  # some VOC-layout datasets omit <size>: read it from the image header
-        width, height = Image.open(image_path).size
-    if width <= 0 or height <= 0:
-        raise DatasetError(f"{xml_path}: malformed annotation: image size {width}x{height}")
+    width, height = _image_size(tree, xml_path, image_path)
 
     boxes, labels, difficult, truncated = [], [], [], []
     for i, obj in enumerate(tree.findall("object")):
@@ -152,20 +178,10 @@ def parse_annotation(
                 f"{xml_path}: object {i} has class {name!r}, which is not in data.classes "
                 f"({', '.join(class_index)}); add it, or set data.unknown_classes=skip"
             )
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise DatasetError(f"{xml_path}: malformed annotation: object {i} ({name}) has no <bndbox>")
-        voc = [_number(bndbox, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
-        box = voc_to_internal(np.array(voc))[0]
-        clipped = np.array([min(max(box[0], 0), width), min(max(box[1], 0), height),
-                            min(max(box[2], 0), width), min(max(box[3], 0), height)], dtype=np.float32)
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            stats.empty_boxes += 1
-            log.warning("%s: object %d (%s) has a box of zero or negative size %s; skipped", xml_path, i, name, voc)
+        box = _object_box(obj, f"object {i} ({name})", xml_path, width, height, stats)
+        if box is None:
             continue
-        if not np.array_equal(clipped, box):
-            stats.clipped_boxes += 1
-        boxes.append(clipped)
+        boxes.append(box)
         labels.append(class_index[name])
         difficult.append(_text(obj, "difficult", xml_path, default="0") == "1")
         truncated.append(_text(obj, "truncated", xml_path, default="0") == "1")
