@@ -32,10 +32,15 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from spp_det.data.voc import load_voc
+from spp_det.detection.postprocess import postprocess
 from spp_det.features.rcnn import rcnn_features
+from spp_det.heads import bboxreg
+from spp_det.inference import compress_fc, set_precision
 from spp_det.io import write_json
 from spp_det.model import SPPNet, build_model
-from spp_det.runtime import run_dir
+from spp_det.proposals import compute_proposals
+from spp_det.runtime import resolve_device, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +109,6 @@ def time_heads(model: SPPNet, image: np.ndarray, windows: np.ndarray, num_classe
     regression of every window for every class, and post-processing (threshold, per-class NMS,
     top-k). Random SVM and regressor weights of the real shapes (cost does not depend on values;
     random scores keep many windows above the threshold, a pessimistic NMS load)."""
-    from spp_det.detection.postprocess import postprocess
-    from spp_det.heads import bboxreg
-
     model.eval()
     sync = _sync_for(model)
     maps = model.conv5(image)
@@ -125,8 +127,6 @@ def time_heads(model: SPPNet, image: np.ndarray, windows: np.ndarray, num_classe
 
 def time_proposals(images: Sequence[np.ndarray], proposals_cfg) -> dict:
     """Seconds per image of selective search (one process, no cache) and boxes per image."""
-    from spp_det.proposals import compute_proposals
-
     seconds, counts = [], []
     for image in images:
         boxes, t = _timed(lambda: compute_proposals(image, proposals_cfg), lambda: None)
@@ -197,8 +197,6 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
     compares like with like."""
     import copy
 
-    from spp_det.inference import compress_fc, set_precision
-
     table = {}
     for precision in precisions:
         for rank in ([None, fc_rank] if fc_rank else [None]):
@@ -224,9 +222,6 @@ def _model_with_scales(cfg, scales: Sequence[int]) -> SPPNet:
 def run(cfg) -> int | None:
     # Over 60 lines because half of it is the bench.json literal below, one key per line: kept in
     # one piece, it reads as the file's schema.
-    from spp_det.data.voc import load_voc
-    from spp_det.runtime import resolve_device
-
     b = cfg.bench
     device = resolve_device(cfg.device)
     records, _ = load_voc(b.root, b.split, list(cfg.data.classes), b.year, unknown_classes="skip",

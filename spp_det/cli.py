@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from spp_det.errors import UserError
+
 # Stage name -> (module holding run(cfg), one line of help). Order is the pipeline's.
 STAGES: dict[str, tuple[str, str]] = {
     "synth": ("spp_det.data.synth", "write the synthetic VOC-layout dataset (data.root=DIR)"),
@@ -110,8 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from spp_det.errors import UserError
-
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def hydra_main(cfg: DictConfig) -> None:
         try:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # stage= goes last: argparse takes positional overrides only in one run, so "stage=X --cfg job a=b" fails
     sys.argv = [f"spp-det {stage}", *overrides, f"stage={stage}"]
-    from spp_det import distributed
+    from spp_det import distributed  # here: it imports torch (1.5 s), which `spp-det --help` does without
 
     if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp
         from datetime import datetime

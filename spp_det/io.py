@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from spp_det.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -87,8 +89,6 @@ def checkpoint_meta(cfg) -> dict:
 
 def check_checkpoint(meta: dict, cfg, path: str | Path) -> None:
     """Refuse a checkpoint written for other classes or another network (a clear UserError)."""
-    from spp_det.errors import UserError
-
     expected = checkpoint_meta(cfg)
     diffs = [f"{k}: checkpoint has {meta.get(k)!r}, config has {v!r}" for k, v in expected.items() if meta.get(k) != v]
     if diffs:

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from spp_det.cli import config_dir, moved_key_errors
+from spp_det.distributed import local_world_size
 from spp_det.errors import UserError
 
 
@@ -24,7 +26,6 @@ def num_workers(setting: int | None) -> int:
     divided among its ranks, each of which starts its own workers)."""
     if setting:
         return int(setting)
-    from spp_det.distributed import local_world_size
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // local_world_size())
@@ -45,8 +46,6 @@ def run_dir() -> "Path":
 def compose_config(overrides: list[str] | None = None, stage: str = "test"):
     """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
     from hydra import compose, initialize_config_dir
-
-    from spp_det.cli import config_dir, moved_key_errors
 
     moved = moved_key_errors(list(overrides or []))
     if moved:

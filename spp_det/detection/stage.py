@@ -41,10 +41,15 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from spp_det import distributed
+from spp_det.data.images import ImageError, list_images, read_image
+from spp_det.detection.detector import Detector
 from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
 from spp_det.draw import draw_detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
+from spp_det.proposals import ProposalPrefetcher
+from spp_det.proposals import proposals_for_file as cached_proposals
+from spp_det.runtime import num_workers, resolve_device, run_dir
 from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
@@ -67,9 +72,6 @@ def load_detector(cfg, scorer: str = "svm"):
                         "(a model.pt written by `spp-det train`)")
     if not Path(checkpoint).is_file():
         raise UserError(f"{group}.checkpoint={checkpoint}: no such file")
-    from spp_det.detection.detector import Detector
-    from spp_det.runtime import resolve_device
-
     detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg[group].get("scales"),
                              cfg[group].get("max_size"), scorer=str(scorer),
                              precision=str(cfg.eval.get("precision", "fp32")), fc_rank=cfg.eval.get("fc_rank"))
@@ -80,9 +82,7 @@ def load_detector(cfg, scorer: str = "svm"):
 def proposals_for_file(path: Path, image: np.ndarray, cfg, prefetch=None) -> np.ndarray:
     """Selective-search boxes ``f32 [N, 4]`` of one file (cached by content + settings), from
     ``prefetch`` (a ``ProposalPrefetcher`` searching the next files meanwhile) when given."""
-    from spp_det.proposals import proposals_for_file as compute
-
-    return prefetch.get(path, image) if prefetch is not None else compute(path, image, cfg.proposals, cfg.cache_dir)
+    return prefetch.get(path, image) if prefetch is not None else cached_proposals(path, image, cfg.proposals, cfg.cache_dir)
 
 
 def _safe_part(text: str) -> str:
@@ -134,8 +134,6 @@ def _class_filter(wanted, classes) -> set[int] | None:
 
 def _inputs(source: Path, output: Path) -> tuple[list[Path], Path]:
     """Image files to process and the folder their relative names start from."""
-    from spp_det.data.images import list_images
-
     try:
         paths = list_images(source)
     except FileNotFoundError:
@@ -156,10 +154,6 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     ``(found, skipped)``: ``(input index, relative name, path, width, height, detections, output
     name)`` per file done, and the count of skipped files by reason."""
     from tqdm import tqdm
-
-    from spp_det.data.images import ImageError, read_image
-    from spp_det.proposals import ProposalPrefetcher
-    from spp_det.runtime import num_workers
 
     d, classes = cfg.detect, list(detector.classes)
     skipped: Counter = Counter()
@@ -222,8 +216,6 @@ def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, c
 
 def run(cfg) -> int:
     from omegaconf import OmegaConf
-
-    from spp_det.runtime import run_dir
 
     d = cfg.detect
     if OmegaConf.is_missing(d, "source"):

@@ -34,9 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_det.structures import Detections
+from spp_det.data.images import ImageError, read_image
+from spp_det.data.voc import ImageRecord
+from spp_det.draw import draw_boxes
 from spp_det.errors import UserError
+from spp_det.evaluation.analysis import ERROR_TYPES, analyse, best_and_worst
+from spp_det.evaluation.plots import ERROR_COLOURS, confusion_figure, error_types_figure, png_bytes, pr_curves_figure
+from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import atomic_path, hash_file, write_json
+from spp_det.structures import Detections
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +98,6 @@ def write_eval_data(out_dir, split: str, classes, records, detections: dict[str,
 
 def read_eval_data(run_dir) -> tuple[dict, list, dict[str, Detections]]:
     """``eval_data.json`` of ``run_dir`` -> (the file's dict without ``images``, records, detections)."""
-    from spp_det.data.voc import ImageRecord
-
     path = Path(run_dir) / DATA_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found; `spp-det report` reads what `spp-det eval` wrote into its run directory")
@@ -126,8 +130,6 @@ def _data_uri(payload: bytes, mime: str) -> str:
 
 
 def _figure_img(fig, alt: str, element_id: str) -> str:
-    from spp_det.evaluation.plots import png_bytes
-
     return f'<img id="{element_id}" class="plot" alt="{html.escape(alt)}" src="{_data_uri(png_bytes(fig), "image/png")}">'
 
 
@@ -139,9 +141,6 @@ def _draw_example(record, outcome, classes) -> bytes | None:
     """JPEG of ``record``'s image, scaled to a longer side of ``EXAMPLE_SIDE`` pixels, with ``outcome``'s items
     drawn (misses first, then detections by score); None when the image cannot be read."""
     from PIL import Image
-
-    from spp_det.data.images import ImageError, read_image
-    from spp_det.draw import draw_boxes
 
     try:
         image = read_image(record.path, max_pixels=None)
@@ -235,8 +234,6 @@ def _class_table(voc: dict, metrics: dict) -> str:
 
 
 def _errors_section(analysis, types) -> str:
-    from spp_det.evaluation.plots import ERROR_COLOURS, error_types_figure
-
     rows = []
     for name, counts in analysis.errors.items():
         total = sum(counts.values())
@@ -253,8 +250,6 @@ def _errors_section(analysis, types) -> str:
 
 
 def _examples_section(records, analysis, classes) -> str:
-    from spp_det.evaluation.analysis import best_and_worst
-
     best, worst = best_and_worst(analysis.images, NUM_EXAMPLES)
     legend = " ".join(f'<span class="key" style="background:rgb{c}"></span> {t}' for t, c in
                       zip(("true positive", "false positive (error type)", "missed object"), KIND_COLOURS.values()))
@@ -292,10 +287,6 @@ def _timing_section(metrics: dict) -> str:
 
 def build_report(run_dir) -> Path:
     """Write ``run_dir/report.html`` from ``eval_data.json`` and ``metrics.json``; returns its path."""
-    from spp_det.evaluation.analysis import ERROR_TYPES, analyse
-    from spp_det.evaluation.plots import confusion_figure, pr_curves_figure
-    from spp_det.evaluation.voc_ap import VOCEvaluator
-
     run_dir = Path(run_dir)
     info, records, detections = read_eval_data(run_dir)
     metrics_path = run_dir / "metrics.json"

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from spp_det import distributed
-from spp_det.structures import Detections
+from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.evaluation.coco import coco_evaluate
 from spp_det.evaluation.plots import plot_pr_curves
@@ -30,7 +30,10 @@ from spp_det.evaluation.report import build_report, checkpoint_info, write_eval_
 from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
+from spp_det.proposals import ProposalPrefetcher
+from spp_det.runtime import num_workers, run_dir
 from spp_det.stages import declare
+from spp_det.structures import Detections
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,6 @@ def score_detections(
 def proposal_stream(records, cfg):
     """Selective search of ``records`` (cached) that runs ahead of the network in worker processes:
     ``.get(path, image) -> f32 [N, 4]`` (``spp_det.proposals.ProposalPrefetcher``)."""
-    from spp_det.proposals import ProposalPrefetcher
-    from spp_det.runtime import num_workers
-
     return ProposalPrefetcher([r.path for r in records], cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers))
 
 
@@ -183,9 +183,6 @@ def format_table(metrics: dict) -> str:
 
 
 def run(cfg) -> int:
-    from spp_det.data.voc import load_split
-    from spp_det.runtime import run_dir
-
     out_dir = run_dir()
     records = load_split(cfg.data, cfg.data.test_split)
     classes = list(cfg.data.classes)
@@ -206,6 +203,7 @@ def run(cfg) -> int:
         if not cfg.eval.get("checkpoint"):
             raise UserError("spp-det eval needs eval.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
                             "(a folder of comp4_det_<split>_<class>.txt files)")
+        # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
         from spp_det.detection import stage as detection_stage
 
         detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))

@@ -34,6 +34,8 @@ import warnings
 import numpy as np
 import torch
 
+from spp_det.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SOLVERS = ("liblinear", "torch")
@@ -156,8 +158,6 @@ def train_linear_svm(positives: torch.Tensor, negatives: torch.Tensor, settings:
     """Train one SVM. ``positives`` ``[P, D]``, ``negatives`` ``[M, D]`` (scaled fc7) ->
     ``(w [D] float32 cpu, b float)``, score = ``x.w + b``."""
     if settings.solver not in SOLVERS:
-        from spp_det.errors import UserError
-
         raise UserError(f"svm.solver must be one of {', '.join(SOLVERS)}, not {settings.solver!r}")
     x = torch.cat([positives.float(), negatives.float()])
     y = torch.cat([torch.ones(len(positives)), -torch.ones(len(negatives))])
@@ -174,8 +174,6 @@ def feature_scale(mean_norm: float, target_norm: float = 20.0) -> float:
     """One global factor so that features whose mean L2 norm is ``mean_norm`` get mean norm
     ``target_norm`` (R-CNN ``rcnn_feature_stats.m`` / ``rcnn_scale_features.m``; 20 there)."""
     if not mean_norm > 0:
-        from spp_det.errors import UserError
-
         raise UserError(f"cannot scale features: their mean norm is {mean_norm} (all-zero fc7? check the fine-tuned model)")
     return float(target_norm) / float(mean_norm)
 

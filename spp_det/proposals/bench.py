@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from spp_det.boxes import box_iou
+from spp_det.data.images import read_image
 from spp_det.io import write_json
+from spp_det.proposals.cache import compute_proposals
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,6 @@ def proposal_quality(records, boxes_by_id: dict[str, np.ndarray]) -> dict:
 
 def _timed(task):
     """Worker: (path, cfg) -> (boxes, wall seconds, CPU seconds) for one image (reading excluded)."""
-    from spp_det.data.images import read_image
-    from spp_det.proposals.cache import compute_proposals
-
     path, cfg = task
     image = read_image(path, max_pixels=None)
     wall, cpu = time.perf_counter(), time.process_time()

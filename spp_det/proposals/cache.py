@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from spp_det.boxes import flip_boxes
+from spp_det.data.images import ImageError, read_image
 from spp_det.errors import UserError
 from spp_det.io import atomic_path, hash_file, hash_settings, write_json
 from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS
@@ -126,8 +127,6 @@ def _write_settings(folder: Path, proposals_cfg) -> None:
 def _compute_entry(task: tuple) -> tuple[str, np.ndarray | None, str | None]:
     """Worker: read one image, compute its boxes, write its cache entry -> (path, boxes, error).
     ``task``: ``(path, content hash, entry, cfg[, max_pixels])``."""
-    from spp_det.data.images import ImageError, read_image
-
     path, _, entry, cfg, *limit = task
     try:
         image = read_image(path, max_pixels=limit[0] if limit else None)
@@ -151,7 +150,7 @@ def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: s
     """
     from tqdm import tqdm
 
-    from spp_det.runtime import num_workers
+    from spp_det.runtime import num_workers  # here: runtime imports torch, which each spawned worker would load too
 
     cfg = _plain(proposals_cfg)
     folder = settings_dir(cache_dir, cfg)

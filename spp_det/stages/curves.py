@@ -19,6 +19,8 @@ import logging
 import math
 from pathlib import Path
 
+from spp_det.distributed import is_main
+from spp_det.evaluation.plots import new_figure, png_bytes
 from spp_det.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ def write_results_csv(path: Path, stage: str, rows: list[dict]) -> None:
 def curves_figure(stage: str, rows: list[dict]):
     """One panel per kind of number: losses, accuracies, learning rate; other numbers against
     ``step``. Rows with a ``class`` (SVM retrainings, box regressors) give one line per class."""
-    from spp_det.evaluation.plots import new_figure
-
     names = [k for r in rows for k in r if k not in ("step", "class", "seconds", "epoch", "iteration", "size")]
     names = list(dict.fromkeys(names))
     panels = {"loss": [n for n in names if "loss" in n or n == "objective"],
@@ -100,15 +100,11 @@ def record_history(cfg, stage: str, rows: list[dict]) -> Path | None:
     directory (module docstring), and to TensorBoard when installed. Returns the PNG's path (None
     without rows). A failure here is logged, never raised: the stage's artifact is what counts.
     Under ``torchrun`` only rank 0 writes (the others return None)."""
-    from spp_det.distributed import is_main
-
     if not rows or not is_main():
         return None
     out = history_dir(cfg)
     try:
         write_results_csv(out / RESULTS, stage, rows)
-        from spp_det.evaluation.plots import png_bytes
-
         png = out / f"{stage}_curves.png"
         with atomic_path(png) as tmp:
             tmp.write_bytes(png_bytes(curves_figure(stage, rows)))
