@@ -31,7 +31,7 @@ from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
-from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.runtime import peak_rss_mb
 from spp_det.stages.curves import record_history
 from spp_det.stages import heads
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
@@ -116,11 +116,10 @@ def run(cfg: DictConfig) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
     bcfg = cfg.bboxreg
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    started = heads.start(cfg, STAGE, device)
+    started = heads.start(cfg, STAGE)
     if started is None:
         return 0
-    model, artifact, key = started
+    model, device, artifact, key = started
     classes = list(cfg.data.classes)
     records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
     reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model), records, proposals)

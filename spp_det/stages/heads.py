@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from spp_det import io
 from spp_det.model import SPPNet, load_finetuned_model
+from spp_det.model.build import FINETUNE
+from spp_det.runtime import resolve_device
 from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,16 @@ def settings_key(cfg: DictConfig, stage: declare.Stage, finetune_path: Path) -> 
                                              "proposals": declare.proposals_cache(cfg.proposals)})
 
 
-def start(cfg: DictConfig, stage: declare.Stage, device: torch.device) -> tuple[SPPNet, Path, str] | None:
-    """``(fine-tuned net in eval mode on device, work_dir/<artifact>, settings key)``, or None when
-    that artifact is current (logged as skipped)."""
-    model, finetune_path = load_finetuned_model(cfg, device)
+def start(cfg: DictConfig, stage: declare.Stage) -> tuple[SPPNet, torch.device, Path, str] | None:
+    """``(fine-tuned net in eval mode on cfg.device, that device, work_dir/<artifact>, settings key)``,
+    or None when that artifact is current (logged as skipped; the net is then not loaded: the key
+    already covers the fine-tuned file's bytes)."""
     artifact = stage.path(cfg)
-    key = settings_key(cfg, stage, finetune_path)
-    if io.artifact_is_current(artifact, key):
+    finetune_path = Path(cfg.work_dir) / FINETUNE
+    key = settings_key(cfg, stage, finetune_path) if finetune_path.is_file() else None
+    if key is not None and io.artifact_is_current(artifact, key):
         log.info("%s: %s is current; skipped", stage.name, artifact)
         return None
-    return model, artifact, key
+    device = resolve_device(cfg.device)
+    model, _ = load_finetuned_model(cfg, device)  # a missing or unreadable finetune.pt is its clear error
+    return model, device, artifact, key

@@ -45,7 +45,7 @@ from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
-from spp_det.runtime import peak_rss_mb, resolve_device
+from spp_det.runtime import peak_rss_mb
 from spp_det.stages import heads
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
@@ -164,11 +164,10 @@ def run(cfg: DictConfig) -> int:
     """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
     scfg = cfg.svm
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    started = heads.start(cfg, STAGE, device)
+    started = heads.start(cfg, STAGE)
     if started is None:
         return 0
-    model, artifact, key = started
+    model, device, artifact, key = started
     settings = SVMSettings.from_cfg(scfg)
     classes = list(cfg.data.classes)
     num_classes = len(classes)
