@@ -87,6 +87,14 @@ def load_stage(stage: str):
     return getattr(module, "run", None)
 
 
+def with_overrides(args: list[str], added: list[str]) -> list[str]:
+    """``args`` with the ``added`` key=value overrides next to the user's own. Hydra's argparse takes
+    the overrides only as one run of positionals, so ours go before the first of the user's (or at
+    the end when there is none): ``--cfg job`` then works before or after them."""
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    return [*args[:first], *added, *args[first:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: one set of progress bars, rank 0's
         os.environ.setdefault("TQDM_DISABLE", "1")  # (read when tqdm is imported: before any stage module)
@@ -122,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             sys.exit(int(code))
 
-    # stage= goes last: argparse takes positional overrides only in one run, so "stage=X --cfg job a=b" fails
-    sys.argv = [f"spp-det {stage}", *overrides, f"stage={stage}"]
+    added = [f"stage={stage}"]
     from spp_det import distributed  # here: it imports torch (1.5 s), which `spp-det --help` does without
 
     if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         stamp = distributed.all_gather(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))[0]
         os.environ.setdefault("SPP_DET_RUN_STAMP", stamp)  # configs/config.yaml hydra.run.dir
         if not distributed.is_main():
-            sys.argv.insert(-1, "hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
+            added.append("hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
+    sys.argv = [f"spp-det {stage}", *with_overrides(overrides, added)]
     try:
         hydra_main()
     finally:

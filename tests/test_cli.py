@@ -76,6 +76,10 @@ def test_cli_cfg_job_prints_config_and_rejects_unknown_key(tmp_path):
     result = cli(built, "--cfg", "job", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"stage: {built}" in result.stdout and "pyramid_levels" in result.stdout
+    # the usage line's order: overrides first, then --cfg job (argparse takes one run of overrides)
+    result = cli(built, "device=cpu", "seed=7", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"stage: {built}" in result.stdout and "seed: 7" in result.stdout
     result = cli(built, "model.widht=2", cwd=tmp_path)
     assert result.returncode != 0 and "Could not override 'model.widht'" in result.stderr
 
