@@ -37,6 +37,20 @@ def test_conv5_is_one_map_per_scale(model):
     assert all(m.shape[:2] == (1, model.backbone.out_channels) for m in maps)
 
 
+def test_conv5_in_channels_last_equals_the_plain_nchw_network(model):
+    # conv5_at feeds the backbone NHWC memory for speed: same values as the plain NCHW call (up to float
+    # rounding), returned as an ordinary contiguous NCHW map for the pooling op
+    from spp_det.features.scales import resize_image, scaled_sizes
+
+    img = image(90, 120, seed=3)
+    size = scaled_sizes(90, 120, [64], 200)[0]
+    with torch.no_grad():
+        plain = model.backbone(model.backbone.normalize(resize_image(img, size)).contiguous())
+        fast = model.conv5_at(img, size)
+    assert fast.is_contiguous() and fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_scales_capped_to_the_same_size_share_one_conv5_map():
     torch.manual_seed(0)
     capped = build_model(tiny_cfg("model.scales=[48,64,96]", "model.max_size=100").model).eval()
