@@ -105,10 +105,10 @@ class SPPNet(nn.Module):
         gradients when enabled).
 
         The input goes in channels-last (NHWC) memory: oneDNN's convolutions take it without
-        reordering, 1.1-2.2x faster for the whole conv5 on the 2-core EPYC (480 x 640, fp32 / bf16:
-        Lite0 98 -> 77 / 60 -> 42 ms, ZF-5 297 -> 186 / 154 -> 71 ms, VGG-16 1266 -> 1152 /
-        670 -> 522 ms); the values differ only by float rounding (max 2e-5). The map is returned
-        in the usual NCHW layout for the pyramid pooling."""
+        reordering, 1.2-2.9x faster for the whole conv5 on the 2-core EPYC (480 x 640, fp32 / bf16:
+        Lite0 124 -> 94 / 67 -> 34 ms, ZF-5 296 -> 187 / 217 -> 76 ms, VGG-16 1420 -> 1084 /
+        704 -> 601 ms; scripts/bench_conv5_layout.py); the values differ only by float rounding
+        (max 2e-5). The map is returned in the usual NCHW layout for the pyramid pooling."""
         x = self.backbone.normalize(resize_image(image, size)).contiguous(memory_format=torch.channels_last)
         return self.backbone(x).contiguous()
 
