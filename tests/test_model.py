@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spp_det.errors import UserError
+from spp_det.features.scales import resize_image, scaled_sizes
 from spp_det.features.rcnn import context_windows, rcnn_features
 from spp_det.io import save_torch
 from spp_det.model import FCHead, SPPNet, build_model
@@ -38,14 +39,13 @@ def test_conv5_is_one_map_per_scale(model):
 
 
 def test_conv5_in_channels_last_equals_the_plain_nchw_network(model):
-    # conv5_at feeds the backbone NHWC memory for speed: same values as the plain NCHW call (up to float
-    # rounding), returned as an ordinary contiguous NCHW map for the pooling op
-    from spp_det.features.scales import resize_image, scaled_sizes
-
+    # Backbone.body_input hands the conv layers NHWC memory for speed: same values as the layers on plain
+    # NCHW input (up to float rounding), returned as an ordinary contiguous NCHW map for the pooling op
     img = image(90, 120, seed=3)
     size = scaled_sizes(90, 120, [64], 200)[0]
     with torch.no_grad():
-        plain = model.backbone(model.backbone.normalize(resize_image(img, size)).contiguous())
+        x = model.backbone.normalize(resize_image(img, size))
+        plain = model.backbone.body(model.backbone.pad_to_minimum(x))
         fast = model.conv5_at(img, size)
     assert fast.is_contiguous() and fast.shape == plain.shape
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

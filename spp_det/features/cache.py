@@ -47,7 +47,7 @@ class FeatureCache:
             "scales": list(model.scales),
             "max_size": model.max_size,
             "weights": weights_hash(bb),
-            "layout": "channels_last",  # SPPNet.conv5_at's input layout: maps differ from NCHW's by rounding
+            "layout": "channels_last",  # Backbone.body_input's memory layout: maps differ from NCHW's by rounding
         }
         if getattr(bb, "arch_key", None):  # timm: settings such as the padding type change conv5, not the weights
             self.settings["arch"] = bb.arch_key

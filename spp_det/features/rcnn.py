@@ -47,8 +47,7 @@ def rcnn_features(model, image: np.ndarray, windows, batch_size: int = 32, conte
         pool5, fc7 = [], []
         for chunk in windows.split(batch_size):
             crops = warp_windows(model, image, chunk, context, input_size)
-            # channels-last input as in SPPNet.conv5_at, so both sides of the bench run the same convolutions
-            fmap = model.backbone(crops.contiguous(memory_format=torch.channels_last)).contiguous()  # [B, C, h, w]
+            fmap = model.backbone(crops)  # [B, C, h, w]
             B, _, h, w = fmap.shape
             cells = torch.tensor([[0, 0, w - 1, h - 1]], device=fmap.device).repeat(B, 1)
             cells = torch.cat([torch.arange(B, device=fmap.device)[:, None], cells], dim=1)  # whole crop map

@@ -102,15 +102,8 @@ class SPPNet(nn.Module):
 
     def conv5_at(self, image: np.ndarray, size: ScaledSize) -> Tensor:
         """RGB ``uint8 [H, W, 3]`` resized to ``size`` -> its conv5 map ``Tensor[1, C, h, w]`` (with
-        gradients when enabled).
-
-        The input goes in channels-last (NHWC) memory: oneDNN's convolutions take it without
-        reordering, 1.2-2.9x faster for the whole conv5 on the 2-core EPYC (480 x 640, fp32 / bf16:
-        Lite0 124 -> 94 / 67 -> 34 ms, ZF-5 296 -> 187 / 217 -> 76 ms, VGG-16 1420 -> 1084 /
-        704 -> 601 ms; scripts/bench_conv5_layout.py); the values differ only by float rounding
-        (max 2e-5). The map is returned in the usual NCHW layout for the pyramid pooling."""
-        x = self.backbone.normalize(resize_image(image, size)).contiguous(memory_format=torch.channels_last)
-        return self.backbone(x).contiguous()
+        gradients when enabled)."""
+        return self.backbone(self.backbone.normalize(resize_image(image, size)))
 
     def pool5_at(self, fmap: Tensor, windows: Tensor, size: ScaledSize | None = None,
                  batch_index: Tensor | None = None) -> Tensor:
