@@ -8,7 +8,7 @@ detect on a folder of test images. Ends with the mAP, the per-class table and wh
 are. Each step is an ordinary `spp-det` command, printed before it runs, so a user can rerun any
 of them by hand.
 
-`scripts/demo.py --experiment demo_zf5` runs the paper's ZF-5 (narrow) instead, pretrained from
+`.venv/bin/python scripts/demo.py --experiment demo_zf5` runs the paper's ZF-5 (narrow) instead, pretrained from
 scratch on 1,000 extra synthetic images (written by `synth` as split "pretrain").
 """
 from __future__ import annotations
@@ -55,15 +55,14 @@ def main() -> int:
     else:
         step("synth", exp, f"data.root={SYNTH}")
     step("train", exp, *extra)
-    model = run / "model.pt"
-    step("eval", exp, *extra, f"eval.checkpoint={model}", f"hydra.run.dir={run}/eval")
+    step("eval", exp, *extra, f"hydra.run.dir={run}/eval")  # the model: work_dir/model.pt of the experiment's name
 
     # a small folder of held-out test images for `detect` (copies, so inputs stay untouched)
     test_ids = (REPO / SYNTH / "ImageSets/Main/test.txt").read_text().split()[:N_DETECT]
     (REPO / DETECT_IMAGES).mkdir(parents=True, exist_ok=True)
     for image_id in test_ids:
         shutil.copy2(REPO / SYNTH / "JPEGImages" / f"{image_id}.jpg", REPO / DETECT_IMAGES / f"{image_id}.jpg")
-    step("detect", exp, *extra, f"detect.checkpoint={model}", f"detect.source={DETECT_IMAGES}",
+    step("detect", exp, *extra, f"detect.source={DETECT_IMAGES}",
          f"detect.output={run}/detect", f"hydra.run.dir={run}/detect")
 
     metrics = json.loads((REPO / run / "eval" / "metrics.json").read_text())

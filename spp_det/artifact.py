@@ -90,8 +90,9 @@ def load(path: str | Path) -> dict:
     try:
         artifact = io.load_torch(path)
     except Exception as exc:  # truncated, corrupt, or a pickle with arbitrary objects
-        raise UserError(f"{path}: cannot read the model file ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                        "expected a spp-det model.pt") from None
+        # not torch's message: it offers to load the file unsafely (weights_only=False), which a model.pt never needs
+        raise UserError(f"{path}: not a spp-det model.pt ({type(exc).__name__} reading it as one: damaged, or "
+                        "another program's file); `spp-det train` writes work_dir/model.pt") from None
     if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
         raise UserError(f"{path}: not a spp-det model artifact (a stage checkpoint or another program's file?); "
                         f"expected work_dir/{ARTIFACT} written by `spp-det train`")

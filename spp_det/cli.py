@@ -3,15 +3,25 @@
 Each stage is a module with ``run(cfg) -> int | None``; the CLI composes ``configs/config.yaml``
 with Hydra (so ``--cfg job``, ``hydra.run.dir=...`` and strict key checking work as in any Hydra
 app), sets ``stage``, and calls it. A stage whose module does not exist yet says so and exits 2.
+
+Mistakes get one message on stderr and an exit code, never a traceback (README "Command line and
+configs"): the command line is composed once here before Hydra runs, so an unknown key or option
+gets the nearest names ("did you mean"), a list written without brackets gets the fix, and checks
+that need no work (split files, the model file) run before Hydra makes the run directory.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from spp_det import __version__
 from spp_det.errors import UserError
 
 # Stage name -> (module holding run(cfg), one line of help). Order is the pipeline's.
@@ -33,6 +43,16 @@ STAGES: dict[str, tuple[str, str]] = {
 # Stages taking plain arguments instead of Hydra overrides; their module has main(argv) -> int.
 PLAIN_STAGES = ("report",)
 
+# Exit codes (README "Command line and configs"); a stage's own non-zero status passes through.
+EXIT_FAILED = 1  # the run stopped on its input or settings (a UserError: the message names the file or key)
+EXIT_USAGE = 2   # the command line is wrong: unknown stage, key or option, a value of the wrong form
+
+# Stages that train or score on the dataset's splits: their split files are checked before any work.
+SPLIT_STAGES = {"features": True, "finetune": True, "svm": True, "bboxreg": True, "train": True, "eval": False}
+
+# Hydra options that only print something: the stage does not run.
+PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
 # Keys that moved out of the model group (only eval / detect or bench read them, so no training
 # stage declares them: spp_det/stages/declare.py); the old spelling gets an error naming the new.
 MOVED_KEYS = {
@@ -43,22 +63,51 @@ MOVED_KEYS = {
     "model.rcnn_input": "bench.rcnn_input",
 }
 
+log = logging.getLogger("spp_det")
+
+
+def override_key(override: str) -> str:
+    """``data.root`` of ``data.root=x``, ``+data.root=x`` or ``~data.root``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def user_overrides(args: list[str]) -> list[str]:
+    """The key=value (and ``~key``) overrides among ``args``, without Hydra's options and their values."""
+    return [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+
 
 def moved_key_errors(overrides: list[str]) -> list[str]:
     """One message per override that spells a key of ``MOVED_KEYS`` the old way."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    keys = [override_key(o) for o in overrides if "=" in o]
     return [f"{key} has moved: use {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
 
-log = logging.getLogger("spp_det")
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"spp-det: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def config_dir() -> Path:
     """The repository's ``configs/`` (or ``$SPP_DET_CONFIGS``)."""
     path = Path(os.environ.get("SPP_DET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
     if not (path / "config.yaml").is_file():
-        sys.exit(f"spp-det: configs not found at {path}; install with `pip install -e .` from the repository "
-                 "or set SPP_DET_CONFIGS to its configs/ folder")
+        fail(f"configs not found at {path}; install with `pip install -e .` from the repository "
+             "or set SPP_DET_CONFIGS to its configs/ folder", EXIT_USAGE)
     return path
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in config_dir().iterdir() if p.is_dir())
+
+
+def compose(stage: str, overrides: list[str], hydra: bool = False):
+    """``configs/config.yaml`` composed as the CLI does (Hydra's compose API: no run directory).
+    With ``hydra``, the ``hydra`` node is kept (``hydra.runtime.choices``: the group options)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[f"stage={stage}", *overrides], return_hydra_config=hydra)
 
 
 def usage() -> str:
@@ -70,9 +119,93 @@ def usage() -> str:
         *(f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()),
         "",
         "Overrides are Hydra's key=value (e.g. data.root=DIR device=cpu experiment=demo).",
-        "`spp-det STAGE --cfg job` prints the composed config; `spp-det STAGE --help` shows Hydra's help.",
+        "`spp-det STAGE --help` lists what a stage reads; `spp-det STAGE --cfg job` prints its whole config.",
+        "`spp-det --version` prints the version.",
     ]
     return "\n".join(lines)
+
+
+def nearest(word: str, names) -> str:
+    """`` (did you mean X or Y?)`` for the closest of ``names`` (difflib), or ``""``."""
+    near = difflib.get_close_matches(word, list(names), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
+def flat_keys(node: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain nested dict: ``data``, ``data.root``, ..."""
+    keys = []
+    for key, value in node.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def explain_composition_error(exc: Exception, stage: str, overrides: list[str]) -> str:
+    """Hydra's composition error as one message a user can act on: the nearest key or option."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    text = str(exc).split("\nConfig search path:")[0].strip()
+    if isinstance(exc, OverrideParseException):  # Hydra does not say which override it could not read
+        parser = OverridesParser.create()
+        for override in overrides:
+            try:
+                parser.parse_override(override)
+            except HydraException:
+                return (f"cannot read {override!r} ({text.splitlines()[0]}): lists are [a,b], values with "
+                        "spaces or brackets are quoted ('key=\"a b\"'); Hydra's override grammar: --hydra-help")
+    unknown_key = re.match(r"Could not override '([^']+)'", text)
+    if unknown_key and isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)):
+        key = unknown_key.group(1)
+        keys = flat_keys(OmegaConf.to_container(compose(stage, []), resolve=False))
+        return (f"unknown key {key}{nearest(key, keys)}; `spp-det {stage} --help` lists the common keys, "
+                f"`spp-det {stage} --cfg job` all of them")
+    missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing_option:
+        group, option = missing_option.groups()
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        return f"{group}={option}: no such option{nearest(option, options)}; {group} options: {', '.join(options)}"
+    return text
+
+
+def unbracketed_lists(stage: str, overrides: list[str], cfg) -> list[str]:
+    """One message per ``key=value`` whose key holds a list and whose value is not one
+    (``data.classes=raccoon`` would otherwise be read as the letters r, a, c, ...)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    candidates = [o for o in overrides if "=" in o and not o.startswith("~")
+                  and not o.split("=", 1)[1].strip().startswith(("[", "null"))]
+    if not candidates:
+        return []
+    groups = set(config_groups())
+    # the lists as the chosen groups and presets give them, before the user's values
+    base = compose(stage, [o for o in overrides if override_key(o) in groups])
+    messages = []
+    for override in candidates:
+        key, value = override_key(override), override.split("=", 1)[1]
+        given = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        expected = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(expected, ListConfig) and not isinstance(given, ListConfig):
+            messages.append(f"{key} is a list: write '{key}=[{value}]' (brackets, commas between items, "
+                            "quoted for the shell)")
+    return messages
+
+
+def preflight(stage: str, cfg) -> None:
+    """Checks that need no work, before Hydra makes the run directory: the dataset's split files
+    (no image in two of train / val / test, no empty split) and the model file of eval / detect."""
+    if stage in SPLIT_STAGES:
+        from spp_det.data.voc import check_splits
+
+        check_splits(cfg.data, training=SPLIT_STAGES[stage])
+    if stage == "detect" or (stage == "eval" and not cfg.eval.get("results_dir")):
+        from spp_det.detection.stage import checkpoint_path
+
+        checkpoint_path(cfg, stage)
 
 
 def load_stage(stage: str):
@@ -95,43 +228,103 @@ def with_overrides(args: list[str], added: list[str]) -> list[str]:
     return [*args[:first], *added, *args[first:]]
 
 
+def remove_if_no_work(run_dir: Path, work_dir: Path) -> bool:
+    """Remove a failed run's stamped directory when it holds nothing but what Hydra writes at the
+    start (``.hydra/`` and the job log), and the folders above it inside ``work_dir`` once empty:
+    failed commands leave no trail of empty run folders. True when removed."""
+    if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if not parent.is_relative_to(work_dir) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return True
+
+
+def log_to_files(message: str) -> None:
+    """``message`` as an ERROR record in the run's log file only (the console got it on stderr)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: one set of progress bars, rank 0's
         os.environ.setdefault("TQDM_DISABLE", "1")  # (read when tqdm is imported: before any stage module)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        fail(f"no stage given\n\n{usage()}", EXIT_USAGE)
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
-        sys.exit(0 if argv else 2)
-    stage, overrides = argv[0], argv[1:]
+        sys.exit(0)
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"spp-det {__version__}")
+        sys.exit(0)
+    stage, args = argv[0], argv[1:]
     if stage not in STAGES:
-        print(f"spp-det: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"unknown stage {stage!r}{nearest(stage, STAGES)}\n\n{usage()}", EXIT_USAGE)
     if stage in PLAIN_STAGES:  # reads files a run wrote: no config to compose
-        sys.exit(importlib.import_module(STAGES[stage][0]).main(overrides))
+        sys.exit(importlib.import_module(STAGES[stage][0]).main(args))
+    overrides = user_overrides(args)
     moved = moved_key_errors(overrides)
     if moved:
-        print("spp-det: " + "\nspp-det: ".join(moved), file=sys.stderr)
-        sys.exit(2)
-    run = load_stage(stage)
-    if run is None:
-        print(f"spp-det: stage {stage!r} is not built yet in this version", file=sys.stderr)
-        sys.exit(2)
+        fail("\nspp-det: ".join(moved), EXIT_USAGE)
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # composed here first: Hydra's own errors would name no alternative (and print a traceback for some)
+        cfg = compose(stage, overrides, hydra=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        fail(explain_composition_error(exc, stage, overrides), EXIT_USAGE)
+    wrong_lists = unbracketed_lists(stage, overrides, cfg)
+    if wrong_lists:
+        fail("\nspp-det: ".join(wrong_lists), EXIT_USAGE)
+    if any(a in ("-h", "--help") for a in args):
+        from spp_det.cli_help import stage_help
+
+        print(stage_help(stage, cfg, STAGES[stage][1]))
+        sys.exit(0)
+    if "--hydra-help" in args:
+        from spp_det.cli_help import HYDRA_HELP
+
+        print(HYDRA_HELP.format(stage=stage))
+        sys.exit(0)
+    print_only = any(a in PRINT_ONLY for a in args)
+    run = None if print_only else load_stage(stage)  # the stage module imports torch: not to print a config
+    if not print_only:
+        if run is None:
+            fail(f"stage {stage!r} is not built yet in this version", EXIT_USAGE)
+        try:
+            preflight(stage, cfg)
+        except UserError as exc:
+            fail(str(exc), EXIT_FAILED)
 
     import hydra
     from omegaconf import DictConfig
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def hydra_main(cfg: DictConfig) -> None:
+        from spp_det.runtime import run_dir
+
         try:
             code = run(cfg)
-        except UserError as exc:
-            log.error("%s", exc)
-            sys.exit(1)
+        except (UserError, OmegaConfBaseException) as exc:  # a mistake in the input or settings: no traceback
+            print(f"spp-det {stage}: {exc}", file=sys.stderr)
+            if not remove_if_no_work(run_dir().resolve(), Path(cfg.work_dir).resolve()):
+                log_to_files(str(exc))
+            sys.exit(EXIT_FAILED)
         if code:
             sys.exit(int(code))
 
     added = [f"stage={stage}"]
-    from spp_det import distributed  # here: it imports torch (1.5 s), which `spp-det --help` does without
+    if print_only:
+        sys.argv = [f"spp-det {stage}", *with_overrides(args, added)]
+        hydra_main()
+        return
+    from spp_det import distributed  # here: it imports torch (1.5 s), which help and --cfg do without
 
     if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp
         from datetime import datetime
@@ -140,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("SPP_DET_RUN_STAMP", stamp)  # configs/config.yaml hydra.run.dir
         if not distributed.is_main():
             added.append("hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
-    sys.argv = [f"spp-det {stage}", *with_overrides(overrides, added)]
+    sys.argv = [f"spp-det {stage}", *with_overrides(args, added)]
     try:
         hydra_main()
     finally:

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,12 +19,14 @@ from spp_det.errors import UserError
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    The temporary file is created with mode 0o666 less the umask, as ``open(path, "w")`` would
+    (``tempfile.mkstemp`` makes 0600 files, which a colleague or a web server could not read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # EXCL: never another writer's file
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -43,6 +43,16 @@ def run_dir() -> "Path":
     return Path.cwd()
 
 
+def command_line_keys() -> set[str] | None:
+    """The keys the command line of this Hydra run sets (``data.classes``, ``data`` for ``data=synth``),
+    or None outside a Hydra run (a stage called as a function)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
 def compose_config(overrides: list[str] | None = None, stage: str = "test"):
     """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
     from hydra import compose, initialize_config_dir

@@ -1,6 +1,9 @@
 """The model artifact (one weights_only-loadable file) and the test-time Detector."""
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -129,8 +132,14 @@ def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         artifact.load(tmp_path / "none.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="not a spp-det model.pt"):
         artifact.load(tmp_path / "bad.pt")
+    import argparse
+
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "pickle.pt")  # loads only unsafely
+    with pytest.raises(UserError, match="not a spp-det model.pt") as error:
+        artifact.load(tmp_path / "pickle.pt")
+    assert "weights_only" not in str(error.value) and "trust" not in str(error.value)  # never the unsafe advice
     io.save_torch({"state_dict": {}, "meta": {}}, tmp_path / "stage.pt")
     with pytest.raises(UserError, match="not a spp-det model"):
         artifact.load(tmp_path / "stage.pt")
@@ -148,3 +157,23 @@ def test_stage_artifacts_of_other_classes_are_refused(trained):
         trained.data.classes = ["disc", "ring"]
     with pytest.raises(UserError, match="classes"):
         artifact.assemble(trained)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
+    """model.pt, metrics.json, reports: readable by whoever the umask lets read them (not mkstemp's 0600)."""
+    from spp_det import io
+
+    old = os.umask(umask)
+    try:
+        io.save_torch({"x": torch.zeros(1)}, tmp_path / "model.pt")
+        io.write_json({"map": 1.0}, tmp_path / "metrics.json")
+        with io.atomic_path(tmp_path / "report.html") as tmp:
+            tmp.write_text("<html></html>")
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    for name in ("model.pt", "metrics.json", "report.html", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.pt", "plain.txt", "report.html"]

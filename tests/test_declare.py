@@ -19,7 +19,7 @@ from spp_det.stages import bboxreg, declare, finetune, pretrain, svm
 NOT_TRAINING = {"eval.scales": "[64,96]", "eval.max_size": 300, "eval.checkpoint": "x.pt", "eval.nms_iou": 0.4,
                 "detect.scales": "[80]", "detect.checkpoint": "y.pt", "bench.rcnn_batch": 8, "bench.rcnn_context": 8,
                 "bench.rcnn_input": 112, "data.test_split": "val", "proposals.export": "boxes.npz",
-                "proposals.split": "val"}
+                "proposals.split": "val", "data.allow_split_overlap": "true"}
 
 
 def keys(overrides: dict, tmp_path: Path) -> dict[str, str]:

@@ -368,3 +368,15 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
     wrong = [*overrides, f"data.classes=[{', '.join(reversed(classes))}]"]  # same names, other order
     with pytest.raises(UserError, match="the model detects classes"):
         stage.run(compose_config(wrong, stage="eval"))
+
+
+def test_coco_size_ranges_without_objects_are_null_not_minus_100():
+    """pycocotools' -1 for "no small objects" is None in metrics.json and n/a in the summary."""
+    from spp_det.evaluation.stage import format_table, score_detections
+
+    records = [record("a", [[10, 10, 190, 190]], [1], width=200, height=200)]  # one large object: no small or medium
+    metrics = score_detections(records, ["one"], perfect(records), "test")
+    assert metrics["coco"]["APs"] is None and metrics["coco"]["APm"] is None
+    assert metrics["coco"]["APl"] == pytest.approx(1.0)
+    summary = format_table(metrics)
+    assert "APs n/a" in summary and "-100" not in summary

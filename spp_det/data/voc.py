@@ -248,6 +248,39 @@ def load_split(data_cfg, split: str) -> list[ImageRecord]:
     return records
 
 
+def check_splits(data_cfg, training: bool = True) -> None:
+    """Refuse, before any work, an empty split and an image in two of the train / val / test splits
+    (training on test images inflates every later score, silently). Reads only the split files.
+
+    ``training``: the stage trains, so the train (and val) split files must exist; otherwise
+    (eval) the test split must, and the others are compared when the dataset has them.
+    ``data.allow_split_overlap=true`` allows the overlap; an empty split is always an error.
+    """
+    voc_dir = find_voc_dir(data_cfg.root, data_cfg.year)
+    splits = {"train": data_cfg.train_split, "val": data_cfg.get("val_split"), "test": data_cfg.test_split}
+    needed = ("train", "val") if training else ("test",)
+    max_images = data_cfg.get("max_images")
+    ids: dict[str, list[str]] = {}
+    for role, split in splits.items():
+        split_file = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
+        if not split or (role not in needed and not split_file.is_file()):
+            continue
+        ids[role] = read_split_ids(voc_dir, split)[: None if max_images is None else int(max_images)]
+        if not ids[role]:
+            raise DatasetError(f"{split_file}: split {split!r} (data.{role}_split) lists no images")
+    if data_cfg.get("allow_split_overlap"):
+        return
+    roles = list(ids)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            shared = sorted(set(ids[a]) & set(ids[b]))
+            if shared:
+                raise DatasetError(
+                    f"{voc_dir}: data.{a}_split={splits[a]} and data.{b}_split={splits[b]} share {len(shared)} "
+                    f"images (e.g. {', '.join(shared[:3])}): scores on {b} images that were trained on mean "
+                    "nothing. Use disjoint split files, or data.allow_split_overlap=true if you mean it")
+
+
 def train_val_split(data_cfg) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Training and validation records: ``data.val_split`` when set, else a fixed held-out
     fraction of ``data.train_split`` (every k-th image), never the test split."""

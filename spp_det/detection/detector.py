@@ -1,4 +1,4 @@
-"""The trained SPP-net detector: image + proposals -> detections (DESIGN.md "Test").
+"""The trained SPP-net detector: image + proposals -> detections (docs/ARCHITECTURE.md "Where each step of the paper lives").
 
     image ─► conv5 per scale (once) ─► pool5 of every window (best scale, pyramid) ─► fc7
           ─► x feature_scale ─► per-class SVM scores [N, K]

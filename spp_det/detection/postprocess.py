@@ -1,6 +1,6 @@
 """Test-time post-processing: per-class scores and boxes of the windows -> final detections.
 
-The steps follow the paper's test procedure (DESIGN.md "Test"): scores above a threshold,
+The steps follow the paper's test procedure (docs/ARCHITECTURE.md "Where each step of the paper lives"): scores above a threshold,
 per-class non-maximum suppression at IoU 0.3, at most 100 detections per image. Boxes are in the
 internal convention (0-based, continuous, image pixels; see ``spp_det.boxes``).
 """

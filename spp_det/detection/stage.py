@@ -49,7 +49,7 @@ from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import proposals_for_file as cached_proposals
-from spp_det.runtime import num_workers, resolve_device, run_dir
+from spp_det.runtime import command_line_keys, num_workers, resolve_device, run_dir
 from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,33 @@ STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC f
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
 
+def checkpoint_path(cfg, stage: str | None = None) -> Path:
+    """The model file of ``spp-det detect`` (``detect.checkpoint``) or of eval (``eval.checkpoint``):
+    by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the same ``name``; a
+    clear error naming the key and the run when it is not there."""
+    stage = stage or cfg.get("stage", "detect")
+    group = "detect" if stage == "detect" else "eval"
+    checkpoint = cfg[group].get("checkpoint")
+    if not checkpoint:
+        raise UserError(f"spp-det {stage} needs {group}.checkpoint=PATH (a model.pt written by `spp-det train`)")
+    if not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: no model file there ({group}.checkpoint; by default work_dir/model.pt of "
+                        f"name={cfg.name}): run `spp-det train` with the same name first, or give "
+                        f"name=NAME or {group}.checkpoint=FILE")
+    return Path(checkpoint)
+
+
 def load_detector(cfg, scorer: str = "svm"):
     """``Detector.load(checkpoint, ...)`` at the test ``scales`` / ``max_size`` when set, from the
     ``detect`` group under ``spp-det detect`` and the ``eval`` group otherwise (detect's default to
-    eval's); a clear error when no checkpoint is given."""
+    eval's); a clear error when there is no checkpoint."""
     group = "detect" if cfg.get("stage") == "detect" else "eval"
-    checkpoint = cfg[group].get("checkpoint")
-    if not checkpoint:
-        raise UserError(f"spp-det {cfg.get('stage', 'detect')} needs {group}.checkpoint=PATH "
-                        "(a model.pt written by `spp-det train`)")
-    if not Path(checkpoint).is_file():
-        raise UserError(f"{group}.checkpoint={checkpoint}: no such file")
+    checkpoint = checkpoint_path(cfg)
     detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg[group].get("scales"),
                              cfg[group].get("max_size"), scorer=str(scorer),
                              precision=str(cfg.eval.get("precision", "fp32")), fc_rank=cfg.eval.get("fc_rank"))
-    log.info("%s: scales %s, max_size %s", cfg.get("stage", "detect"), detector.model.scales, detector.model.max_size)
+    log.info("%s: loaded %s (classes %s); scales %s, max_size %s", cfg.get("stage", "detect"), checkpoint,
+             ", ".join(detector.classes), detector.model.scales, detector.model.max_size)
     return detector
 
 
@@ -230,6 +242,10 @@ def run(cfg) -> int:
 
     detector = load_detector(cfg, cfg.detect.get("scorer", "svm"))
     classes = list(detector.classes)
+    unread = sorted(k for k in command_line_keys() or () if k == "data" or k.startswith("data."))
+    if unread:  # said, not silently ignored: the classes and everything else come from the model
+        log.warning("spp-det detect does not read %s: it detects the classes of the model (%s); "
+                    "detect.classes=[...] keeps some of them", ", ".join(unread), ", ".join(classes))
     keep_labels = _class_filter(d.get("classes"), classes)
     annotated_dir = output / "annotated"
     annotated_dir.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,8 @@ def coco_ground_truth(records, classes) -> dict:
 
 
 def coco_metrics(records, classes, detections: dict[str, Detections]) -> dict[str, float]:
-    """``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (fractions in [0, 1]; pycocotools writes -1
-    where no ground truth falls in a size range). ``detections``: image id -> ``Detections``."""
+    """``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (fractions in [0, 1]; None where no ground
+    truth falls in a size range, pycocotools' -1). ``detections``: image id -> ``Detections``."""
     return coco_evaluate(records, classes, detections)[0]
 
 
@@ -74,7 +74,9 @@ def coco_evaluate(records, classes, detections: dict[str, Detections]) -> tuple[
         evaluator.accumulate()
         evaluator.summarize()
     log.debug("pycocotools:\n%s", captured.getvalue())
-    overall = {name: float(v) for name, v in zip(COCO_METRICS, np.asarray(evaluator.stats[:6]))}
+    # pycocotools' -1 ("no ground truth of that size", e.g. APs of a set without small objects) is
+    # not a score: None (null in metrics.json, "n/a" in the summary)
+    overall = {name: float(v) if v >= 0 else None for name, v in zip(COCO_METRICS, np.asarray(evaluator.stats[:6]))}
     # eval["precision"]: [IoU thresholds 0.5:0.05:0.95, 101 recall points, K, area ranges, maxDets];
     # -1 marks "no ground truth", as in summarize(). Area range 0 is "all", maxDets -1 is 100.
     precision = evaluator.eval["precision"][:, :, :, 0, -1]

@@ -31,7 +31,7 @@ from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
-from spp_det.runtime import num_workers, run_dir
+from spp_det.runtime import command_line_keys, num_workers, run_dir
 from spp_det.stages import declare
 from spp_det.structures import Detections
 
@@ -178,12 +178,36 @@ def format_table(metrics: dict) -> str:
     lines.append(f"{'mean':<{width}}  {sum(metrics['num_gt'].values()):>6}  {sum(metrics['num_det'].values()):>7}  "
                  f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}")
     if metrics.get("coco"):
-        lines.append("COCO-style: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics["coco"].items()))
+        lines.append("COCO-style: " + ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}"
+                                                for k, v in metrics["coco"].items()))
     return "\n".join(lines)
+
+
+def classes_given() -> bool:
+    """Whether the command line names the classes (``data.classes``, or ``synth.classes``, which data=synth
+    reads). Outside a Hydra run (scripts, tests pass whole configs) the config's classes count as given."""
+    keys = command_line_keys()
+    return keys is None or bool(keys & {"data.classes", "synth.classes"})
+
+
+def model_classes(cfg, detector_classes) -> None:
+    """Score the classes the model detects: ``data.classes`` need not repeat what model.pt records,
+    but a list given on the command line must match it."""
+    if list(detector_classes) != list(cfg.data.classes) and not classes_given():
+        log.info("eval: the classes of %s: %s", cfg.eval.checkpoint, ", ".join(detector_classes))
+        cfg.data.classes = list(detector_classes)
+    check_classes(detector_classes, cfg.data.classes, str(cfg.eval.checkpoint))
 
 
 def run(cfg) -> int:
     out_dir = run_dir()
+    detector = None
+    if not cfg.eval.results_dir:  # the model first: it names the classes to load the split with
+        # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
+        from spp_det.detection import stage as detection_stage
+
+        detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
+        model_classes(cfg, detector.classes)
     records = load_split(cfg.data, cfg.data.test_split)
     classes = list(cfg.data.classes)
     similar = cfg.eval.get("similar_classes")
@@ -200,14 +224,6 @@ def run(cfg) -> int:
                                    write_result_files=False, coco=cfg.eval.get("coco", True),
                                    extra={"results_dir": str(cfg.eval.results_dir)}, run_info=run_info)
     else:
-        if not cfg.eval.get("checkpoint"):
-            raise UserError("spp-det eval needs eval.checkpoint=PATH (a model.pt) or eval.results_dir=DIR "
-                            "(a folder of comp4_det_<split>_<class>.txt files)")
-        # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
-        from spp_det.detection import stage as detection_stage
-
-        detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
-        check_classes(detector.classes, classes, str(cfg.eval.checkpoint))
         metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)
         if metrics is None:  # not rank 0 under torchrun: its detections went to rank 0
             return 0

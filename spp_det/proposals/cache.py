@@ -1,6 +1,6 @@
 """Proposals: compute, cache one entry per image, fill the cache for many images in parallel.
 
-Cache layout (DESIGN.md "every cache is keyed by what produced it")::
+Cache layout (every cache is keyed by what produced it: docs/ARCHITECTURE.md "Data flow")::
 
     <cache_dir>/proposals/<backend>-<settings hash>/settings.json       what the hash covers
     <cache_dir>/proposals/<backend>-<settings hash>/<sha1[:2]>/<sha1>.npy   float32 [N, 4]

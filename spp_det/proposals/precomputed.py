@@ -76,7 +76,7 @@ def read_mat(path: str | Path) -> dict[str, np.ndarray]:
             raise ProposalFileError(f"{path}: image {image_id!r}: boxes have shape {list(raw.shape)}; expected [N, 4] in {expected}")
         _check_boxes(raw[:, [1, 0, 3, 2]], path, image_id, expected)
         xmin, ymin, xmax, ymax = raw[:, 1], raw[:, 0], raw[:, 3], raw[:, 2]
-        # VOC-style 1-based inclusive -> internal 0-based continuous (DESIGN.md).
+        # VOC-style 1-based inclusive -> internal 0-based continuous (spp_det/boxes.py).
         out[image_id] = np.stack([xmin - 1, ymin - 1, xmax, ymax], axis=1).astype(np.float32)
     return out
 

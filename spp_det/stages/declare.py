@@ -23,9 +23,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from spp_det.io import hash_file, hash_settings
 from spp_det.proposals.cache import settings_key as proposals_settings
 
-# the data keys a detection training stage reads: the data group but its test split (eval's)
+# the data keys a detection training stage reads: the data group but its test split (eval's) and
+# the opt-out of the split check (the CLI's, before any work: it changes no result)
 TRAINING_DATA = ("data",)
-NOT_TRAINING_DATA = ("data.test_split",)
+NOT_TRAINING_DATA = ("data.test_split", "data.allow_split_overlap")
 
 
 @dataclass(frozen=True)

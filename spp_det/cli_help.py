@@ -1,0 +1,138 @@
+"""``spp-det STAGE --help``: what a stage reads, with the comments of its YAML files, in a screenful.
+
+The common overrides of the stage come first, then every key of the stage's own group, then the
+other groups it reads by name; ``--cfg job`` prints the whole composed config. Values are those
+composed from the command line given with ``--help`` (so ``spp-det eval experiment=demo --help``
+shows the preset's values); comments come from the YAML files in ``configs/``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Config groups each stage reads: its own group (keys listed in full) first. The training stages'
+# declarations (spp_det/stages/declare.py) name the same groups; tests/test_cli.py keeps them equal.
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "synth": ("synth", "data"),
+    "proposals": ("proposals", "data"),
+    "pretrain": ("pretrain", "model", "data", "proposals"),
+    "features": ("model", "data"),
+    "finetune": ("finetune", "model", "data", "proposals"),
+    "svm": ("svm", "model", "data", "proposals"),
+    "bboxreg": ("bboxreg", "model", "data", "proposals"),
+    "train": ("data", "model", "proposals", "pretrain", "finetune", "svm", "bboxreg"),
+    "eval": ("eval", "data", "proposals"),
+    "detect": ("detect", "eval", "proposals"),
+    "bench": ("bench", "model", "proposals", "eval"),
+}
+
+# What a user sets most often, per stage (a group name: which option of the group).
+_TRAINING = ("experiment", "name", "data.root", "data.classes", "device")
+COMMON: dict[str, tuple[str, ...]] = {
+    "synth": ("data.root", "synth.num_images", "synth.pretrain_images", "synth.classes", "synth.overwrite", "experiment"),
+    "proposals": ("data.root", "proposals", "proposals.max_boxes", "num_workers", "experiment"),
+    "pretrain": _TRAINING,
+    "features": _TRAINING,
+    "finetune": _TRAINING,
+    "svm": _TRAINING,
+    "bboxreg": _TRAINING,
+    "train": ("experiment", "name", "data.root", "data.classes", "data.train_split", "data.val_split", "model",
+              "device", "seed"),
+    "eval": ("name", "eval.checkpoint", "data.root", "data.test_split", "eval.results_dir", "eval.score_thresh",
+             "experiment", "device"),
+    "detect": ("detect.source", "detect.output", "name", "detect.checkpoint", "detect.score_thresh", "detect.classes",
+               "detect.format", "device"),
+    "bench": ("bench.num_images", "bench.precisions", "experiment", "model", "device"),
+}
+
+HYDRA_HELP = """\
+spp-det {stage} takes Hydra's key=value overrides and these Hydra options:
+  --cfg job            print the composed config (--cfg hydra: Hydra's own settings, --cfg all: both)
+  --cfg job -p GROUP   print one group only, e.g. -p data
+  --resolve            with --cfg: resolve ${{...}} interpolations
+  --info               where the configs come from and the defaults list
+  hydra.run.dir=DIR    the run directory (default runs/<name>/logs/<stage>_<date>_<time>)
+  +key=value / ~key    add a key that is not in the config / remove one (Hydra's override grammar)
+`spp-det {stage} --help` lists the keys the stage reads."""
+
+_KEY_LINE = re.compile(r"^([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s?(.*))?$")
+
+
+def yaml_comments(path: Path) -> dict[str, str]:
+    """Top-level ``key: value  # comment`` lines of a YAML file -> ``{key: comment}``."""
+    comments = {}
+    for line in path.read_text().splitlines():
+        match = _KEY_LINE.match(line)
+        if match and match.group(3):
+            comments.setdefault(match.group(1), match.group(3).strip())
+    return comments
+
+
+def group_comments(configs: Path, group: str, option: str | None) -> dict[str, str]:
+    """Comments of a group's keys: the chosen option's file first, then its siblings (an option
+    that extends another, as data/synth.yaml extends voc07.yaml, inherits their comments)."""
+    files = sorted((configs / group).glob("*.yaml"), key=lambda p: (p.stem != option, p.stem != "default", p.stem))
+    comments: dict[str, str] = {}
+    for path in files:
+        for key, text in yaml_comments(path).items():
+            comments.setdefault(key, text)
+    return comments
+
+
+def show_value(cfg: DictConfig, key: str) -> str:
+    """The composed value of ``key`` in override syntax (resolved; as written when it cannot be)."""
+    parent, _, name = key.rpartition(".")
+    if OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, name):
+        return "???"
+    try:
+        value = OmegaConf.select(cfg, key)
+    except Exception:  # an interpolation that resolves only in a run (${now:...}, ${hydra:...})
+        value = OmegaConf.to_container(cfg, resolve=False)[key] if "." not in key else "?"
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    # YAML spellings, as an override takes them (str() of a list quotes its strings and writes True)
+    text = json.dumps(value) if isinstance(value, (bool, type(None), list, dict)) else str(value)
+    text = text.replace('"', "")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stage_help(stage: str, cfg: DictConfig, summary: str) -> str:
+    from spp_det.cli import config_dir
+
+    configs = config_dir()
+    choices = dict(cfg.hydra.runtime.choices)
+    width = shutil.get_terminal_size((100, 24)).columns
+    comments = {"": yaml_comments(configs / "config.yaml")}
+    groups = STAGE_GROUPS[stage]
+    for group in {*groups, *(k.split(".")[0] for k in COMMON[stage] if "." in k)}:
+        comments[group] = group_comments(configs, group, choices.get(group))
+
+    def line(key: str) -> str:
+        group, _, name = key.rpartition(".")
+        if key in choices:  # a group: which option
+            options = sorted(p.stem for p in (configs / key).glob("*.yaml"))
+            text, value = "options: " + ", ".join(options), str(choices[key])
+        else:
+            text, value = comments.get(group, {}).get(name, ""), show_value(cfg, key)
+        left = f"  {key}={value}"
+        left = f"{left:<34}" if len(left) < 34 else left + "  "
+        out = left + text
+        return out if len(out) <= width else out[: width - 3] + "..."
+
+    own = groups[0]
+    lines = [f"usage: spp-det {stage} [key=value ...] [--cfg job]", f"{summary}.", "",
+             "Common overrides (current value, then what it means):",
+             *(line(k) for k in COMMON[stage]), "",
+             f"Every key of {own} (configs/{own}/{choices.get(own)}.yaml; set as {own}.KEY=VALUE):",
+             *(line(f"{own}.{k}") for k in cfg[own] if f"{own}.{k}" not in COMMON[stage]), ""]
+    others = ", ".join(f"{g} ({choices.get(g)})" for g in groups[1:])
+    if others:
+        lines += textwrap.wrap(f"Also reads the groups {others}, and device, seed, cache_dir, work_dir.", width)
+    lines += [f"The whole composed config: spp-det {stage} [key=value ...] --cfg job (one group: --cfg job -p GROUP).",
+              "Lists take brackets: 'data.classes=[cat,dog]'. Hydra's options: spp-det STAGE --hydra-help."]
+    return "\n".join(lines)
