@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from spp_det.cli import config_dir, moved_key_errors
+from spp_det.cli import compose, moved_key_errors
 from spp_det.distributed import local_world_size
 from spp_det.errors import UserError
 
@@ -55,13 +55,10 @@ def command_line_keys() -> set[str] | None:
 
 def compose_config(overrides: list[str] | None = None, stage: str = "test"):
     """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
-    from hydra import compose, initialize_config_dir
-
     moved = moved_key_errors(list(overrides or []))
     if moved:
         raise UserError("; ".join(moved))
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"stage={stage}", *(overrides or [])])
+    return compose(stage, list(overrides or []))
 
 
 def reset_peak_rss() -> None:

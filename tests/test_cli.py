@@ -1,14 +1,18 @@
 """The CLI: help lists the stages, configs compose for every stage and preset, Hydra rejects unknown keys."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import pytest
 from hydra.errors import ConfigCompositionException
 
 from spp_det.cli import STAGES, config_dir
+from spp_det.errors import UserError
 from spp_det.runtime import compose_config, resolve_device
 
 SPP_DET = [sys.executable, "-m", "spp_det.cli"]
@@ -91,3 +95,164 @@ def test_device_auto_falls_back_to_cpu_and_rejects_nonsense():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(Exception, match="device must be"):
         resolve_device("tpu")
+
+
+# --- issue 26: a CLI a new user gets right the first time (through the real entry point) ---
+
+SPP_DET_SCRIPT = Path(sys.executable).parent / "spp-det"  # the console script pip installed
+
+
+def entry(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(SPP_DET_SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert "Traceback" not in result.stderr + result.stdout  # no traceback for any user mistake
+    return result
+
+
+def test_version():
+    from spp_det import __version__
+
+    result = entry("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"spp-det {__version__}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "data.rot=x"], "unknown key data.rot (did you mean data.root"),
+    (["eval", "experiment=dmeo"], "experiment=dmeo: no such option (did you mean demo?)"),
+    (["detect", "detect.sorce=x"], "did you mean detect.source"),
+    (["train", "data.classes=raccoon"], "data.classes is a list: write 'data.classes=[raccoon]'"),
+    (["train", "data.classes=[a,b"], "cannot read 'data.classes=[a,b'"),
+    (["train", "model.checkpoint=m.pt"], "model.checkpoint has moved"),
+])
+def test_command_line_mistakes_get_one_line_on_stderr_and_exit_2(args, message, tmp_path):
+    result = entry(*args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and not result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stage_help_lists_what_the_stage_reads_with_comments():
+    eval_help, detect_help = entry("eval", "--help"), entry("detect", "--help")
+    assert eval_help.returncode == 0 and detect_help.returncode == 0 and eval_help.stdout != detect_help.stdout
+    lines = eval_help.stdout.splitlines()
+    assert lines[0].startswith("usage: spp-det eval") and len(lines) <= 50  # a screenful, no 315-line dump
+    assert "Hydra" not in lines[0] and "== Config ==" not in eval_help.stdout  # no Hydra banner
+    common = lines.index("Common overrides (current value, then what it means):")
+    assert lines[common + 2].startswith("  eval.checkpoint=runs/default/model.pt")  # the common ones first
+    assert "keep SVM scores above this" in eval_help.stdout  # the YAML comment of eval.score_thresh
+    assert "--cfg job" in lines[-2] and "detect.source=???" in detect_help.stdout
+    assert "demo" in entry("eval", "experiment=demo", "--help").stdout.split("name=")[1].split()[0]
+
+
+def test_hydra_help_ends_without_a_traceback():
+    result = entry("train", "--hydra-help")
+    assert result.returncode == 0 and "--cfg job" in result.stdout
+
+
+def test_stage_groups_of_the_help_cover_the_stage_declarations():
+    from spp_det.cli_help import STAGE_GROUPS
+    from spp_det.detection.stage import STAGE as detect
+    from spp_det.evaluation.stage import STAGE as evaluate
+    from spp_det.proposals.stage import STAGE as proposals
+    from spp_det.stages import bboxreg, features, finetune, svm
+
+    for stage in (detect, evaluate, proposals, bboxreg.STAGE, features.STAGE, finetune.STAGE, svm.STAGE):
+        groups = {key.split(".")[0] for key in stage.reads} - {"seed"}
+        assert groups <= set(STAGE_GROUPS[stage.name]), stage.name
+
+
+def leaky_dataset(root: Path, test_ids: list[str]) -> Path:
+    from conftest import write_voc
+
+    images = {f"im{i}": {"objects": [("disc", (5, 5, 40, 30), False)]} for i in range(4)}
+    write_voc(root, images, split="trainval")  # every image, the test ones included
+    (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{i}\n" for i in test_ids))
+    return root
+
+
+def test_overlapping_or_empty_splits_stop_before_any_work(tmp_path):
+    data = leaky_dataset(tmp_path / "voc", ["im2", "im3"])
+    common = [f"data.root={data}", "data.year=null", "data.classes=[disc]", "name=leak"]
+    result = entry("train", *common, cwd=tmp_path)
+    assert result.returncode == 1 and not (tmp_path / "runs").exists()  # no stamped run folder left
+    assert "data.train_split=trainval and data.test_split=test share 2 images (e.g. im2, im3)" in result.stderr
+    assert "data.allow_split_overlap=true" in result.stderr
+    (data / "ImageSets" / "Main" / "test.txt").write_text("\n")
+    result = entry("eval", *common, cwd=tmp_path)
+    assert result.returncode == 1 and f"{data / 'ImageSets' / 'Main' / 'test.txt'}: split 'test'" in result.stderr
+    assert "lists no images" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_split_check_passes_disjoint_splits_and_the_opt_out():
+    from spp_det.data.voc import check_splits
+
+    with TemporaryDirectory() as tmp:
+        data = leaky_dataset(Path(tmp), ["im2"])
+        cfg = compose_config([f"data.root={data}", "data.year=null"])
+        with pytest.raises(UserError, match="share 1 images"):
+            check_splits(cfg.data)
+        check_splits(compose_config([f"data.root={data}", "data.year=null", "data.allow_split_overlap=true"]).data)
+        (data / "ImageSets" / "Main" / "trainval.txt").write_text("im0\nim1\n")
+        check_splits(cfg.data)
+        check_splits(cfg.data, training=False)
+
+
+def test_the_synthetic_dataset_passes_the_split_check(tmp_path):
+    from spp_det.data.synth import write_synthetic
+    from spp_det.data.voc import check_splits
+
+    cfg = compose_config(["experiment=demo", f"data.root={tmp_path}", "synth.num_images=10", "synth.pretrain_images=3",
+                          "synth.min_side=64", "synth.max_side=96", "synth.objects_per_image=[1,2]"])
+    write_synthetic(tmp_path, cfg.synth, list(cfg.data.classes), progress=False)
+    check_splits(cfg.data)  # data=synth: train / val / test
+    check_splits(compose_config([f"data.root={tmp_path}", "data.year=null"]).data)  # voc07's trainval / test
+
+
+def test_detect_defaults_to_the_runs_model_and_says_where_it_looked(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = entry("detect", "name=nothing", f"detect.source={tmp_path / 'photos'}", cwd=tmp_path)
+    assert result.returncode == 1 and "runs/nothing/model.pt: no model file there" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A real model.pt for classes [disc, block] at runs/tiny/model.pt under ``tmp_path``, and a
+    VOC-layout test split of those classes."""
+    from conftest import write_voc
+    from test_svm import tiny_setup
+
+    from spp_det import artifact
+    from spp_det.stages import bboxreg as bboxreg_stage
+    from spp_det.stages import svm as svm_stage
+
+    cfg = tiny_setup(tmp_path, monkeypatch)
+    monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
+    assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    shutil.move(artifact.assemble(cfg), tmp_path / "runs" / "tiny" / "model.pt")
+    objects = [("disc", (10, 10, 50, 40), False), ("block", (60, 15, 100, 45), False)]
+    write_voc(tmp_path / "voc", {f"t{i}": {"size": (128, 96), "objects": objects} for i in range(2)}, split="test")
+    return tmp_path
+
+
+def test_eval_loads_the_runs_model_and_takes_its_classes(tiny_model):
+    common = ["eval", "name=tiny", f"data.root={tiny_model / 'voc'}", "data.year=null", "device=cpu",
+              "proposals=opencv_fast", "proposals.resize_to=96", "num_workers=1", f"cache_dir={tiny_model / 'cache'}"]
+    result = entry(*common, cwd=tiny_model)  # no eval.checkpoint, no data.classes: the run's model.pt gives both
+    assert result.returncode == 0, result.stderr
+    assert "loaded runs/tiny/model.pt (classes disc, block)" in result.stdout + result.stderr
+    (metrics,) = (tiny_model / "runs" / "tiny" / "logs").glob("eval_*/metrics.json")
+    assert list(json.loads(metrics.read_text())["ap_voc07"]) == ["disc", "block"]
+    shutil.rmtree(tiny_model / "runs" / "tiny" / "logs")
+    result = entry(*common, "data.classes=[block,disc]", cwd=tiny_model)  # given, and not the model's
+    assert result.returncode == 1 and "the model detects classes ['disc', 'block']" in result.stderr
+    assert not (tiny_model / "runs" / "tiny" / "logs").exists()  # the failed run left no folder
+    detect = ["detect", *common[1:], "data.classes=[disc,block]", f"detect.source={tiny_model / 'voc' / 'JPEGImages'}",
+              f"detect.output={tiny_model / 'out'}"]
+    result = entry(*detect, cwd=tiny_model)  # the run's model too; a data key is not silently ignored
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "loaded runs/tiny/model.pt" in output and "does not read data.classes, data.root, data.year" in output
+    (tiny_model / "foreign.pt").write_bytes(b"PK\x03\x04 not a model")
+    result = entry(*common, f"eval.checkpoint={tiny_model / 'foreign.pt'}", cwd=tiny_model)
+    assert result.returncode == 1 and "not a spp-det model.pt" in result.stderr and "weights_only" not in result.stderr
