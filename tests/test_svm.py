@@ -99,6 +99,33 @@ def test_torch_solver_and_liblinear_reach_the_same_objective():
     assert objectives["torch"] == pytest.approx(objectives["liblinear"], rel=1e-3)
 
 
+def test_r_cnns_liblinear_tolerance_is_near_the_optimum_for_both_solvers():
+    # R-CNN runs liblinear -s 3 without -e: its default 0.1 on the dual's maximal violation. Both
+    # solvers stop on that measure; the objective is then within 1% of a tight solve's.
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(600, 64, generator=g))
+    x[:80] += 0.5 * torch.relu(torch.randn(64, generator=g))
+    x = x * feature_scale(float(x.norm(dim=1).mean()), 20.0)
+    y = torch.cat([torch.ones(80), -torch.ones(520)])
+    assert SVMSettings().tol == 0.1
+    tight = svm_objective(*train_linear_svm(x[y > 0], x[y < 0], SVMSettings(tol=1e-6, max_iter=200000)), x, y, SVMSettings())
+    zero = svm_objective(torch.zeros(64), 0.0, x, y, SVMSettings())
+    assert tight < 0.9 * zero
+    for solver in ("liblinear", "torch"):
+        loose = svm_objective(*train_linear_svm(x[y > 0], x[y < 0], SVMSettings(solver=solver)), x, y, SVMSettings())
+        assert tight <= loose * (1 + 1e-9) and loose == pytest.approx(tight, rel=1e-2), solver
+
+
+def test_max_violation_is_zero_exactly_at_the_dual_optimum_of_a_one_point_problem():
+    from spp_det.heads.svm import max_violation
+
+    # one free variable: gradient margin - 1 counts inside the box, only its inward part at a bound
+    upper = torch.tensor([1.0, 1.0])
+    assert max_violation(torch.tensor([0.5, 0.0]), torch.tensor([1.0, 3.0]), upper) == 0.0  # free at margin 1, a=0 with margin > 1
+    assert max_violation(torch.tensor([0.5, 0.0]), torch.tensor([0.5, 3.0]), upper) == pytest.approx(0.5)
+    assert max_violation(torch.tensor([1.0, 0.0]), torch.tensor([0.2, 0.4]), upper) == pytest.approx(0.6)  # a=0 but margin < 1
+
+
 def test_feature_scale_makes_the_mean_norm_20():
     g = torch.Generator().manual_seed(2)
     feats = torch.relu(torch.randn(500, 32, generator=g)) * 7.0

@@ -26,16 +26,19 @@ STAGE = declare.Stage("proposals", "cache_dir/proposals/", reads=("proposals", "
                       paper="Sec. 4.1 selective search, fast mode (~2,000 windows per image)")
 
 
-def splits_to_fill(cfg) -> list[str]:
-    """``proposals.split`` or the train, val (when set) and test splits, without repeats."""
+def splits_to_fill(cfg, with_test: bool = True) -> list[str]:
+    """``proposals.split`` or the train, val (when set) and test splits (unless not ``with_test``),
+    without repeats."""
     if cfg.proposals.get("split"):
         return [str(cfg.proposals.split)]
-    names = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split]
+    names = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split if with_test else None]
     return list(dict.fromkeys(str(n) for n in names if n))
 
 
-def run(cfg) -> int:
-    splits = splits_to_fill(cfg)
+def run(cfg, with_test: bool = True) -> int:
+    """Fill the cache for ``splits_to_fill``. ``spp-det train`` passes ``with_test=False``: training
+    never reads the test images, and eval computes their proposals in workers beside the network."""
+    splits = splits_to_fill(cfg, with_test)
     export = cfg.proposals.get("export")
     workers = num_workers(cfg.num_workers)
     exported: dict = {}

@@ -1,6 +1,6 @@
 """``spp-det svm``: one linear SVM per class on fc7 features, with hard-negative mining.
 
-Follows R-CNN (``rcnn_train.m``), which SPP-net reuses (DESIGN.md "SVMs"):
+Follows R-CNN (``rcnn_train.m``), which SPP-net reuses (README "Faithfulness to the paper"):
 
 1. **positives and feature scale** (first pass over the training images): fc7 of the
    ground-truth boxes (not the difficult ones unless ``data.use_difficult``) of each class, and
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +46,7 @@ from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
-from spp_det.runtime import peak_rss_mb
+from spp_det.runtime import num_workers, peak_rss_mb
 from spp_det.stages import heads
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
@@ -110,11 +111,20 @@ def positives_and_scale(cfg: DictConfig, model, cache, records, windows_of) -> t
 
 
 def mine_hard_negatives(scfg, model, cache, records, windows_of, svms: list[ClassSVM], mine: list[int],
-                        num_classes: int, scale: float) -> None:
+                        num_classes: int, scale: float, threads: int = 1) -> None:
     """Pass 2: ``svm.epochs`` passes over ``records`` offering each class's SVM (this rank's classes
     ``mine``) the negatives it scores above the hard threshold; an SVM retrains when enough were
-    added, and once more at the end when any were (R-CNN's hard-negative mining)."""
+    added, and once more at the end when any were (R-CNN's hard-negative mining).
+
+    The SVMs due after an image retrain side by side in ``threads`` threads (liblinear releases
+    the GIL): each class's SVM depends on no other's, so the result is that of one thread."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        _mine(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale, pool)
+
+
+def _mine(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale, pool) -> None:
     epochs = int(scfg.epochs)
+    hard_thresh = float(scfg.hard_thresh)
     for epoch in range(epochs if svms else 0):
         bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
         for i, rec in enumerate(bar):
@@ -132,12 +142,12 @@ def mine_hard_negatives(scfg, model, cache, records, windows_of, svms: list[Clas
                 scores = feats @ weight.T + bias  # [M, K]
                 keys = torch.from_numpy(i * KEY_STRIDE + candidate.astype(np.int64))
                 for k, svm in zip(mine, svms):
-                    mask = torch.from_numpy(negative[candidate, k])
+                    # copy only the negatives that can be cached (an untrained SVM scores 0: all of them)
+                    mask = torch.from_numpy(negative[candidate, k]) & (scores[:, k] > hard_thresh)
                     svm.offer(feats[mask], keys[mask], scores[mask, k])
             last = epoch == epochs - 1 and i == len(records) - 1
-            for svm in svms:
-                if svm.needs_training() or (last and svm.num_added > 0):
-                    svm.retrain()
+            due = [svm for svm in svms if svm.needs_training() or (last and svm.num_added > 0)]
+            list(pool.map(ClassSVM.retrain, due))
             bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
 
 
@@ -182,7 +192,8 @@ def run(cfg: DictConfig) -> int:
     mine = distributed.shard(range(num_classes))  # this rank's classes (all of them in one process)
     svms = [ClassSVM(classes[k], positives[k] * scale, settings, device) for k in mine]
     del positives
-    mine_hard_negatives(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale)
+    mine_hard_negatives(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale,
+                        threads=num_workers(cfg.get("num_workers", 0)))
     # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
     done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
     svms = [done[k] for k in range(num_classes)]

@@ -52,15 +52,15 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
 
 
-def run_stage(cfg: DictConfig, stage: str) -> tuple[float, float]:
-    """Run one stage's ``run(cfg)``; returns (seconds, peak resident MiB). Fails on non-zero status."""
+def run_stage(cfg: DictConfig, stage: str, **kwargs) -> tuple[float, float]:
+    """Run one stage's ``run(cfg, **kwargs)``; returns (seconds, peak resident MiB). Fails on non-zero status."""
     run = load_stage(stage)
     if run is None:
         raise RuntimeError(f"stage {stage!r} is not built in this version")
     reset_peak_rss()
     start = time.perf_counter()
     log.info("==> %s", stage)
-    code = run(cfg)
+    code = run(cfg, **kwargs)
     seconds = time.perf_counter() - start
     if code:
         raise SystemExit(f"stage {stage} failed with status {code}")
@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> int:
         artifact = declared.path(cfg)
         before = None if declared.cache else _stamp(artifact)
         started = time.time()
-        seconds, peak = run_stage(cfg, stage)
+        # training reads no test image: eval computes the test split's proposals
+        seconds, peak = run_stage(cfg, stage, **({"with_test": False} if stage == "proposals" else {}))
         if before is not None and _stamp(artifact) == before:
             results.append(StageResult(stage, "skipped (current)", artifact=str(artifact)))
         else:
