@@ -380,3 +380,23 @@ def test_coco_size_ranges_without_objects_are_null_not_minus_100():
     assert metrics["coco"]["APl"] == pytest.approx(1.0)
     summary = format_table(metrics)
     assert "APs n/a" in summary and "-100" not in summary
+
+
+def test_voc_evaluations_print_the_published_per_class_ap_beside_their_own():
+    from spp_det.evaluation import reference
+    from spp_det.evaluation.stage import format_table
+
+    # the reference row is the one the papers state: its mean is R-CNN's 58.5 (SPP-net's table reprints it)
+    assert len(reference.RCNN_FC7_BB) == 20
+    assert sum(reference.RCNN_FC7_BB.values()) / 20 == pytest.approx(58.5, abs=0.05)
+
+    def metrics(classes):
+        return {"ap_voc07": {c: 0.25 for c in classes}, "ap_voc10": {c: 0.25 for c in classes},
+                "num_gt": {c: 2 for c in classes}, "num_det": {c: 5 for c in classes}, "map_voc07": 0.25, "map_voc10": 0.25}
+
+    voc = format_table(metrics(reference.VOC_CLASSES)).splitlines()
+    assert voc[0].split()[-1] == "R-CNN"
+    assert voc[1].split() == ["aeroplane", "2", "5", "25.0", "25.0", "68.1"]
+    assert voc[21].split()[-1] == "58.5" and "59.2" in voc[22]
+    other = format_table(metrics(["raccoon"])).splitlines()
+    assert "R-CNN" not in "\n".join(other) and other[1].split() == ["raccoon", "2", "5", "25.0", "25.0"]

@@ -38,6 +38,7 @@ from spp_det.data.images import ImageError, read_image
 from spp_det.data.voc import ImageRecord
 from spp_det.draw import draw_boxes
 from spp_det.errors import UserError
+from spp_det.evaluation import reference
 from spp_det.evaluation.analysis import ERROR_TYPES, analyse, best_and_worst
 from spp_det.evaluation.plots import ERROR_COLOURS, confusion_figure, error_types_figure, png_bytes, pr_curves_figure
 from spp_det.evaluation.voc_ap import VOCEvaluator
@@ -224,9 +225,15 @@ def _class_table(voc: dict, metrics: dict) -> str:
                  _pct(voc["map_voc07"]), _pct(voc["map_voc10"]),
                  _pct(coco.get("AP")), _pct(coco.get("AP50")), _pct(coco.get("AP75"))])
     head = ["class", "#gt", "#det", "AP07", "AP10", "COCO AP", "AP50", "AP75"]
-    out = _table(head, rows, "per-class", last_is_mean=True)
     notes = ["#gt: non-difficult objects; AP in percent; VOC APs by the devkit's rules (IoU ≥ 0.5), "
              "COCO APs from pycocotools (IoU 0.5:0.95, 0.5, 0.75)."]
+    if reference.applies(voc["ap_voc07"]):  # the 20 VOC classes: the published per-class AP07 beside ours
+        paper = [reference.RCNN_FC7_BB[name] for name in voc["ap_voc07"]]
+        for row, value in zip(rows, [*paper, sum(paper) / len(paper)]):
+            row.append(f"{value:.1f}")
+        head.append("R-CNN AP07")
+        notes.append(html.escape(reference.note()) + ".")
+    out = _table(head, rows, "per-class", last_is_mean=True)
     w = metrics.get("without_bbox_reg")
     if w and w.get("map_voc07") is not None:
         notes.append(f"Without box regression (same pass): mAP VOC07 {_pct(w['map_voc07'])}, VOC10 {_pct(w['map_voc10'])}.")

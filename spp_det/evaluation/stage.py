@@ -25,6 +25,7 @@ from spp_det import distributed
 from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.evaluation.coco import coco_evaluate
+from spp_det.evaluation import reference
 from spp_det.evaluation.plots import plot_pr_curves
 from spp_det.evaluation.report import build_report, checkpoint_info, write_eval_data
 from spp_det.evaluation.results import read_results, write_results
@@ -164,19 +165,29 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
 
 
 def format_table(metrics: dict) -> str:
-    """Per-class table: class, #gt (non-difficult), #det, AP07, AP10 (percent), and the mean."""
+    """Per-class table: class, #gt (non-difficult), #det, AP07, AP10 (percent), and the mean; for the
+    20 VOC classes also the published AP07 (``spp_det.evaluation.reference``)."""
     names = list(metrics["ap_voc07"])
     width = max([len("mean"), len("class"), *map(len, names)])
 
     def pct(v):
         return f"{100 * v:6.1f}" if v is not None else "     -"
 
-    lines = [f"{'class':<{width}}  {'#gt':>6}  {'#det':>7}  {'AP07':>6}  {'AP10':>6}"]
+    paper = reference.applies(names)  # the 20 VOC classes: the published per-class AP07 beside ours
+
+    def ref(value) -> str:
+        return f"  {value:6.1f}" if paper else ""
+
+    lines = [f"{'class':<{width}}  {'#gt':>6}  {'#det':>7}  {'AP07':>6}  {'AP10':>6}" + ("   R-CNN" if paper else "")]
     for name in names:
         lines.append(f"{name:<{width}}  {metrics['num_gt'][name]:>6}  {metrics['num_det'][name]:>7}  "
-                     f"{pct(metrics['ap_voc07'][name])}  {pct(metrics['ap_voc10'][name])}")
+                     f"{pct(metrics['ap_voc07'][name])}  {pct(metrics['ap_voc10'][name])}"
+                     + ref(reference.RCNN_FC7_BB.get(name, 0.0)))
     lines.append(f"{'mean':<{width}}  {sum(metrics['num_gt'].values()):>6}  {sum(metrics['num_det'].values()):>7}  "
-                 f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}")
+                 f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}"
+                 + ref(sum(reference.RCNN_FC7_BB.values()) / len(reference.RCNN_FC7_BB)))
+    if paper:
+        lines.append(reference.note())
     if metrics.get("coco"):
         lines.append("COCO-style: " + ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}"
                                                 for k, v in metrics["coco"].items()))
