@@ -12,7 +12,7 @@ import time
 import torch
 
 from spp_det.model import build_model
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 MODELS = {"lite0": [], "zf5": ["model=zf5"], "vgg16": ["~experiment", "model=vgg16"]}
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_pool
 
-from spp_det.bench import random_windows
+from spp_det.stages.bench import random_windows
 from spp_det.features.projection import project_windows
 from spp_det.ops import _ext, spatial_pyramid_pool
 from spp_det.ops.spp import _roi_pool_path

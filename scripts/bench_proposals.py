@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spp_det.data.voc import load_voc  # noqa: E402
 from spp_det.proposals.bench import run_benchmark  # noqa: E402
-from spp_det.runtime import compose_config, num_workers  # noqa: E402
+from spp_det.config import compose_config  # noqa: E402
+from spp_det.runtime import num_workers  # noqa: E402
 
 DEFAULT_SETTINGS = ["opencv_fast", "opencv_multires", "selectivesearch"]
 

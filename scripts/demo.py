@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for train, eval and detect (e.g. seed=1)")
     args = parser.parse_args()
     exp, extra = f"experiment={args.experiment}", list(args.overrides)
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
 
     cfg = compose_config([exp, *extra])
     run = Path(cfg.work_dir)

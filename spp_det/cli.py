@@ -22,26 +22,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from spp_det import __version__
+from spp_det.config import (PLAIN_STAGES, STAGES, ConfigsNotFound, compose, config_dir, config_groups, load_stage,
+                             moved_key_errors, override_key)
 from spp_det.errors import UserError
-
-# Stage name -> (module holding run(cfg), one line of help). Order is the pipeline's.
-STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("spp_det.data.synth", "write the synthetic VOC-layout dataset (data.root=DIR)"),
-    "proposals": ("spp_det.proposals.stage", "compute and cache selective-search boxes for a split"),
-    "pretrain": ("spp_det.stages.pretrain", "train backbone + pyramid + fc as a classifier (multi-size)"),
-    "features": ("spp_det.stages.features", "compute and cache conv5 feature maps per image and scale"),
-    "finetune": ("spp_det.stages.finetune", "fine-tune fc6, fc7 and a new fc8 on pooled pyramid vectors"),
-    "svm": ("spp_det.stages.svm", "train per-class linear SVMs with hard-negative mining"),
-    "bboxreg": ("spp_det.stages.bboxreg", "train per-class box regressors on pool5 features"),
-    "train": ("spp_det.stages.train", "run every training stage in order, skipping current ones"),
-    "eval": ("spp_det.evaluation.stage", "detect on a test split and compute VOC / COCO mAP"),
-    "detect": ("spp_det.detection.stage", "detect objects in a folder of images"),
-    "report": ("spp_det.evaluation.report", "rebuild report.html of an eval run: spp-det report RUN_DIR (no model)"),
-    "bench": ("spp_det.bench", "time SPP-net against R-CNN mode, seconds per image by step"),
-}
-
-# Stages taking plain arguments instead of Hydra overrides; their module has main(argv) -> int.
-PLAIN_STAGES = ("report",)
 
 # Exit codes (README "Command line and configs"); a stage's own non-zero status passes through.
 EXIT_FAILED = 1  # the run stopped on its input or settings (a UserError: the message names the file or key)
@@ -53,22 +36,7 @@ SPLIT_STAGES = {"features": True, "finetune": True, "svm": True, "bboxreg": True
 # Hydra options that only print something: the stage does not run.
 PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 
-# Keys that moved out of the model group (only eval / detect or bench read them, so no training
-# stage declares them: spp_det/stages/declare.py); the old spelling gets an error naming the new.
-MOVED_KEYS = {
-    "model.checkpoint": "eval.checkpoint (spp-det detect: detect.checkpoint, which defaults to it)",
-    "model.test_scales": "eval.scales (spp-det detect: detect.scales, which defaults to it)",
-    "model.test_max_size": "eval.max_size (spp-det detect: detect.max_size, which defaults to it)",
-    "model.rcnn_context": "bench.rcnn_context",
-    "model.rcnn_input": "bench.rcnn_input",
-}
-
 log = logging.getLogger("spp_det")
-
-
-def override_key(override: str) -> str:
-    """``data.root`` of ``data.root=x``, ``+data.root=x`` or ``~data.root``."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def user_overrides(args: list[str]) -> list[str]:
@@ -76,38 +44,9 @@ def user_overrides(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
 
 
-def moved_key_errors(overrides: list[str]) -> list[str]:
-    """One message per override that spells a key of ``MOVED_KEYS`` the old way."""
-    keys = [override_key(o) for o in overrides if "=" in o]
-    return [f"{key} has moved: use {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
-
-
 def fail(message: str, code: int) -> NoReturn:
     print(f"spp-det: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def config_dir() -> Path:
-    """The repository's ``configs/`` (or ``$SPP_DET_CONFIGS``)."""
-    path = Path(os.environ.get("SPP_DET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
-    if not (path / "config.yaml").is_file():
-        fail(f"configs not found at {path}; install with `pip install -e .` from the repository "
-             "or set SPP_DET_CONFIGS to its configs/ folder", EXIT_USAGE)
-    return path
-
-
-def config_groups() -> list[str]:
-    return sorted(p.name for p in config_dir().iterdir() if p.is_dir())
-
-
-def compose(stage: str, overrides: list[str], hydra: bool = False):
-    """``configs/config.yaml`` composed as the CLI does (Hydra's compose API: no run directory).
-    With ``hydra``, the ``hydra`` node is kept (``hydra.runtime.choices``: the group options)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"stage={stage}", *overrides], return_hydra_config=hydra)
 
 
 def usage() -> str:
@@ -203,21 +142,9 @@ def preflight(stage: str, cfg) -> None:
 
         check_splits(cfg.data, training=SPLIT_STAGES[stage])
     if stage == "detect" or (stage == "eval" and not cfg.eval.get("results_dir")):
-        from spp_det.detection.stage import checkpoint_path
+        from spp_det.stages.detect import checkpoint_path
 
         checkpoint_path(cfg, stage)
-
-
-def load_stage(stage: str):
-    """The stage's ``run`` function, or ``None`` when that stage is not built yet."""
-    module_name = STAGES[stage][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
-    return getattr(module, "run", None)
 
 
 def with_overrides(args: list[str], added: list[str]) -> list[str]:
@@ -271,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     moved = moved_key_errors(overrides)
     if moved:
         fail("\nspp-det: ".join(moved), EXIT_USAGE)
+    try:
+        config_dir()
+    except ConfigsNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

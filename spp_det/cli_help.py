@@ -102,7 +102,7 @@ def show_value(cfg: DictConfig, key: str) -> str:
 
 
 def stage_help(stage: str, cfg: DictConfig, summary: str) -> str:
-    from spp_det.cli import config_dir
+    from spp_det.config import config_dir
 
     configs = config_dir()
     choices = dict(cfg.hydra.runtime.choices)

@@ -56,10 +56,6 @@ def write_json(obj: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def hash_bytes(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
 def hash_file(path: str | Path) -> str:
     """SHA-1 of a file's bytes (the content part of a cache key)."""
     h = hashlib.sha1()

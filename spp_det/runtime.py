@@ -5,7 +5,6 @@ import os
 
 import torch
 
-from spp_det.cli import compose, moved_key_errors
 from spp_det.distributed import local_world_size
 from spp_det.errors import UserError
 
@@ -51,14 +50,6 @@ def command_line_keys() -> set[str] | None:
     if not HydraConfig.initialized():
         return None
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-
-
-def compose_config(overrides: list[str] | None = None, stage: str = "test"):
-    """Compose ``configs/config.yaml`` like the CLI does, for tests and scripts (no run directory)."""
-    moved = moved_key_errors(list(overrides or []))
-    if moved:
-        raise UserError("; ".join(moved))
-    return compose(stage, list(overrides or []))
 
 
 def reset_peak_rss() -> None:

@@ -13,7 +13,7 @@ from spp_det.errors import UserError
 from spp_det.features.backbones import ResNet50Conv4, TimmConv, receptive_field
 from spp_det.model.build import build_backbone, load_weights_file, packaged_weights_file
 from spp_det.io import save_torch
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 timm = pytest.importorskip("timm")
 

@@ -11,9 +11,10 @@ from tempfile import TemporaryDirectory
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from spp_det.cli import STAGES, config_dir
+from spp_det.config import STAGES, config_dir
 from spp_det.errors import UserError
-from spp_det.runtime import compose_config, resolve_device
+from spp_det.config import compose_config
+from spp_det.runtime import resolve_device
 
 SPP_DET = [sys.executable, "-m", "spp_det.cli"]
 
@@ -150,9 +151,9 @@ def test_hydra_help_ends_without_a_traceback():
 
 def test_stage_groups_of_the_help_cover_the_stage_declarations():
     from spp_det.cli_help import STAGE_GROUPS
-    from spp_det.detection.stage import STAGE as detect
-    from spp_det.evaluation.stage import STAGE as evaluate
-    from spp_det.proposals.stage import STAGE as proposals
+    from spp_det.stages.detect import STAGE as detect
+    from spp_det.stages.evaluate import STAGE as evaluate
+    from spp_det.stages.proposals import STAGE as proposals
     from spp_det.stages import bboxreg, features, finetune, svm
 
     for stage in (detect, evaluate, proposals, bboxreg.STAGE, features.STAGE, finetune.STAGE, svm.STAGE):
@@ -221,7 +222,7 @@ def tiny_model(tmp_path, monkeypatch):
     from conftest import write_voc
     from test_svm import tiny_setup
 
-    from spp_det import artifact
+    from spp_det.stages.assemble import assemble
     from spp_det.stages import bboxreg as bboxreg_stage
     from spp_det.stages import svm as svm_stage
 
@@ -229,7 +230,7 @@ def tiny_model(tmp_path, monkeypatch):
     monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
     assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
-    shutil.move(artifact.assemble(cfg), tmp_path / "runs" / "tiny" / "model.pt")
+    shutil.move(assemble(cfg), tmp_path / "runs" / "tiny" / "model.pt")
     objects = [("disc", (10, 10, 50, 40), False), ("block", (60, 15, 100, 45), False)]
     write_voc(tmp_path / "voc", {f"t{i}": {"size": (128, 96), "objects": objects} for i in range(2)}, split="test")
     return tmp_path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 from spp_det.stages import bboxreg, declare, finetune, pretrain, svm
 
 # keys no training stage reads: test time (eval, detect), benchmarks, where proposals are exported
@@ -131,8 +131,8 @@ def test_the_architecture_doc_shows_every_declared_stage_as_declared():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md").read_text()
     stages = [pretrain.CROPS, pretrain.WINDOWS, finetune.STAGE, svm.STAGE, bboxreg.STAGE]
-    for module in ("spp_det.proposals.stage", "spp_det.stages.features", "spp_det.artifact",
-                   "spp_det.evaluation.stage", "spp_det.detection.stage"):
+    for module in ("spp_det.stages.proposals", "spp_det.stages.features", "spp_det.stages.assemble",
+                   "spp_det.stages.evaluate", "spp_det.stages.detect"):
         stages.append(importlib.import_module(module).STAGE)
     missing = [declare.table_row(s) for s in stages if declare.table_row(s) not in doc]
     assert not missing, "docs/ARCHITECTURE.md lacks (or has another version of) these rows:\n" + "\n".join(missing)

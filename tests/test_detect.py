@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from spp_det.detection import stage
+from spp_det.stages import detect as stage
 from spp_det.draw import draw_detections, style_for
 from spp_det.detection.postprocess import Detections
-from spp_det.detection.stage import safe_output_name
+from spp_det.stages.detect import safe_output_name
 from spp_det.errors import UserError
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 CLASSES = ["circle", "square"]
 MAX_PIXELS = 5000  # detect.max_pixels in these tests: "big.png" (100x100) is beyond it

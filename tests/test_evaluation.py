@@ -13,7 +13,7 @@ from spp_det.detection.postprocess import Detections, postprocess
 from spp_det.errors import UserError
 from spp_det.evaluation.coco import coco_metrics
 from spp_det.evaluation.results import read_results, write_results
-from spp_det.evaluation.stage import format_table, score_detections
+from spp_det.stages.evaluate import format_table, score_detections
 from spp_det.evaluation.voc_ap import VOC07_THRESHOLDS, VOCEvaluator, evaluate_class, voc07_ap, voc10_ap
 
 VOC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012_sample"
@@ -293,8 +293,8 @@ def test_postprocess_of_nothing_is_empty():
 
 
 def test_eval_stage_scores_a_results_folder_without_a_model(synth_set, tmp_path, monkeypatch, capsys):
-    from spp_det.evaluation import stage
-    from spp_det.runtime import compose_config
+    from spp_det.stages import evaluate as stage
+    from spp_det.config import compose_config
 
     root, records, classes = synth_set
     results = tmp_path / "results"
@@ -329,8 +329,8 @@ class FakeDetector:
 
 
 def test_evaluate_detector_runs_over_the_split_and_reports_times(synth_set, tmp_path):
-    from spp_det.evaluation.stage import check_classes, evaluate_detector
-    from spp_det.runtime import compose_config
+    from spp_det.stages.evaluate import check_classes, evaluate_detector
+    from spp_det.config import compose_config
 
     root, records, classes = synth_set
     cfg = compose_config(["data=synth", f"data.root={root}", "data.year=null", "device=cpu"], stage="eval")
@@ -347,9 +347,9 @@ def test_evaluate_detector_runs_over_the_split_and_reports_times(synth_set, tmp_
 
 
 def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set, tmp_path, monkeypatch, capsys):
-    from spp_det.detection import stage as detection_stage
-    from spp_det.evaluation import stage
-    from spp_det.runtime import compose_config
+    from spp_det.stages import detect as detection_stage
+    from spp_det.stages import evaluate as stage
+    from spp_det.config import compose_config
 
     root, records, classes = synth_set
     monkeypatch.setattr(detection_stage, "load_detector", lambda cfg, scorer="svm": FakeDetector(records, classes))
@@ -372,7 +372,7 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
 
 def test_coco_size_ranges_without_objects_are_null_not_minus_100():
     """pycocotools' -1 for "no small objects" is None in metrics.json and n/a in the summary."""
-    from spp_det.evaluation.stage import format_table, score_detections
+    from spp_det.stages.evaluate import format_table, score_detections
 
     records = [record("a", [[10, 10, 190, 190]], [1], width=200, height=200)]  # one large object: no small or medium
     metrics = score_detections(records, ["one"], perfect(records), "test")
@@ -384,7 +384,7 @@ def test_coco_size_ranges_without_objects_are_null_not_minus_100():
 
 def test_voc_evaluations_print_the_published_per_class_ap_beside_their_own():
     from spp_det.evaluation import reference
-    from spp_det.evaluation.stage import format_table
+    from spp_det.stages.evaluate import format_table
 
     # the reference row is the one the papers state: its mean is R-CNN's 58.5 (SPP-net's table reprints it)
     assert len(reference.RCNN_FC7_BB) == 20

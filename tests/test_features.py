@@ -10,7 +10,7 @@ from spp_det.features.cache import FeatureCache, weights_hash
 from spp_det.features.projection import project_windows
 from spp_det.features.scales import best_scale, scaled_sizes
 from spp_det.model import build_model
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 
 def test_zf5_has_stride_16_and_the_release_cell_centres():

@@ -270,7 +270,7 @@ def stage(monkeypatch, synth_root, tmp_path):
         monkeypatch.setattr(proposals_module, "load_proposals", fake_proposals, raising=False)
     except ImportError:
         monkeypatch.setitem(sys.modules, "spp_det.proposals", types.SimpleNamespace(load_proposals=fake_proposals))
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
 
     def make(work="work", *extra):
         cfg = compose_config([

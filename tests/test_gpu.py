@@ -124,7 +124,7 @@ def test_pooling_on_the_device_equals_the_cpu_op_on_a_conv5_sized_map(dtype):
 
 def image_and_windows(height: int, width: int, count: int, seed: int):
     """A random RGB image and ``count`` windows of selective-search-like sizes (``bench.random_windows``)."""
-    from spp_det.bench import random_windows
+    from spp_det.stages.bench import random_windows
 
     rng = np.random.default_rng(seed)
     return rng.integers(0, 255, (height, width, 3), dtype=np.uint8), random_windows(height, width, count, rng)
@@ -132,7 +132,7 @@ def image_and_windows(height: int, width: int, count: int, seed: int):
 
 def zf5_model(scales):
     from spp_det.model import build_model
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
 
     torch.manual_seed(0)  # ZF-5, full width, random weights; fc 4096
     return build_model(compose_config(["model=zf5", f"model.scales={list(scales)}"]).model).eval()

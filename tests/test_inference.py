@@ -10,7 +10,7 @@ from spp_det.detection.detector import Detector
 from spp_det.errors import UserError
 from spp_det.inference import compress_fc, set_precision, truncated_svd
 from spp_det.model import build_model
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 
 def tiny_model(fc_dim=64):
@@ -99,7 +99,7 @@ def test_bf16_runs_conv5_and_fc_in_bfloat16_and_int8_quantises_the_fc_layers():
 
 def test_eval_and_detect_load_the_detector_with_the_configured_precision_and_ranks(tmp_path, monkeypatch):
     from spp_det.detection import detector as detector_module
-    from spp_det.detection import stage
+    from spp_det.stages import detect as stage
 
     seen = {}
     monkeypatch.setattr(detector_module.Detector, "load",

@@ -10,7 +10,7 @@ from spp_det.features.scales import resize_image, scaled_sizes
 from spp_det.features.rcnn import context_windows, rcnn_features
 from spp_det.io import save_torch
 from spp_det.model import FCHead, SPPNet, build_model
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012_sample"
 

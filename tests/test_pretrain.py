@@ -13,7 +13,7 @@ from spp_det.data.synth import write_synthetic
 from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.proposals import record_proposals
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 from spp_det.stages import pretrain, pretrain_crops, pretrain_windows
 from spp_det.training import crops as crop_data
 from spp_det.training import loop, sampling

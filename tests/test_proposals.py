@@ -22,7 +22,7 @@ from spp_det.proposals import (
 )
 from spp_det.proposals import backends as backends_module
 from spp_det.proposals.postprocess import interleave, postprocess_boxes
-from spp_det.runtime import compose_config
+from spp_det.config import compose_config
 
 OPENCV = {"backend": "opencv", "mode": "fast", "resize_to": None, "base_k": 150, "inc_k": 150, "sigma": 0.8,
           "seed": 0, "max_boxes": 2000, "min_size": 2}
@@ -331,7 +331,7 @@ def stage_config(tmp_path, root, *extra):
 
 
 def test_stage_exports_a_split_and_the_export_reads_back_unchanged(tmp_path):
-    from spp_det.proposals.stage import run
+    from spp_det.stages.proposals import run
 
     images = {f"im{i}": shapes_image(64 + 16 * i)[0] for i in range(2)}
     root = write_voc(tmp_path / "voc", images)
@@ -351,7 +351,7 @@ def test_stage_exports_a_split_and_the_export_reads_back_unchanged(tmp_path):
 
 
 def test_stage_lists_every_corrupt_image_fails_and_keeps_good_entries(tmp_path, caplog, counting_backend):
-    from spp_det.proposals.stage import run
+    from spp_det.stages.proposals import run
 
     good = shapes_image(64)[0]
     root = write_voc(tmp_path / "voc", {"good1": good, "bad1": b"not a jpeg at all",

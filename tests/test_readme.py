@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spp_det.cli import STAGES
+from spp_det.config import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -17,8 +17,9 @@ from spp_det.data.voc import ImageRecord, load_voc
 from spp_det.detection.postprocess import Detections
 from spp_det.errors import UserError
 from spp_det.evaluation.analysis import ERROR_TYPES, ImageOutcome, analyse, best_and_worst
-from spp_det.evaluation.report import DATA_FILE, build_report, main, read_eval_data
-from spp_det.evaluation.stage import score_detections
+from spp_det.evaluation.report import DATA_FILE, build_report, read_eval_data
+from spp_det.stages.report import main
+from spp_det.stages.evaluate import score_detections
 
 CLASSES = ["cat", "dog", "car"]  # VOC names: cat and dog are similar (Hoiem's animals), car is not
 CAT, DOG, CAR = [10, 10, 50, 50], [60, 10, 100, 50], [10, 60, 50, 100]

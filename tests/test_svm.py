@@ -73,7 +73,7 @@ def test_no_duplicate_negatives_across_epochs():
 def test_the_demo_presets_svms_never_evict_a_cached_negative():
     import dataclasses
 
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
 
     settings = SVMSettings.from_cfg(compose_config(["experiment=demo_zf5"]).svm)  # evict_thresh: -.inf
     positives, stream = separable_stream()
@@ -155,7 +155,7 @@ def tiny_setup(tmp_path, monkeypatch, classes=("disc", "block"), present=("disc"
     from spp_det import io
     from spp_det.data.voc import ImageRecord
     from spp_det.model import build_model
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
     from spp_det.stages import svm as svm_stage
 
     cfg = compose_config(["~experiment", "model=zf5_narrow", "device=cpu", "model.scales=[96]", "model.fc_dim=32",

@@ -53,7 +53,7 @@ def xml_objects(path: Path):
 
 
 def test_config_has_at_least_five_shape_classes_and_data_synth_uses_them():
-    from spp_det.runtime import compose_config
+    from spp_det.config import compose_config
 
     cfg = compose_config(["data=synth"], stage="synth")
     assert list(cfg.data.classes) == list(cfg.synth.classes) == CLASSES

@@ -354,15 +354,3 @@ def format_summary(summary: dict) -> str:
     rows += ["", f"partly occluded objects: {summary['occluded']}; left out as hidden by more than "
                  f"max_occlusion: {summary['dropped_occluded']}; {summary['seconds']:.1f} s"]
     return "\n".join(rows)
-
-
-def run(cfg) -> int:
-    """``spp-det synth data.root=DIR [synth.num_images=N synth.seed=S synth.overwrite=true]``."""
-    root = Path(cfg.data.root)
-    classes = list(cfg.synth.classes)
-    summary = write_synthetic(root, cfg.synth, classes)
-    print(f"synthetic VOC-layout dataset written to {root}\n")
-    print(format_summary(summary))
-    if list(cfg.data.classes) != classes:
-        print(f"\nTrain on it with data=synth data.root={root} (its classes: {', '.join(classes)}).")
-    return 0

@@ -22,14 +22,12 @@ and seconds per image by step.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -338,20 +336,3 @@ def build_report(run_dir) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
-
-
-def main(argv: list[str]) -> int:
-    """``spp-det report RUN_DIR``: rebuild ``RUN_DIR/report.html`` (no model, no Hydra)."""
-    parser = argparse.ArgumentParser(prog="spp-det report",
-                                     description="Rebuild report.html of an eval run directory from its "
-                                                 f"{DATA_FILE} and metrics.json (no model needed).")
-    parser.add_argument("run_dir", help="the eval run directory (hydra.run.dir of `spp-det eval`)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
-    try:
-        path = build_report(args.run_dir)
-    except UserError as exc:
-        print(f"spp-det report: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0

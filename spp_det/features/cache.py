@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from spp_det.artifact import CONV5_CACHE, cache_folder
 from spp_det.io import hash_file, hash_settings, load_torch, save_torch
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class FeatureCache:
         }
         if getattr(bb, "arch_key", None):  # timm: settings such as the padding type change conv5, not the weights
             self.settings["arch"] = bb.arch_key
-        self.root = Path(cache_dir) / "conv5" / hash_settings(self.settings)
+        self.root = cache_folder(cache_dir, CONV5_CACHE) / hash_settings(self.settings)
         self.stats = {"hits": 0, "misses": 0, "bytes": 0, "entries": 0}
         self._file_hash: dict[tuple[str, int, int], str] = {}
 

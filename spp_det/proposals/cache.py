@@ -20,6 +20,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from spp_det.artifact import PROPOSALS_CACHE, cache_folder
 from spp_det.boxes import flip_boxes
 from spp_det.data.images import ImageError, read_image
 from spp_det.errors import UserError
@@ -92,7 +93,7 @@ def settings_key(proposals_cfg) -> dict:
 def settings_dir(cache_dir: str | Path, proposals_cfg) -> Path:
     """``<cache_dir>/proposals/<backend>-<settings hash>``."""
     key = settings_key(proposals_cfg)
-    return Path(cache_dir) / "proposals" / f"{key['backend']}-{hash_settings(key)}"
+    return cache_folder(cache_dir, PROPOSALS_CACHE) / f"{key['backend']}-{hash_settings(key)}"
 
 
 def entry_path(folder: Path, content_hash: str) -> Path:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
+from spp_det.artifact import BBOXREG
 from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
@@ -38,7 +39,7 @@ from spp_det.training.windows import bboxreg_windows, training_records, window_f
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "bboxreg.pt"
+ARTIFACT = BBOXREG
 STAGE = heads.head_stage("bboxreg", ARTIFACT, "R-CNN appendix C (box regression)")
 
 

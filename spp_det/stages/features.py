@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from spp_det import distributed
+from spp_det.artifact import CONV5_CACHE
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.model import backbone_source, build_finetune_model
@@ -21,7 +22,7 @@ from spp_det.stages import declare
 log = logging.getLogger(__name__)
 
 # a content-keyed cache (weights, image bytes, scales): always runs, repeats are cache hits
-STAGE = declare.Stage("features", "cache_dir/conv5/", reads=("model", *declare.TRAINING_DATA), consumes=("backbone",),
+STAGE = declare.Stage("features", f"cache_dir/{CONV5_CACHE}/", reads=("model", *declare.TRAINING_DATA), consumes=("backbone",),
                       ignores=declare.NOT_TRAINING_DATA, paper="Sec. 4.1 conv5 once per image and scale")
 
 

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spp_det import distributed, io
+from spp_det.artifact import FINETUNE, FINETUNE_POOL5_CACHE, FINETUNE_STATE, cache_folder
 from spp_det.boxes import flip_boxes
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
@@ -67,8 +68,7 @@ from spp_det.training.windows import finetune_windows
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "finetune.pt"
-STATE = "finetune_state.pt"
+ARTIFACT, STATE = FINETUNE, FINETUNE_STATE
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> 
         train = train + [r.flip() for r in train]
     cache = FeatureCache(cfg.cache_dir, model)
     use_difficult, seed = bool(cfg.data.get("use_difficult", False)), int(cfg.seed)
-    store = Path(cfg.cache_dir) / "finetune_pool5"
+    store = cache_folder(cfg.cache_dir, FINETUNE_POOL5_CACHE)
     return (build_pool(model, cache, train, proposals, cfg.finetune, use_difficult, seed, device, store,
                        io.hash_settings([settings, "train"]), "training"),
             build_pool(model, cache, val, proposals, cfg.finetune, use_difficult, seed, device, store,

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from spp_det import io
 from spp_det.model import SPPNet, load_finetuned_model
-from spp_det.model.build import FINETUNE
+from spp_det.artifact import FINETUNE
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
 

@@ -30,16 +30,15 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from spp_det import io
+from spp_det.artifact import PRETRAIN, PRETRAIN_CROPS, PRETRAIN_CROPS_STATE, PRETRAIN_STATE
 from spp_det.stages import declare
 from spp_det.stages.pretrain_crops import run_crops
 from spp_det.stages.pretrain_windows import run_windows, window_proposals_cfg
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "pretrain.pt"
-STATE = "pretrain_state.pt"
-CROPS_ARTIFACT = "pretrain_crops.pt"  # source=crops+windows: the first phase's weights, where the second starts
-CROPS_STATE = "pretrain_crops_state.pt"
+ARTIFACT, STATE = PRETRAIN, PRETRAIN_STATE
+CROPS_ARTIFACT, CROPS_STATE = PRETRAIN_CROPS, PRETRAIN_CROPS_STATE  # source=crops+windows: where windows start
 # settings only source=windows reads: a change to them keeps crops+windows' crop phase current
 WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
                "start_from", "window_proposals", "frozen_convs")

@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
+from spp_det.artifact import SVM
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
@@ -53,7 +54,7 @@ from spp_det.training.windows import svm_windows, training_records, window_featu
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "svm.pt"
+ARTIFACT = SVM
 # keys of cached negatives: image index * KEY_STRIDE + window index (an image has < 2^20 windows)
 KEY_STRIDE = 1 << 20
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from spp_det import distributed
-from spp_det.artifact import assemble
-from spp_det.cli import load_stage
+from spp_det.artifact import TRAIN_SUMMARY
+from spp_det.config import load_stage
 from spp_det.io import write_json
 from spp_det.model import pretrain_configured, require_trained_backbone
-from spp_det.proposals import stage as proposals
+from spp_det.stages import proposals
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
 from spp_det.stages import bboxreg, features, finetune, pretrain, svm
+from spp_det.stages.assemble import assemble
 from spp_det.stages.curves import RESULTS, history_dir
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> int:
     model_path = assemble(cfg)
     results.append(StageResult("model", "ran", time.perf_counter() - start, peak_rss_mb(), str(model_path)))
     print_summary(results, history_dir(cfg) / RESULTS)
-    write_json([r.__dict__ for r in results], work_dir / "train_summary.json")
+    write_json([r.__dict__ for r in results], work_dir / TRAIN_SUMMARY)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from spp_det import distributed
+from spp_det.artifact import PROPOSALS_CACHE
 from spp_det.data.voc import load_split
 from spp_det.proposals.cache import ProposalImageError, load_proposals
 from spp_det.proposals.precomputed import write_schema
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # a content-keyed cache (image bytes, the box-changing settings: spp_det.stages.declare.proposals_cache);
 # proposals.export and proposals.split only say what to fill and where to copy the boxes
-STAGE = declare.Stage("proposals", "cache_dir/proposals/", reads=("proposals", "data"),
+STAGE = declare.Stage("proposals", f"cache_dir/{PROPOSALS_CACHE}/", reads=("proposals", "data"),
                       paper="Sec. 4.1 selective search, fast mode (~2,000 windows per image)")
 
 

@@ -215,7 +215,7 @@ def run(cfg) -> int:
     detector = None
     if not cfg.eval.results_dir:  # the model first: it names the classes to load the split with
         # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
-        from spp_det.detection import stage as detection_stage
+        from spp_det.stages import detect as detection_stage
 
         detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
         model_classes(cfg, detector.classes)

@@ -1,0 +1,67 @@
+"""The model stage: ``work_dir/model.pt`` assembled from the stage artifacts (``finetune.pt``,
+``svm.pt``, ``bboxreg.pt`` when present) at the end of every ``spp-det train`` (cheap). Its layout
+is ``spp_det.artifact``'s docstring."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from spp_det import artifact, io
+from spp_det.errors import UserError
+from spp_det.model.build import without_weights
+from spp_det.stages import declare
+
+log = logging.getLogger(__name__)
+
+STAGE = declare.Stage("model", artifact.MODEL, reads=("model", "data.classes"), consumes=("finetune", "svm", "bboxreg"),
+                      paper="the detector of Sec. 4.1 (fc7 -> SVM scores, box regression)")
+
+
+def _stage_file(work_dir: Path, name: str, cfg: DictConfig, required: bool = True) -> dict | None:
+    path = work_dir / name
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path}: not found; run `spp-det train` (or the stage that writes it) with this work_dir")
+        return None
+    try:
+        state = io.load_torch(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a spp-det stage artifact")
+    io.check_checkpoint(state.get("meta", {}), cfg, path)
+    return state
+
+
+def assemble(cfg: DictConfig) -> Path:
+    """Write ``work_dir/model.pt`` from ``finetune.pt``, ``svm.pt`` and (optional) ``bboxreg.pt``;
+    returns its path. Each stage artifact is checked against the config's classes and network."""
+    work_dir = Path(cfg.work_dir)
+    finetune = _stage_file(work_dir, artifact.FINETUNE, cfg)
+    svm = _stage_file(work_dir, artifact.SVM, cfg)
+    bboxreg = _stage_file(work_dir, artifact.BBOXREG, cfg, required=False)
+    if bboxreg is None:
+        log.warning("%s: not found; the model has no box regressors (detection runs with bbox_reg off)",
+                    work_dir / artifact.BBOXREG)
+    model_cfg = without_weights(cfg.model)  # the artifact holds every weight: rebuilding reads nothing else
+    model = {
+        "format": artifact.FORMAT,
+        "version": artifact.VERSION,
+        "classes": list(cfg.data.classes),
+        "config": model_cfg,
+        "scales": [int(s) for s in cfg.model.scales],
+        "meta": io.checkpoint_meta(cfg),
+        "backbone_source": finetune.get("meta", {}).get("backbone_source"),  # recorded by finetune
+        "state_dict": finetune["state_dict"],
+        "fc8": finetune.get("fc8"),
+        "svm": {"weight": svm["weight"], "bias": svm["bias"], "feature_scale": float(svm["feature_scale"])},
+        "bboxreg": None if bboxreg is None else {"weight": bboxreg["weight"],
+                                                 "feature_scale": float(bboxreg["feature_scale"])},
+    }
+    path = work_dir / artifact.MODEL
+    io.save_torch(model, path)
+    log.info("model: wrote %s (%d classes, box regression %s)", path, len(model["classes"]),
+             "on" if bboxreg is not None else "off")
+    return path

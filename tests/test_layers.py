@@ -1,0 +1,44 @@
+"""The layer contract (.importlinter, run by import-linter) holds, and docs/ARCHITECTURE.md draws it."""
+from __future__ import annotations
+
+import configparser
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def contract_layers() -> list[str]:
+    """The layers of the ``layers`` contract, top first, as written in .importlinter."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / ".importlinter")
+    return [line.strip() for line in parser["importlinter:contract:layers"]["layers"].splitlines() if line.strip()]
+
+
+def test_the_import_contract_holds():
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(config_filename='.importlinter', no_cache=True, no_logo=True))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_the_architecture_picture_is_the_contract():
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    picture = doc.split("## Layers", 1)[1].split("```", 2)[1]
+    # a layer's line starts at column 0 with its packages; lines indented below it describe them
+    drawn = [re.split(r"\s{2,}", line.strip())[0] for line in picture.splitlines() if line and not line[0].isspace()]
+    assert drawn == contract_layers()
+
+
+def test_every_stage_module_is_in_the_stage_layer():
+    from spp_det.config import STAGES
+
+    assert "stages" in contract_layers()
+    for name, (module, _) in STAGES.items():
+        assert module.startswith("spp_det.stages."), (name, module)
+        entry = importlib.import_module(module)
+        assert callable(getattr(entry, "run", None) or getattr(entry, "main", None)), name
