@@ -140,7 +140,7 @@ def test_the_architecture_doc_shows_every_declared_stage_as_declared():
 
 def test_the_backbone_source_follows_the_config_not_the_files_in_work_dir(tmp_path):
     from spp_det.errors import UserError
-    from spp_det.model import backbone_source, describe_backbone
+    from spp_det.stages.start import backbone_source, describe_backbone
 
     def cfg(*extra):
         return compose_config(["model=zf5_narrow", f"work_dir={tmp_path}", *extra])

@@ -46,7 +46,7 @@ def test_tiny_images_are_padded_to_at_least_one_conv5_cell():
 def test_zf5_batchnorm_option_replaces_lrn_and_keeps_the_geometry():
     from spp_det.errors import UserError
     from spp_det.features.backbones import WithinChannelLRN
-    from spp_det.model.build import build_backbone
+    from spp_det.model.weights import build_backbone
     from omegaconf import OmegaConf
 
     paper, bn = ZF5(width=0.05), ZF5(width=0.05, norm="batchnorm")

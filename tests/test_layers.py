@@ -1,6 +1,7 @@
 """The layer contract (.importlinter, run by import-linter) holds, and docs/ARCHITECTURE.md draws it."""
 from __future__ import annotations
 
+import ast
 import configparser
 import importlib
 import re
@@ -42,3 +43,21 @@ def test_every_stage_module_is_in_the_stage_layer():
         assert module.startswith("spp_det.stages."), (name, module)
         entry = importlib.import_module(module)
         assert callable(getattr(entry, "run", None) or getattr(entry, "main", None)), name
+
+
+def test_weights_are_loaded_into_networks_only_by_model_weights():
+    """``spp_det/model/weights.py`` is the one place a file's weights go into a network; the other
+    ``load_state_dict`` calls restore what the same run holds (a resumed loop, a kept snapshot)."""
+    allowed = {"spp_det/model/weights.py": None,
+               "spp_det/io.py": 1,                 # load_torch: the weights_only reader of every cache and artifact
+               "spp_det/training/loop.py": 2,      # resume: the loop's own module and optimizer state
+               "spp_det/stages/finetune.py": 2}    # the best validation snapshot, kept in memory
+    for path in sorted((ROOT / "spp_det").rglob("*.py")):
+        name = str(path.relative_to(ROOT))
+        calls = sum(1 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute) and (node.func.attr in ("load_state_dict", "load_file")
+                                                                  or ast.unparse(node.func) == "torch.load"))
+        if name in allowed:
+            assert allowed[name] is None or calls == allowed[name], (name, calls)
+        else:
+            assert calls == 0, f"{name} loads weights itself: use spp_det.model.weights (read_checkpoint, load_state)"

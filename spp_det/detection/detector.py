@@ -22,6 +22,7 @@ from spp_det.errors import UserError
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
 from spp_det.model import build_model
+from spp_det.model.weights import load_state
 from spp_det.detection.postprocess import postprocess
 from spp_det.structures import Detections
 
@@ -76,10 +77,7 @@ class Detector:
         model_cfg["scales"] = list(test_scales or model_cfg.get("test_scales") or model_cfg["scales"])
         model_cfg["max_size"] = test_max_size or model_cfg.get("test_max_size") or model_cfg.get("max_size")
         model = build_model(model_cfg, pretrained=False)  # never download: the file holds every weight
-        try:
-            model.load_state_dict(art["state_dict"])
-        except RuntimeError as exc:
-            raise UserError(f"{path}: damaged model artifact: weights do not fit its own config: {exc}") from None
+        load_state(model, art["state_dict"], path, "damaged model artifact: weights do not fit its own config")
         model = model.to(device).eval()
         reg = art.get("bboxreg")
         return cls(model, art["classes"], art["svm"]["weight"], art["svm"]["bias"], art["svm"]["feature_scale"],

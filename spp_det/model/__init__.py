@@ -1,10 +1,6 @@
-"""SPP-net's network (``sppnet``: tensors only, no file I/O) and how it is built with its weights
-(``build``: the one place weights are loaded or left out)."""
-from spp_det.model.build import (backbone_source, build_finetune_model, build_model, describe_backbone,
-                                 init_from_scratch, load_backbone_checkpoint, load_finetuned_model,
-                                 pretrain_configured, require_trained_backbone, without_weights)
+"""SPP-net's network (``sppnet``: tensors only, no file I/O), how it is built from the ``model``
+group (``build``) and where its weights come from (``weights``: the one place they are loaded)."""
+from spp_det.model.build import at_scales, build_model, init_from_scratch, without_weights
 from spp_det.model.sppnet import FCHead, SPPNet, new_fc8
 
-__all__ = ["FCHead", "SPPNet", "backbone_source", "build_finetune_model", "build_model", "describe_backbone",
-           "init_from_scratch", "load_backbone_checkpoint", "load_finetuned_model", "new_fc8", "pretrain_configured",
-           "require_trained_backbone", "without_weights"]
+__all__ = ["FCHead", "SPPNet", "at_scales", "build_model", "init_from_scratch", "new_fc8", "without_weights"]

@@ -38,7 +38,7 @@ from spp_det.features.rcnn import rcnn_features
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
 from spp_det.io import write_json
-from spp_det.model import SPPNet, build_model
+from spp_det.model import SPPNet, at_scales, build_model
 from spp_det.proposals import compute_proposals
 from spp_det.runtime import resolve_device, run_dir
 
@@ -212,13 +212,6 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
     return table
 
 
-def _model_with_scales(cfg, scales: Sequence[int]) -> SPPNet:
-    from omegaconf import OmegaConf
-
-    model_cfg = OmegaConf.merge(cfg.model, {"scales": list(scales)})
-    return build_model(model_cfg)
-
-
 def run(cfg) -> int | None:
     # Over 60 lines because half of it is the bench.json literal below, one key per line: kept in
     # one piece, it reads as the file's schema.
@@ -231,9 +224,8 @@ def run(cfg) -> int | None:
     windows = [random_windows(im.shape[0], im.shape[1], int(b.windows), rng) for im in images]
 
     torch.manual_seed(int(cfg.seed))
-    one = _model_with_scales(cfg, b.scales_one).to(device).eval()
-    five = _model_with_scales(cfg, b.scales_five).to(device).eval()
-    five.load_state_dict(one.state_dict())  # the same weights in both
+    one = at_scales(build_model(cfg.model), b.scales_one).to(device).eval()
+    five = at_scales(one, b.scales_five)  # the same network (weights) at five scales
     # warm-up (first-call allocations, kernel selection) on a small image, not timed
     time_spp(one, images[0][:200, :200], windows[0][:50])
 

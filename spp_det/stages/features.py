@@ -15,9 +15,9 @@ from spp_det import distributed
 from spp_det.artifact import CONV5_CACHE
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
-from spp_det.model import backbone_source, build_finetune_model
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
+from spp_det.stages.start import backbone_source, build_finetune_model
 
 log = logging.getLogger(__name__)
 

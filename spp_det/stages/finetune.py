@@ -57,11 +57,12 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
 from spp_det.features.cache import FeatureCache
-from spp_det.model import backbone_source, build_finetune_model, describe_backbone, new_fc8, require_trained_backbone
+from spp_det.model import new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
 from spp_det.stages.curves import record_history
+from spp_det.stages.start import backbone_source, build_finetune_model, describe_backbone, require_trained_backbone
 from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, sgd_step
 from spp_det.training.sampling import sample_minibatch, subsample
 from spp_det.training.windows import finetune_windows

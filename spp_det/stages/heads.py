@@ -10,10 +10,11 @@ import torch
 from omegaconf import DictConfig
 
 from spp_det import io
-from spp_det.model import SPPNet, load_finetuned_model
+from spp_det.model import SPPNet
 from spp_det.artifact import FINETUNE
 from spp_det.runtime import resolve_device
 from spp_det.stages import declare
+from spp_det.stages.start import load_finetuned_model
 
 log = logging.getLogger(__name__)
 

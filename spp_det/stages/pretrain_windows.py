@@ -28,6 +28,7 @@ from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
 from spp_det.features.scales import best_scale, scaled_sizes
 from spp_det.model import build_model, init_from_scratch, new_fc8
+from spp_det.model.weights import load_state, read_checkpoint
 from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
 from spp_det.stages.curves import record_history
@@ -156,17 +157,11 @@ def start_from(path: Path, model, classifier: nn.Linear) -> None:
     learning them from nothing."""
     if not path.is_file():
         raise UserError(f"pretrain.start_from={path}: file not found")
-    state = io.load_torch(path)
-    if not {"backbone", "head"} <= set(state):
-        raise UserError(f"pretrain.start_from={path}: not a pretrain.pt (no backbone/head weights)")
-    try:
-        model.backbone.load_state_dict(state["backbone"])
-        model.head.load_state_dict(state["head"])
-    except RuntimeError as exc:
-        raise UserError(f"pretrain.start_from={path}: weights do not fit model={model.__class__.__name__} "
-                        f"({str(exc).splitlines()[0]})") from None
+    state = read_checkpoint(path, ("backbone", "head"), "a pretrain.pt (no backbone/head weights; pretrain.start_from)")
+    load_state(model.backbone, state["backbone"], path, "pretrain.start_from: backbone weights do not fit the model group")
+    load_state(model.head, state["head"], path, "pretrain.start_from: fc6/fc7 weights do not fit the model group")
     if state.get("classifier", {}).get("weight", torch.empty(0)).shape == classifier.weight.shape:
-        classifier.load_state_dict(state["classifier"])
+        load_state(classifier, state["classifier"], path, "pretrain.start_from: classifier does not fit")
     log.info("pretrain: window training starts from %s", path)
 
 

@@ -23,12 +23,12 @@ from spp_det import distributed
 from spp_det.artifact import TRAIN_SUMMARY
 from spp_det.config import load_stage
 from spp_det.io import write_json
-from spp_det.model import pretrain_configured, require_trained_backbone
 from spp_det.stages import proposals
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
 from spp_det.stages import bboxreg, features, finetune, pretrain, svm
 from spp_det.stages.assemble import assemble
 from spp_det.stages.curves import RESULTS, history_dir
+from spp_det.stages.start import pretrain_configured, require_trained_backbone
 
 log = logging.getLogger(__name__)
 
