@@ -51,6 +51,16 @@ def cache_folder(cache_dir: str | Path, name: str) -> Path:
     return Path(cache_dir) / name
 
 
+# keys of the model group that model.pt files of earlier versions hold: moved to eval (spp_det.config.MOVED_KEYS;
+# the detector still honours test_scales / test_max_size of such a file) or left out
+LEGACY_MODEL_KEYS = ("checkpoint", "test_scales", "test_max_size", "rcnn_context", "rcnn_input")
+
+
+def model_config(artifact: dict) -> dict:
+    """The artifact's model group as the ``model`` config of this version reads it (legacy keys left out)."""
+    return {k: v for k, v in dict(artifact["config"]).items() if k not in LEGACY_MODEL_KEYS}
+
+
 def load(path: str | Path) -> dict:
     """Read a model artifact (``weights_only=True``); a clear ``UserError`` when the file is
     missing, unreadable, or not a model artifact of a format this version reads."""

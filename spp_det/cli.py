@@ -135,13 +135,18 @@ def unbracketed_lists(stage: str, overrides: list[str], cfg) -> list[str]:
 
 
 def preflight(stage: str, cfg) -> None:
-    """Checks that need no work, before Hydra makes the run directory: the dataset's split files
-    (no image in two of train / val / test, no empty split) and the model file of eval / detect."""
+    """Checks that need no work, before Hydra makes the run directory: the settings of every group
+    the stage reads (complete and valid: spp_det.settings), the dataset's split files (no image in two
+    of train / val / test, no empty split) and the model file of eval / detect."""
+    from spp_det.cli_help import STAGE_GROUPS
+    from spp_det.settings import check_groups
+
+    check_groups(cfg, STAGE_GROUPS.get(stage, ()))
     if stage in SPLIT_STAGES:
         from spp_det.data.voc import check_splits
 
         check_splits(cfg.data, training=SPLIT_STAGES[stage])
-    if stage == "detect" or (stage == "eval" and not cfg.eval.get("results_dir")):
+    if stage == "detect" or (stage == "eval" and not cfg.eval.results_dir):
         from spp_det.stages.detect import checkpoint_path
 
         checkpoint_path(cfg, stage)

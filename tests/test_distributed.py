@@ -69,7 +69,7 @@ def test_the_batch_split_gives_the_whole_batch_gradient():
 # ------------------------------------------------------------------ the pipeline under torchrun
 
 CLASSES = ["circle", "square", "cross"]
-SYNTH = {"seed": 3, "num_images": 16, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
+SYNTH = {"pretrain_images": 0, "seed": 3, "num_images": 16, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
          "max_side": 128, "objects_per_image": [1, 2], "min_object": 24, "max_object_frac": 0.6,
          "difficult_below": 24, "small_fraction": 0.0, "truncated_fraction": 0.0, "distractors": [0, 1]}
 # a tiny random ZF-5 (no pretraining: allow_random_backbone), tiny scales, few iterations

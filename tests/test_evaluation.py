@@ -187,7 +187,7 @@ def synth_set(tmp_path_factory):
     except ImportError:
         write_tiny_voc(root, classes)
     else:
-        write_synthetic(root, {"num_images": 10, "min_side": 64, "max_side": 96, "fractions": {"test": 1.0},
+        write_synthetic(root, {"num_images": 10, "pretrain_images": 0, "min_side": 64, "max_side": 96, "fractions": {"test": 1.0},
                                "objects_per_image": [2, 4], "seed": 3}, classes, progress=False)
     records, _ = load_voc(root, "test", classes, year=None)
     return root, records, classes

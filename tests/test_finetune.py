@@ -229,7 +229,7 @@ def test_no_foreground_is_a_clear_error():
 # ---------------------------------------------------------------------------- the stage (real engine)
 
 SYNTH_CLASSES = ["circle", "square", "triangle"]
-SYNTH = {"seed": 1, "num_images": 20, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
+SYNTH = {"pretrain_images": 0, "seed": 1, "num_images": 20, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
          "max_side": 128, "objects_per_image": [1, 2], "min_object": 20, "max_object_frac": 0.6,
          "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
 

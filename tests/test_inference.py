@@ -107,7 +107,7 @@ def test_eval_and_detect_load_the_detector_with_the_configured_precision_and_ran
     (tmp_path / "model.pt").write_bytes(b"")
     cfg = compose_config(["eval.precision=bf16", "eval.fc_rank=[16,8]", f"eval.checkpoint={tmp_path / 'model.pt'}"])
     try:
-        stage.load_detector(cfg)
+        stage.load_detector(cfg, "eval")
     except AttributeError:  # the stand-in returned by the fake load has no .model
         pass
     assert seen["precision"] == "bf16" and list(seen["fc_rank"]) == [16, 8]

@@ -7,7 +7,7 @@ from torch import nn
 
 from spp_det import io
 from spp_det.errors import UserError
-from spp_det.training.loop import StepLoop, lr_at, sgd_step
+from spp_det.training.loop import StepLoop, lr_at, optimizer_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
@@ -29,7 +29,7 @@ def body_of(loop: StepLoop):
     def body(step):
         x = torch.from_numpy(step.rng.normal(size=(16, 4))).float()
         loss = (loop.module(x) - x.sum(1, keepdim=True)).pow(2).mean()
-        sgd_step(loop.optimizer, loss, lr_at(step.number, 0.1, [3], 0.1), "test", f"step {step.number}", "test.lr")
+        optimizer_step(loop.optimizer, loss, lr_at(step.number, 0.1, [3], 0.1), "test", f"step {step.number}", "test.lr")
         return {"step": step.number, "loss": loss.item(), "lr": loop.optimizer.param_groups[0]["lr"]}
     return body
 
@@ -83,5 +83,5 @@ def test_a_loss_that_is_not_finite_stops_before_the_update():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     loss = net(torch.ones(1, 2)).sum() * float("nan")
     with pytest.raises(UserError, match=r"finetune: the loss became nan at iteration 7; lower finetune.lr \(now 1\)"):
-        sgd_step(optimizer, loss, 0.1, "finetune", "iteration 7", "finetune.lr (now 1)")
+        optimizer_step(optimizer, loss, 0.1, "finetune", "iteration 7", "finetune.lr (now 1)")
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -19,7 +19,7 @@ from spp_det.training import crops as crop_data
 from spp_det.training import loop, sampling
 
 CLASSES = ["circle", "square", "triangle"]
-SYNTH = {"seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
+SYNTH = {"pretrain_images": 0, "seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
          "max_side": 128, "objects_per_image": [1, 2], "min_object": 20, "max_object_frac": 0.6,
          "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
 
@@ -35,13 +35,15 @@ def synth_root(tmp_path_factory):
 
 
 def data_cfg(root):
-    return OmegaConf.create({"root": str(root), "year": 2007, "train_split": "train", "val_split": "val",
-                             "classes": CLASSES, "unknown_classes": "error", "max_images": None})
+    return OmegaConf.merge(compose_config(["data=synth"]).data, {
+        "root": str(root), "year": 2007, "train_split": "train", "val_split": "val", "classes": CLASSES,
+        "unknown_classes": "error", "max_images": None})
 
 
-PCFG = OmegaConf.create({"crop_context": 0.1, "background_crops": True, "background_per_image": 2, "sizes": [32, 24],
-                         "scale_jitter": 0.8, "epochs": 6, "batch_size": 16, "lr": 0.01, "lr_steps": [5],
-                         "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 0.0005})
+# the pretrain group's values (every key: spp_det.settings.PretrainSettings) with these changed
+PCFG = OmegaConf.merge(compose_config([]).pretrain, {
+    "crop_context": 0.1, "background_crops": True, "background_per_image": 2, "sizes": [32, 24], "scale_jitter": 0.8,
+    "epochs": 6, "batch_size": 16, "lr": 0.01, "lr_steps": [5], "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 0.0005})
 
 
 def test_crops_cover_every_object_and_background_crops_avoid_objects(synth_root):
@@ -196,11 +198,11 @@ def test_channel_shuffle_permutes_colours_of_training_crops_only():
 
 def test_optimizer_choice_sgd_or_adam_and_adam_learns(synth_root):
     model = tiny_classifier(4)
-    assert isinstance(loop.make_optimizer(model, PCFG), torch.optim.SGD)
+    assert isinstance(loop.make_optimizer(model, PCFG.optimizer, PCFG), torch.optim.SGD)
     adam = OmegaConf.merge(PCFG, {"optimizer": "adam", "lr": 0.003, "weight_decay": 0.0})
-    assert isinstance(loop.make_optimizer(model, adam), torch.optim.AdamW)
+    assert isinstance(loop.make_optimizer(model, adam.optimizer, adam), torch.optim.AdamW)
     with pytest.raises(UserError, match="pretrain.optimizer"):
-        loop.make_optimizer(model, OmegaConf.merge(PCFG, {"optimizer": "lbfgs"}))
+        loop.make_optimizer(model, "lbfgs", PCFG)
     train_set, val_set = crop_sets(synth_root)
     history = pretrain_crops.train_classifier(tiny_classifier(len(train_set.class_names)), normalise, train_set, val_set,
                                         OmegaConf.merge(adam, {"channel_shuffle": True}), torch.device("cpu"), seed=0)

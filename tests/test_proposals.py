@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from spp_det.boxes import box_iou
@@ -24,7 +25,9 @@ from spp_det.proposals import backends as backends_module
 from spp_det.proposals.postprocess import interleave, postprocess_boxes
 from spp_det.config import compose_config
 
-OPENCV = {"backend": "opencv", "mode": "fast", "resize_to": None, "base_k": 150, "inc_k": 150, "sigma": 0.8,
+# the proposals group (every key the backends read) of opencv_fast, at full resolution
+OPENCV = {**OmegaConf.to_container(compose_config(["proposals=opencv_fast"]).proposals, resolve=True),
+          "backend": "opencv", "mode": "fast", "resize_to": None, "base_k": 150, "inc_k": 150, "sigma": 0.8,
           "seed": 0, "max_boxes": 2000, "min_size": 2}
 
 

@@ -100,7 +100,7 @@ def eval_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth")
     classes = ["circle", "triangle", "square", "star", "cross", "ring"]
-    write_synthetic(root, {"num_images": 12, "min_side": 96, "max_side": 160, "fractions": {"test": 1.0},
+    write_synthetic(root, {"num_images": 12, "pretrain_images": 0, "min_side": 96, "max_side": 160, "fractions": {"test": 1.0},
                            "objects_per_image": [2, 4], "seed": 5}, classes, progress=False)
     records, _ = load_voc(root, "test", classes, year=None)
     detections = noisy_detections(records, len(classes), seed=1)

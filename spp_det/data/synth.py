@@ -66,7 +66,7 @@ class SynthSettings:
 
     seed: int = 0
     num_images: int = 300
-    pretrain_images: int = 0
+    pretrain_images: int = 1000   # configs/synth/default.yaml (tests/test_settings.py keeps them equal)
     fractions: tuple[tuple[str, float], ...] = (("train", 0.5), ("val", 0.1), ("test", 0.4))
     min_side: int = 200
     max_side: int = 640

@@ -18,6 +18,7 @@ from PIL import Image
 from spp_det.boxes import flip_boxes, voc_to_internal
 from spp_det.data.images import read_image
 from spp_det.errors import UserError
+from spp_det.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +233,11 @@ def load_voc(
 
 
 def load_split(data_cfg, split: str) -> list[ImageRecord]:
-    """Records of ``split`` using the ``data`` config group; logs what was skipped or clipped."""
+    """Records of ``split`` using the ``data`` config group (or its ``DataSettings``); logs what was
+    skipped or clipped."""
+    data_cfg = DataSettings.of(data_cfg)
     records, stats = load_voc(
-        data_cfg.root, split, list(data_cfg.classes), data_cfg.year,
-        data_cfg.get("unknown_classes", "error"), data_cfg.get("max_images"),
+        data_cfg.root, split, list(data_cfg.classes), data_cfg.year, data_cfg.unknown_classes, data_cfg.max_images,
     )
     if stats.unknown_class:
         log.warning("%s/%s: skipped %d objects of classes not in data.classes: %s", data_cfg.root, split,
@@ -256,10 +258,11 @@ def check_splits(data_cfg, training: bool = True) -> None:
     (eval) the test split must, and the others are compared when the dataset has them.
     ``data.allow_split_overlap=true`` allows the overlap; an empty split is always an error.
     """
+    data_cfg = DataSettings.of(data_cfg)
     voc_dir = find_voc_dir(data_cfg.root, data_cfg.year)
-    splits = {"train": data_cfg.train_split, "val": data_cfg.get("val_split"), "test": data_cfg.test_split}
+    splits = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}
     needed = ("train", "val") if training else ("test",)
-    max_images = data_cfg.get("max_images")
+    max_images = data_cfg.max_images
     ids: dict[str, list[str]] = {}
     for role, split in splits.items():
         split_file = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
@@ -268,7 +271,7 @@ def check_splits(data_cfg, training: bool = True) -> None:
         ids[role] = read_split_ids(voc_dir, split)[: None if max_images is None else int(max_images)]
         if not ids[role]:
             raise DatasetError(f"{split_file}: split {split!r} (data.{role}_split) lists no images")
-    if data_cfg.get("allow_split_overlap"):
+    if data_cfg.allow_split_overlap:
         return
     roles = list(ids)
     for i, a in enumerate(roles):
@@ -284,8 +287,9 @@ def check_splits(data_cfg, training: bool = True) -> None:
 def train_val_split(data_cfg) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Training and validation records: ``data.val_split`` when set, else a fixed held-out
     fraction of ``data.train_split`` (every k-th image), never the test split."""
+    data_cfg = DataSettings.of(data_cfg)
     train = load_split(data_cfg, data_cfg.train_split)
-    if data_cfg.get("val_split"):
+    if data_cfg.val_split:
         return train, load_split(data_cfg, data_cfg.val_split)
-    k = max(2, round(1 / max(data_cfg.get("val_fraction", 0.1), 1e-6)))
+    k = max(2, round(1 / max(float(data_cfg.val_fraction), 1e-6)))
     return [r for i, r in enumerate(train) if i % k], [r for i, r in enumerate(train) if i % k == 0]

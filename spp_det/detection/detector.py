@@ -73,9 +73,10 @@ class Detector:
         artifact's ``test_scales`` / ``test_max_size`` (model.pt files written while those were model
         keys), else the scales it was trained at."""
         art = model_artifact.load(path)
-        model_cfg = dict(art["config"])
-        model_cfg["scales"] = list(test_scales or model_cfg.get("test_scales") or model_cfg["scales"])
-        model_cfg["max_size"] = test_max_size or model_cfg.get("test_max_size") or model_cfg.get("max_size")
+        legacy = dict(art["config"])  # model.pt files written while test_scales / test_max_size were model keys
+        model_cfg = model_artifact.model_config(art)
+        model_cfg["scales"] = list(test_scales or legacy.get("test_scales") or model_cfg["scales"])
+        model_cfg["max_size"] = test_max_size or legacy.get("test_max_size") or model_cfg["max_size"]
         model = build_model(model_cfg, pretrained=False)  # never download: the file holds every weight
         load_state(model, art["state_dict"], path, "damaged model artifact: weights do not fit its own config")
         model = model.to(device).eval()

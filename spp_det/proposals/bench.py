@@ -77,7 +77,7 @@ def bench_setting(records, proposals_cfg, workers: int, progress: bool = True) -
     cfg = OmegaConf.to_container(proposals_cfg, resolve=True) if isinstance(proposals_cfg, DictConfig) else dict(proposals_cfg)
     _init_worker()
     boxes, walls, cpus = {}, [], []
-    for r in tqdm(records, desc=f"{cfg.get('backend')} 1 process", unit="img", disable=not progress):
+    for r in tqdm(records, desc=f"{cfg['backend']} 1 process", unit="img", disable=not progress):
         b, wall, cpu = _timed((str(r.path), cfg))
         boxes[r.image_id] = b
         walls.append(wall)
@@ -89,7 +89,7 @@ def bench_setting(records, proposals_cfg, workers: int, progress: bool = True) -
             pool.map(int, range(workers))  # wait until every process has started
             start = time.perf_counter()
             list(tqdm(pool.imap_unordered(_timed, [(str(r.path), cfg) for r in records], chunksize=1),
-                      total=len(records), desc=f"{cfg.get('backend')} {workers} processes", unit="img", disable=not progress))
+                      total=len(records), desc=f"{cfg['backend']} {workers} processes", unit="img", disable=not progress))
             row["images_per_s"] = len(records) / (time.perf_counter() - start)
     else:
         row["images_per_s"] = 1.0 / max(row["sec_per_image"], 1e-9)

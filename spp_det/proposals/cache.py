@@ -60,7 +60,7 @@ def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
     in the backend's ranking order.
     """
     cfg = proposals_cfg
-    backend = str(cfg.get("backend", "opencv"))
+    backend = str(cfg["backend"])
     if backend == "precomputed":
         raise UserError("proposals.backend=precomputed reads boxes by image id: use load_proposals / "
                         "proposals_for_file, not compute_proposals")
@@ -71,18 +71,18 @@ def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
         raise ValueError(f"compute_proposals expects an RGB uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
     h, w = image.shape[:2]
     boxes = BACKENDS[backend](np.ascontiguousarray(image), cfg)
-    return postprocess_boxes(boxes, w, h, float(cfg.get("min_size", 2)), cfg.get("max_boxes", 2000))
+    return postprocess_boxes(boxes, w, h, float(cfg["min_size"]), cfg["max_boxes"])
 
 
 def settings_key(proposals_cfg) -> dict:
     """Every setting that changes the boxes (and nothing that only says where they go)."""
     cfg = _plain(proposals_cfg)
-    backend = str(cfg.get("backend", "opencv"))
+    backend = str(cfg["backend"])
     key = {
         "backend": backend,
         "algorithm_version": ALGORITHM_VERSION,
-        "max_boxes": cfg.get("max_boxes"),
-        "min_size": cfg.get("min_size"),
+        "max_boxes": cfg["max_boxes"],
+        "min_size": cfg["min_size"],
     }
     key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(backend, ())})
     if backend == "opencv":
@@ -210,9 +210,9 @@ def load_proposals(records, proposals_cfg, cache_dir: str | Path, workers: int =
     """
     cfg = _plain(proposals_cfg)
     records = list({r.image_id: r for r in records}.values())
-    if cfg.get("backend") == "precomputed":
-        return {r.image_id: postprocess_boxes(precomputed_boxes(cfg.get("file"), r.image_id), r.width, r.height,
-                                              float(cfg.get("min_size", 2)), cfg.get("max_boxes"))
+    if cfg["backend"] == "precomputed":
+        return {r.image_id: postprocess_boxes(precomputed_boxes(cfg["file"], r.image_id), r.width, r.height,
+                                              float(cfg["min_size"]), cfg["max_boxes"])
                 for r in records}
     by_path = proposals_for_paths([r.path for r in records], cfg, cache_dir, workers, progress)
     return {r.image_id: by_path[str(r.path)] for r in records}
@@ -231,9 +231,9 @@ def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache
     backend the file's stem is its image id."""
     cfg = _plain(proposals_cfg)
     h, w = np.asarray(image).shape[:2]
-    if cfg.get("backend") == "precomputed":
-        return postprocess_boxes(precomputed_boxes(cfg.get("file"), Path(path).stem), w, h,
-                                 float(cfg.get("min_size", 2)), cfg.get("max_boxes"))
+    if cfg["backend"] == "precomputed":
+        return postprocess_boxes(precomputed_boxes(cfg["file"], Path(path).stem), w, h,
+                                 float(cfg["min_size"]), cfg["max_boxes"])
     folder = settings_dir(cache_dir, cfg)
     entry = entry_path(folder, hash_file(path))
     boxes = read_entry(entry)
@@ -268,7 +268,7 @@ class ProposalPrefetcher:
         self.futures: dict[str, object] = {}
         self.next = 0  # index of the first path not yet submitted
         self.pool = None
-        if workers > 0 and self.cfg.get("backend") != "precomputed" and self.paths:
+        if workers > 0 and self.cfg["backend"] != "precomputed" and self.paths:
             # spawn, not fork: the parent holds torch/OpenMP threads that a fork would copy mid-state
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker)

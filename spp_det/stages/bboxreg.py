@@ -33,6 +33,7 @@ from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb
+from spp_det.settings import DataSettings
 from spp_det.stages.curves import record_history
 from spp_det.stages import heads
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
@@ -90,9 +91,9 @@ def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) ->
     box; at most ``bboxreg.max_per_class``, a uniform sample) and the global pool5 feature scale."""
     bcfg = cfg.bboxreg
     classes = list(cfg.data.classes)
-    use_difficult = bool(cfg.data.get("use_difficult", False))
+    use_difficult = DataSettings.of(cfg.data).use_difficult
     batch = int(bcfg.window_batch)
-    cap = int(bcfg.max_per_class) if bcfg.get("max_per_class") else None
+    cap = int(bcfg.max_per_class) if bcfg.max_per_class else None
     rng = np.random.default_rng(int(cfg.seed))
     reservoirs = [Reservoir(cap, np.random.default_rng([int(cfg.seed), k])) for k in range(len(classes))]
     norms = NormMeter()

@@ -1,8 +1,10 @@
 """``spp-det bench``: seconds per image by step, SPP-net against R-CNN mode on the same windows.
 
 On ``bench.num_images`` images of the VOC sample, with ``bench.windows`` windows per image
-(random windows of realistic sizes, see :func:`random_windows`), one image at a time, ZF-5 from
-``cfg.model`` (random weights: timing does not depend on them):
+(random windows of realistic sizes, see :func:`random_windows`), one image at a time, the network
+of the ``model`` group (random weights: timing does not depend on them; bench.json's ``"backbone"``
+and ``"fc_dim"`` name it): the paper's ZF-5 with fc 4096 under ``'~experiment'`` (``make bench``), EfficientNet-Lite0
+with fc 1024 under the default recipe (configs/bench/default.yaml):
 
 * SPP-net: conv5 once per image (``bench.scales_one`` and ``bench.scales_five``), pyramid pooling
   of every window at its best scale, fc6 + fc7;
@@ -41,6 +43,7 @@ from spp_det.io import write_json
 from spp_det.model import SPPNet, at_scales, build_model
 from spp_det.proposals import compute_proposals
 from spp_det.runtime import resolve_device, run_dir
+from spp_det.settings import BenchSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +218,7 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
 def run(cfg) -> int | None:
     # Over 60 lines because half of it is the bench.json literal below, one key per line: kept in
     # one piece, it reads as the file's schema.
-    b = cfg.bench
+    b, model = BenchSettings.of(cfg.bench), ModelSettings.of(cfg.model)
     device = resolve_device(cfg.device)
     records, _ = load_voc(b.root, b.split, list(cfg.data.classes), b.year, unknown_classes="skip",
                           max_images=int(b.num_images))
@@ -233,24 +236,24 @@ def run(cfg) -> int | None:
              cfg.model.backbone, device, torch.get_num_threads())
     rcnn_warp = (float(b.rcnn_context), int(b.rcnn_input))
     res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows),
-                          rcnn_batch=int(b.get("rcnn_batch", 32)), rcnn_warp=rcnn_warp)
+                          rcnn_batch=int(b.rcnn_batch), rcnn_warp=rcnn_warp)
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
     heads = [time_heads(one, im, w, len(cfg.data.classes), cfg.eval.score_thresh, cfg.eval.nms_iou,
                         cfg.eval.max_per_image) for im, w in zip(images, windows)]
     steps = {k: float(np.mean([h[k] for h in heads])) for k in ("svm", "bboxreg", "nms")}
-    proposals = time_proposals(images, cfg.proposals) if b.get("proposals", True) else None
+    proposals = time_proposals(images, cfg.proposals) if b.proposals else None
     pipeline = {  # one image through the whole detector, one scale, as `spp-det eval` runs it
         **({"proposals": proposals["seconds"]} if proposals else {}),
         "conv5": res_one["spp"]["conv5"], "pool": res_one["spp"]["pool"], "fc": res_one["spp"]["fc"], **steps,
     }
     pipeline["total"] = float(sum(pipeline.values()))
     precisions = None
-    if b.get("precisions"):
-        precisions = time_precisions(one, images, windows, list(b.precisions), b.get("fc_rank"),
-                                     int(b.rcnn_windows), int(b.get("rcnn_batch", 32)), rcnn_warp)
+    if b.precisions:
+        precisions = time_precisions(one, images, windows, list(b.precisions), b.fc_rank,
+                                     int(b.rcnn_windows), int(b.rcnn_batch), rcnn_warp)
     profiled = None
-    if b.get("profile", False):
+    if b.profile:
         profiled = {f"{len(m.scales)}scale": profile_spp(m, images[0], windows[0], run_dir() / f"profile_{len(m.scales)}scale.txt")
                     for m in (one, five)}
     result = {
@@ -258,7 +261,7 @@ def run(cfg) -> int | None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "backbone": str(cfg.model.backbone),
+        "backbone": str(model.backbone) + (f":{model.timm_name}" if model.timm_name else ""),
         "width": float(cfg.model.width),
         "fc_dim": int(cfg.model.fc_dim),
         "images": [r.image_id for r in records],
@@ -275,15 +278,15 @@ def run(cfg) -> int | None:
         "speedup_5scale": rcnn["total"] / res_five["spp"]["total"],
         "cache_bytes_per_image": {"1scale": res_one["spp"]["cache_bytes"], "5scale": res_five["spp"]["cache_bytes"]},
         "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image "
-                 f"({int(b.get('rcnn_batch', 32))} crops per batch) and scaled linearly to {int(b.windows)}"),
+                 f"({int(b.rcnn_batch)} crops per batch) and scaled linearly to {int(b.windows)}"),
         "detection_steps_1scale": pipeline,
         "proposals": ({"backend": str(cfg.proposals.backend),
-                       "mode": (f"{len(cfg.proposals.passes)} passes" if cfg.proposals.get("passes")
-                                else str(cfg.proposals.get("mode"))),
+                       "mode": (f"{len(cfg.proposals.passes)} passes" if cfg.proposals.passes
+                                else str(cfg.proposals.mode)),
                        "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
         **({"profile": profiled} if profiled else {}),
-        **({"precisions_1scale": precisions, "fc_rank": list(b.fc_rank) if b.get("fc_rank") else None}
+        **({"precisions_1scale": precisions, "fc_rank": list(b.fc_rank) if b.fc_rank else None}
            if precisions else {}),
     }
     print(format_table(result))

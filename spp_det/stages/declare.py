@@ -87,7 +87,7 @@ def proposals_cache(proposals_cfg) -> str | None:
     if proposals_cfg is None:
         return None
     key = proposals_settings(proposals_cfg)
-    if key["backend"] == "precomputed" and proposals_cfg.get("file") and Path(proposals_cfg.file).is_file():
+    if key["backend"] == "precomputed" and proposals_cfg["file"] and Path(proposals_cfg.file).is_file():
         key["file"] = hash_file(proposals_cfg.file)
     return hash_settings(key)
 

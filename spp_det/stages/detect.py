@@ -50,6 +50,7 @@ from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import proposals_for_file as cached_proposals
 from spp_det.runtime import command_line_keys, num_workers, resolve_device, run_dir
+from spp_det.settings import DetectSettings, EvalSettings
 from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,13 @@ STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC f
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
 
-def checkpoint_path(cfg, stage: str | None = None) -> Path:
-    """The model file of ``spp-det detect`` (``detect.checkpoint``) or of eval (``eval.checkpoint``):
-    by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the same ``name``; a
-    clear error naming the key and the run when it is not there."""
-    stage = stage or cfg.get("stage", "detect")
-    group = "detect" if stage == "detect" else "eval"
-    checkpoint = cfg[group].get("checkpoint")
+def checkpoint_path(cfg, group: str) -> Path:
+    """The model file of the ``group`` (``detect`` or ``eval``) that names it (``detect.checkpoint`` /
+    ``eval.checkpoint``): by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the
+    same ``name``; a clear error naming the key and the run when it is not there."""
+    checkpoint = cfg[group].checkpoint
     if not checkpoint:
-        raise UserError(f"spp-det {stage} needs {group}.checkpoint=PATH (a model.pt written by `spp-det train`)")
+        raise UserError(f"spp-det {group} needs {group}.checkpoint=PATH (a model.pt written by `spp-det train`)")
     if not Path(checkpoint).is_file():
         raise UserError(f"{checkpoint}: no model file there ({group}.checkpoint; by default work_dir/model.pt of "
                         f"name={cfg.name}): run `spp-det train` with the same name first, or give "
@@ -77,16 +76,16 @@ def checkpoint_path(cfg, stage: str | None = None) -> Path:
     return Path(checkpoint)
 
 
-def load_detector(cfg, scorer: str = "svm"):
-    """``Detector.load(checkpoint, ...)`` at the test ``scales`` / ``max_size`` when set, from the
-    ``detect`` group under ``spp-det detect`` and the ``eval`` group otherwise (detect's default to
-    eval's); a clear error when there is no checkpoint."""
-    group = "detect" if cfg.get("stage") == "detect" else "eval"
-    checkpoint = checkpoint_path(cfg)
-    detector = Detector.load(checkpoint, resolve_device(cfg.device), cfg[group].get("scales"),
-                             cfg[group].get("max_size"), scorer=str(scorer),
-                             precision=str(cfg.eval.get("precision", "fp32")), fc_rank=cfg.eval.get("fc_rank"))
-    log.info("%s: loaded %s (classes %s); scales %s, max_size %s", cfg.get("stage", "detect"), checkpoint,
+def load_detector(cfg, group: str):
+    """``Detector.load(checkpoint, ...)`` with the test-time settings of ``group``: ``eval`` (spp-det
+    eval) or ``detect`` (spp-det detect, whose keys default to eval's in configs/detect/default.yaml):
+    its ``scales`` / ``max_size`` when set, ``scorer``, ``precision`` and ``fc_rank``; a clear error
+    when there is no checkpoint."""
+    settings = {"eval": EvalSettings, "detect": DetectSettings}[group].of(cfg[group])
+    checkpoint = checkpoint_path(cfg, group)
+    detector = Detector.load(checkpoint, resolve_device(cfg.device), settings.scales, settings.max_size,
+                             scorer=settings.scorer, precision=settings.precision, fc_rank=settings.fc_rank)
+    log.info("%s: loaded %s (classes %s); scales %s, max_size %s", group, checkpoint,
              ", ".join(detector.classes), detector.model.scales, detector.model.max_size)
     return detector
 
@@ -167,7 +166,7 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     name)`` per file done, and the count of skipped files by reason."""
     from tqdm import tqdm
 
-    d, classes = cfg.detect, list(detector.classes)
+    d, classes = DetectSettings.of(cfg.detect), list(detector.classes)
     skipped: Counter = Counter()
     found: list[tuple] = []
     timings: dict[str, float] = {}
@@ -229,24 +228,24 @@ def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, c
 def run(cfg) -> int:
     from omegaconf import OmegaConf
 
-    d = cfg.detect
-    if OmegaConf.is_missing(d, "source"):
+    if OmegaConf.is_missing(cfg.detect, "source"):
         raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
+    d = DetectSettings.of(cfg.detect)
     source = Path(str(d.source))
-    formats = parse_formats(d.get("format", ["jsonl"]))
+    formats = parse_formats(d.format)
     output = Path(d.output) if d.output else run_dir()
     paths, base = _inputs(source, output)
     if not paths:
         raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
     input_set = {p.resolve() for p in paths}
 
-    detector = load_detector(cfg, cfg.detect.get("scorer", "svm"))
+    detector = load_detector(cfg, "detect")
     classes = list(detector.classes)
     unread = sorted(k for k in command_line_keys() or () if k == "data" or k.startswith("data."))
     if unread:  # said, not silently ignored: the classes and everything else come from the model
         log.warning("spp-det detect does not read %s: it detects the classes of the model (%s); "
                     "detect.classes=[...] keeps some of them", ", ".join(unread), ", ".join(classes))
-    keep_labels = _class_filter(d.get("classes"), classes)
+    keep_labels = _class_filter(d.classes, classes)
     annotated_dir = output / "annotated"
     annotated_dir.mkdir(parents=True, exist_ok=True)
     jsonl_path = output / "detections.jsonl"
@@ -278,7 +277,7 @@ def run(cfg) -> int:
     if done == 0:
         log.error("no image could be processed")
         return 1
-    if d.get("strict") and n_skipped:
+    if d.strict and n_skipped:
         log.error("detect.strict=true and %d files were skipped", n_skipped)
         return 1
     return 0

@@ -33,6 +33,7 @@ from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.runtime import command_line_keys, num_workers, run_dir
+from spp_det.settings import EvalSettings
 from spp_det.stages import declare
 from spp_det.structures import Detections
 
@@ -141,7 +142,7 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
     bboxreg, nms) and in all (``total``). Under ``torchrun`` each rank detects its share of the
     images and rank 0 gathers and scores them (``seconds_per_image``: per process, averaged over all
     images); the other ranks return None."""
-    compare = bool(cfg.eval.bbox_reg and cfg.eval.get("compare_bbox_reg", True) and hasattr(detector, "detect_pair")
+    compare = bool(cfg.eval.bbox_reg and cfg.eval.compare_bbox_reg and hasattr(detector, "detect_pair")
                    and getattr(detector, "bbox_weight", None) is not None)
     plain: dict | None = {} if compare else None
     mine = distributed.shard(records)  # every record in one process
@@ -161,7 +162,7 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
         before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}
     return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
-                            coco=cfg.eval.get("coco", True), extra=extra, run_info=run_info)
+                            coco=cfg.eval.coco, extra=extra, run_info=run_info)
 
 
 def format_table(metrics: dict) -> str:
@@ -211,19 +212,20 @@ def model_classes(cfg, detector_classes) -> None:
 
 
 def run(cfg) -> int:
+    EvalSettings.of(cfg.eval)  # every key there and valid, before any work
     out_dir = run_dir()
     detector = None
     if not cfg.eval.results_dir:  # the model first: it names the classes to load the split with
         # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
         from spp_det.stages import detect as detection_stage
 
-        detector = detection_stage.load_detector(cfg, cfg.eval.get("scorer", "svm"))
+        detector = detection_stage.load_detector(cfg, "eval")
         model_classes(cfg, detector.classes)
     records = load_split(cfg.data, cfg.data.test_split)
     classes = list(cfg.data.classes)
-    similar = cfg.eval.get("similar_classes")
+    similar = cfg.eval.similar_classes
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True),
-                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.eval.get("checkpoint")),
+                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.eval.checkpoint),
                 "results_dir": str(cfg.eval.results_dir) if cfg.eval.results_dir else None,
                 "similar_classes": None if similar is None else [list(g) for g in similar]}
     if cfg.eval.results_dir:
@@ -232,7 +234,7 @@ def run(cfg) -> int:
         detections = read_results(cfg.eval.results_dir, cfg.data.test_split, classes, [r.image_id for r in records])
         # the result files are the input here: never rewrite them
         metrics = score_detections(records, classes, detections, cfg.data.test_split, out_dir,
-                                   write_result_files=False, coco=cfg.eval.get("coco", True),
+                                   write_result_files=False, coco=cfg.eval.coco,
                                    extra={"results_dir": str(cfg.eval.results_dir)}, run_info=run_info)
     else:
         metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)

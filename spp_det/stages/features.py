@@ -16,6 +16,7 @@ from spp_det.artifact import CONV5_CACHE
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.runtime import resolve_device
+from spp_det.settings import DataSettings
 from spp_det.stages import declare
 from spp_det.stages.start import backbone_source, build_finetune_model
 
@@ -28,11 +29,12 @@ STAGE = declare.Stage("features", f"cache_dir/{CONV5_CACHE}/", reads=("model", *
 
 def split_records(cfg) -> list:
     """Unique records of the train split (+ flips) and the val split, in that order."""
-    splits = [cfg.data.train_split, cfg.data.get("val_split")]
+    data = DataSettings.of(cfg.data)
+    splits = [data.train_split, data.val_split]
     records, seen = [], set()
     for i, split in enumerate(s for s in splits if s):
-        for r in load_split(cfg.data, split):
-            for rec in ([r, r.flip()] if i == 0 and cfg.data.get("flip") else [r]):
+        for r in load_split(data, split):
+            for rec in ([r, r.flip()] if i == 0 and data.flip else [r]):
                 if (rec.path, rec.flipped) not in seen:
                     seen.add((rec.path, rec.flipped))
                     records.append(rec)

@@ -60,10 +60,11 @@ from spp_det.features.cache import FeatureCache
 from spp_det.model import new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
+from spp_det.settings import DataSettings, FinetuneSettings
 from spp_det.stages import declare
 from spp_det.stages.curves import record_history
 from spp_det.stages.start import backbone_source, build_finetune_model, describe_backbone, require_trained_backbone
-from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, sgd_step
+from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
 from spp_det.training.sampling import sample_minibatch, subsample
 from spp_det.training.windows import finetune_windows
 
@@ -123,7 +124,7 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
     log.info("finetune: %s: %d images, %d windows (%d foreground, %d background), pool5 %d-d: %.0f MiB fp16",
              desc, len(records), n, len(fg), len(bg), dim, mb)
 
-    on_disk = store_dir is not None and mb > float(fcfg.get("pool_in_memory_mb", 2048))
+    on_disk = store_dir is not None and mb > float(fcfg.pool_in_memory_mb)
     path = store_dir / f"{key}.npy" if on_disk else None
     with distributed.main_first(path is not None):  # under torchrun rank 0 writes the on-disk pool, the others map it
         if path is not None and path.is_file():
@@ -264,7 +265,7 @@ def train_fc(
         raise UserError("finetune: no foreground windows in the training split (no ground-truth boxes?)")
     iterations, batch_size = int(fcfg.iterations), int(fcfg.batch_size)
     net.to(device).train()
-    optimizer = make_optimizer(net, fcfg, "finetune")  # SGD with momentum and weight decay (paper)
+    optimizer = make_optimizer(net, "sgd", fcfg, "finetune")  # SGD with momentum and weight decay (paper)
     val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
     validate = Validation(net, val_pool, val_idx, device, evaluate_fn, seconds)
     # seed stride 1_000_003: the one fine-tuning always used (same batches and masks as before the shared loop)
@@ -286,7 +287,7 @@ def train_fc(
             loss = F.cross_entropy(model(x[share].to(device)), y[share].to(device), reduction="sum") * scale
         else:
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
-        sgd_step(optimizer, loss, lr, "finetune", f"iteration {it}", f"finetune.lr (now {fcfg.lr})")
+        optimizer_step(optimizer, loss, lr, "finetune", f"iteration {it}", f"finetune.lr (now {fcfg.lr})")
         validate.running = loss.item() if it == 1 else 0.98 * validate.running + 0.02 * loss.item()
         bar.update()
         if it % 50 == 0:
@@ -332,23 +333,24 @@ def settings_key(cfg: DictConfig, source: Path | None) -> str:
 def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
     """The pooled windows of the training split (with its mirrors when ``data.flip``) and of the
     validation split, from the conv5 cache the features stage fills (``build_pool``)."""
-    train, val = train_val_split(cfg.data)
+    data = DataSettings.of(cfg.data)
+    train, val = train_val_split(data)
     proposals = load_proposals(train + val, cfg.proposals, cfg.cache_dir,  # shared with the proposals stage
-                               workers=int(cfg.get("num_workers", 0)), progress=True)
-    if cfg.data.get("flip", True):  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
+                               workers=int(cfg.num_workers), progress=True)
+    if data.flip:  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
         train = train + [r.flip() for r in train]
     cache = FeatureCache(cfg.cache_dir, model)
-    use_difficult, seed = bool(cfg.data.get("use_difficult", False)), int(cfg.seed)
+    use_difficult, seed, fcfg = data.use_difficult, int(cfg.seed), FinetuneSettings.of(cfg.finetune)
     store = cache_folder(cfg.cache_dir, FINETUNE_POOL5_CACHE)
-    return (build_pool(model, cache, train, proposals, cfg.finetune, use_difficult, seed, device, store,
+    return (build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,
                        io.hash_settings([settings, "train"]), "training"),
-            build_pool(model, cache, val, proposals, cfg.finetune, use_difficult, seed, device, store,
+            build_pool(model, cache, val, proposals, fcfg, use_difficult, seed, device, store,
                        io.hash_settings([settings, "val"]), "validation"))
 
 
 def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
     """Fine-tune fc6, fc7 and fc8 (see the module docstring); writes ``work_dir/finetune.pt``."""
-    fcfg = cfg.finetune
+    fcfg = FinetuneSettings.of(cfg.finetune)
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     source = backbone_source(cfg)
@@ -363,7 +365,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     require_trained_backbone(cfg)
     if source is not None:
         log.info("finetune: backbone from %s", source)
-    elif cfg.model.get("weights"):
+    elif cfg.model.weights:
         log.info("finetune: backbone from model.weights=%s", cfg.model.weights)
     else:
         log.warning("finetune: allow_random_backbone=true: the conv layers keep their random initialisation")

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spp_det import io
 from spp_det.artifact import PRETRAIN, PRETRAIN_CROPS, PRETRAIN_CROPS_STATE, PRETRAIN_STATE
+from spp_det.settings import ModelSettings, PretrainSettings
 from spp_det.stages import declare
 from spp_det.stages.pretrain_crops import run_crops
 from spp_det.stages.pretrain_windows import run_windows, window_proposals_cfg
@@ -64,10 +65,10 @@ def settings_key(cfg: DictConfig, phase: declare.Stage | None = None) -> str:
     """The settings key of pretraining's ``phase`` (``CROPS`` or ``WINDOWS``; default: the one
     ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``)."""
     if phase is None:
-        phase = WINDOWS if cfg.pretrain.get("source") in ("windows", "crops+windows") else CROPS
+        phase = WINDOWS if PretrainSettings.of(cfg.pretrain).source in ("windows", "crops+windows") else CROPS
     if phase is CROPS:
         return declare.settings_key(cfg, CROPS)
-    start = cfg.pretrain.get("start_from")
+    start = PretrainSettings.of(cfg.pretrain).start_from
     return declare.settings_key(cfg, WINDOWS, {
         "start_from": Path(start) if start and Path(start).is_file() else None,
         "proposals": declare.proposals_cache(window_proposals_cfg(cfg))})  # the boxes change the windows
@@ -76,8 +77,8 @@ def settings_key(cfg: DictConfig, phase: declare.Stage | None = None) -> str:
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """Pretrain the backbone (see the module docstring); ``on_epoch(epoch, entry)`` is called after
     each epoch (tests use it to interrupt a run). Returns 0."""
-    pcfg = cfg.pretrain
-    if cfg.model.get("weights"):
+    pcfg, model = PretrainSettings.of(cfg.pretrain), ModelSettings.of(cfg.model)
+    if model.weights:
         log.info("pretrain: skipped: model.weights=%s gives an ImageNet-trained backbone", cfg.model.weights)
         return 0
     if not pcfg.enabled:

@@ -17,6 +17,7 @@ checkpoints and the artifact.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
@@ -35,9 +36,10 @@ from spp_det.errors import UserError
 from spp_det.model import build_model, init_from_scratch, new_fc8
 from spp_det.ops import spatial_pyramid_pool
 from spp_det.runtime import resolve_device
+from spp_det.settings import DataSettings, PretrainSettings
 from spp_det.stages.curves import record_history
 from spp_det.training.crops import CropSet, image_folder_sets, make_batch, voc_crop_set
-from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, sgd_step
+from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, 
     ``window_pool`` (``pretrain.pool=object``) pools each image's object window as detection pools
     a proposal (``SPPNet.pool5_at``)."""
     model = build_model(cfg.model, pretrained=False)
-    if cfg.pretrain.get("init", "kaiming") == "kaiming":
+    if PretrainSettings.of(cfg.pretrain).init == "kaiming":
         init_from_scratch(model.backbone)
     levels = tuple(int(n) for n in cfg.model.pyramid_levels)
     classifier = SPPClassifier(
@@ -146,20 +148,21 @@ def train_classifier(
     run continues where it stopped and ends with the same weights. Returns the per-epoch history
     ``[{"epoch", "size", "lr", "loss", "val_acc", "seconds"}]``.
     """
+    pcfg = PretrainSettings.of(pcfg)
     sizes = [int(s) for s in pcfg.sizes]
     model.to(device)
-    optimizer = make_optimizer(model, pcfg)
+    optimizer = make_optimizer(model, pcfg.optimizer, pcfg)
     loop = StepLoop("pretrain", int(pcfg.epochs), model, optimizer, seed, SEED_STRIDE, state_path, settings,
                     on_step=on_epoch)
     done, history, _ = loop.resume()
     net = distributed.ddp(model, device)  # model itself in one process
     n, bs = len(train_set), int(pcfg.batch_size)
-    object_pool = str(pcfg.get("pool", "image")) == "object"
+    object_pool = pcfg.pool == "object"
 
     def epoch(step: Step) -> dict:
         t0, e = time.perf_counter(), step.number
         size = sizes[e % len(sizes)]
-        lr = lr_at(e, float(pcfg.lr), pcfg.get("lr_steps", []), float(pcfg.get("lr_gamma", 0.1)))
+        lr = lr_at(e, float(pcfg.lr), pcfg.lr_steps, float(pcfg.lr_gamma))
         g = torch.Generator().manual_seed(step.seed)  # shuffling and augmentation
         order = torch.randperm(n, generator=g).numpy()
         model.train()
@@ -167,7 +170,7 @@ def train_classifier(
         bar = tqdm(range(0, n, bs), desc=f"pretrain epoch {e + 1}/{pcfg.epochs} size {size}", unit="batch", leave=False)
         for s in bar:
             images, labels, windows = make_batch(train_set, order[s:s + bs], size, True, float(pcfg.scale_jitter), g,
-                                                 bool(pcfg.get("channel_shuffle", False)), return_windows=True)
+                                                 bool(pcfg.channel_shuffle), return_windows=True)
             share = distributed.batch_share(len(labels))  # this rank's rows of the same batch (all in one process)
             logits = net(normalise(images[share].to(device)), windows[share].to(device) if object_pool else None)
             if distributed.active():  # averaged over the ranks, the gradients are the whole batch's
@@ -175,7 +178,7 @@ def train_classifier(
                 loss = F.cross_entropy(logits, labels[share].to(device), reduction="sum") * scale
             else:
                 loss = F.cross_entropy(logits, labels.to(device))
-            sgd_step(optimizer, loss, lr, "pretrain", f"epoch {e + 1}", f"pretrain.lr (now {pcfg.lr})")
+            optimizer_step(optimizer, loss, lr, "pretrain", f"epoch {e + 1}", f"pretrain.lr (now {pcfg.lr})")
             total += loss.item() * len(labels)
             count += len(labels)
             bar.set_postfix(loss=f"{total / count:.3f}")
@@ -189,21 +192,23 @@ def train_classifier(
     return loop.run(epoch, done, history)
 
 
-def pretrain_data(cfg: DictConfig) -> DictConfig:
+def pretrain_data(cfg: DictConfig) -> DataSettings:
     """``cfg.data`` with ``pretrain.train_split`` / ``pretrain.val_split`` in place of the data's
     splits when set: the backbone may pretrain on a split detection never trains on (the demo's
     ``pretrain`` split of extra synthetic images, standing in for ImageNet)."""
-    return OmegaConf.merge(cfg.data, {k: cfg.pretrain[k] for k in ("train_split", "val_split") if cfg.pretrain.get(k)})
+    pcfg = PretrainSettings.of(cfg.pretrain)
+    return dataclasses.replace(DataSettings.of(cfg.data), **{k: getattr(pcfg, k) for k in ("train_split", "val_split")
+                                                             if getattr(pcfg, k)})
 
 
 def crop_sets(cfg: DictConfig, store_side: int, rng: np.random.Generator) -> tuple[CropSet, CropSet]:
     """The training and held-out examples of ``pretrain.source`` (crops kept at ``store_side``)."""
-    pcfg = cfg.pretrain
+    pcfg = PretrainSettings.of(cfg.pretrain)
     if pcfg.source == "voc_crops":
         classes = list(cfg.data.classes)
         data = pretrain_data(cfg)
         train_records, val_records = train_val_split(data)
-        use_difficult = bool(cfg.data.get("use_difficult", False))
+        use_difficult = data.use_difficult
         train_set = voc_crop_set(train_records, classes, pcfg, store_side, rng, use_difficult, "training crops")
         val_set = voc_crop_set(val_records, classes, pcfg, store_side, rng, use_difficult, "held-out crops")
         missing = [c for k, c in enumerate(classes, 1) if not (train_set.labels == k).any()]
@@ -221,9 +226,7 @@ def crop_sets(cfg: DictConfig, store_side: int, rng: np.random.Generator) -> tup
 def check_crop_settings(pcfg) -> list[int]:
     """Validate the crop phase's settings before any work; returns ``pretrain.sizes``."""
     sizes = [int(s) for s in pcfg.sizes]
-    if str(pcfg.get("pool", "image")) not in ("image", "object"):
-        raise UserError(f"pretrain.pool={pcfg.pool!r}: use image or object")
-    if str(pcfg.get("pool", "image")) == "object" and pcfg.source != "voc_crops":
+    if pcfg.pool == "object" and pcfg.source != "voc_crops":
         raise UserError("pretrain.pool=object needs pretrain.source=voc_crops (object boxes)")
     if not sizes or min(sizes) < 16:
         raise UserError(f"pretrain.sizes={sizes}: give one or more input sizes of at least 16 px")
@@ -233,7 +236,7 @@ def check_crop_settings(pcfg) -> list[int]:
 def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
               on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """``source=voc_crops`` or ``image_folder``: the multi-size crop classifier; writes ``artifact``."""
-    pcfg = cfg.pretrain
+    pcfg = PretrainSettings.of(cfg.pretrain)
     sizes = check_crop_settings(pcfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(int(cfg.seed))
@@ -251,7 +254,7 @@ def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
                                state_path, settings, on_epoch)
     record_history(cfg, "pretrain_crops", [{"step": h["epoch"] + 1, "lr": h["lr"], "loss": h["loss"], "size": h["size"],
                                             "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
-    object_pool = str(pcfg.get("pool", "image")) == "object"
+    object_pool = pcfg.pool == "object"
     final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
     meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": settings,
             "class_names": train_set.class_names, "source": str(pcfg.source)}

@@ -31,9 +31,10 @@ from spp_det.model import build_model, init_from_scratch, new_fc8
 from spp_det.model.weights import load_state, read_checkpoint
 from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
+from spp_det.settings import DataSettings, PretrainSettings
 from spp_det.stages.curves import record_history
 from spp_det.stages.pretrain_crops import SEED_STRIDE, pretrain_data
-from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, sgd_step
+from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
 from spp_det.training.sampling import sample_scale_windows
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
     "seconds"}`` (mean training loss of the block; held-out accuracy after the last) is logged and
     a resumable checkpoint goes to ``state_path``, so a restarted run ends with the same weights."""
     params = nn.ModuleList([trainer.model, trainer.classifier])
-    optimizer = make_optimizer(params, pcfg)
+    optimizer = make_optimizer(params, pcfg.optimizer, pcfg)
     iterations, every = int(pcfg.iterations), max(1, int(pcfg.log_every))
     blocks = -(-iterations // every)
     loop = StepLoop("pretrain", blocks, params, optimizer, seed, SEED_STRIDE, state_path, settings, on_step=on_epoch)
@@ -125,7 +126,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
         bar = tqdm(range(b * every, min(iterations, (b + 1) * every)), desc=f"pretrain windows {b + 1}/{blocks}",
                    unit="it", leave=False)
         for it in bar:
-            lr = lr_at(it, float(pcfg.lr), pcfg.get("iteration_lr_steps", []), float(pcfg.get("lr_gamma", 0.1)))
+            lr = lr_at(it, float(pcfg.lr), pcfg.iteration_lr_steps, float(pcfg.lr_gamma))
             rec = train_records[int(rng.integers(len(train_records)))]
             if rng.random() < 0.5:
                 rec = rec.flip()
@@ -134,7 +135,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
                 continue
             logits = trainer.logits(rec.load_image(), rec, s, boxes)
             loss = F.cross_entropy(logits, torch.from_numpy(labels).to(logits.device))
-            sgd_step(optimizer, loss, lr, "pretrain", f"iteration {it + 1}", f"pretrain.lr (now {pcfg.lr})")
+            optimizer_step(optimizer, loss, lr, "pretrain", f"iteration {it + 1}", f"pretrain.lr (now {pcfg.lr})")
             total += loss.item()
             count += 1
             bar.set_postfix(loss=f"{total / count:.3f}")
@@ -192,22 +193,22 @@ def freeze_leading_convs(backbone: nn.Module, n: int) -> list[nn.Module]:
 def window_proposals_cfg(cfg: DictConfig) -> DictConfig | None:
     """``proposals`` with ``pretrain.window_proposals``' overrides: how window training's background
     boxes are computed; None when it is unset."""
-    over = cfg.pretrain.get("window_proposals")
+    over = PretrainSettings.of(cfg.pretrain).window_proposals
     return OmegaConf.merge(cfg.proposals, over) if over else None
 
 
 def window_trainer(cfg: DictConfig, num_classes: int, start: Path | None) -> WindowTrainer:
     """The network and its classifier on the device: from ``pretrain.start_from`` or ``start`` (a
     crop-pretrained ``pretrain.pt``) when given, else from scratch; ``pretrain.frozen_convs`` fixed."""
-    pcfg = cfg.pretrain
+    pcfg = PretrainSettings.of(cfg.pretrain)
     model = build_model(cfg.model, pretrained=False).to(resolve_device(cfg.device))
     classifier = new_fc8(model.head.out_dim, num_classes)
-    if pcfg.get("start_from") or start is not None:
-        start_from(Path(pcfg.get("start_from") or start), model, classifier)
-    elif pcfg.get("init", "kaiming") == "kaiming":
+    if pcfg.start_from or start is not None:
+        start_from(Path(pcfg.start_from or start), model, classifier)
+    elif pcfg.init == "kaiming":
         init_from_scratch(model.backbone)
     classifier.to(model.device)
-    frozen = freeze_leading_convs(model.backbone, int(pcfg.get("frozen_convs", 0)))
+    frozen = freeze_leading_convs(model.backbone, int(pcfg.frozen_convs))
     if frozen:
         log.info("pretrain: the first %d conv layers (%d parameters) stay fixed, in eval mode", int(pcfg.frozen_convs),
                  sum(p.numel() for m in frozen for p in m.parameters()))
@@ -218,7 +219,7 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
                 on_epoch: Callable[[int, dict], None] | None = None, start: Path | None = None) -> int:
     """``source=windows``: train on windows of whole training images and write ``artifact``,
     starting from ``pretrain.start_from`` or ``start`` (a crop-pretrained ``pretrain.pt``) when given."""
-    pcfg = cfg.pretrain
+    pcfg = PretrainSettings.of(cfg.pretrain)
     if int(pcfg.iterations) < 1 or not 0 < float(pcfg.fg_fraction) <= 1 or int(pcfg.windows_per_image) < 1:
         raise UserError(f"pretrain: source=windows needs iterations >= 1, windows_per_image >= 1 and 0 < fg_fraction "
                         f"<= 1 (got {pcfg.iterations}, {pcfg.windows_per_image}, {pcfg.fg_fraction})")
@@ -239,11 +240,11 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
     proposals, proposals_cfg = None, window_proposals_cfg(cfg)
     if proposals_cfg is not None:  # selective search, cached like detection's
         log.info("pretrain: proposals of the pretraining images with %s",
-                 OmegaConf.to_container(pcfg.window_proposals, resolve=True))
+                 pcfg.window_proposals)
         proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,
-                                   workers=int(cfg.get("num_workers", 0)), progress=True)
+                                   workers=int(cfg.num_workers), progress=True)
     history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, settings,
-                            bool(cfg.data.get("use_difficult", False)), on_epoch, proposals)
+                            DataSettings.of(cfg.data).use_difficult, on_epoch, proposals)
     record_history(cfg, "pretrain_windows", [{"step": h["iteration"], "lr": h["lr"], "loss": h["loss"],
                                               "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
     meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": settings,

@@ -30,9 +30,9 @@ STAGE = declare.Stage("proposals", f"cache_dir/{PROPOSALS_CACHE}/", reads=("prop
 def splits_to_fill(cfg, with_test: bool = True) -> list[str]:
     """``proposals.split`` or the train, val (when set) and test splits (unless not ``with_test``),
     without repeats."""
-    if cfg.proposals.get("split"):
+    if cfg.proposals.split:
         return [str(cfg.proposals.split)]
-    names = [cfg.data.train_split, cfg.data.get("val_split"), cfg.data.test_split if with_test else None]
+    names = [cfg.data.train_split, cfg.data.val_split, cfg.data.test_split if with_test else None]
     return list(dict.fromkeys(str(n) for n in names if n))
 
 
@@ -40,7 +40,7 @@ def run(cfg, with_test: bool = True) -> int:
     """Fill the cache for ``splits_to_fill``. ``spp-det train`` passes ``with_test=False``: training
     never reads the test images, and eval computes their proposals in workers beside the network."""
     splits = splits_to_fill(cfg, with_test)
-    export = cfg.proposals.get("export")
+    export = cfg.proposals.export
     workers = num_workers(cfg.num_workers)
     exported: dict = {}
     bad: dict[str, str] = {}

@@ -17,6 +17,7 @@ from spp_det.artifact import FINETUNE, PRETRAIN, work_file
 from spp_det.errors import UserError
 from spp_det.model import SPPNet, build_model
 from spp_det.model.weights import load_state, read_checkpoint
+from spp_det.settings import ModelSettings, PretrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 def pretrain_configured(cfg: DictConfig) -> bool:
     """Whether this config pretrains its own backbone (``pretrain.enabled`` and no ImageNet
     ``model.weights``): then ``spp-det pretrain`` writes ``work_dir/pretrain.pt`` and finetune starts from it."""
-    return bool(cfg.pretrain.enabled) and not cfg.model.get("weights")
+    return bool(PretrainSettings.of(cfg.pretrain).enabled) and not ModelSettings.of(cfg.model).weights
 
 
 def backbone_source(cfg: DictConfig) -> Path | None:
@@ -32,8 +33,9 @@ def backbone_source(cfg: DictConfig) -> Path | None:
     exist: ``model.backbone_checkpoint`` when given; else ``work_dir/pretrain.pt`` when pretraining
     is configured (``pretrain_configured``; a clear error when it has not run); else None
     (``model.weights``, or the model's own initialisation). Finetune records it in its artifact's meta."""
-    if cfg.model.get("backbone_checkpoint"):
-        path = Path(cfg.model.backbone_checkpoint)
+    model = ModelSettings.of(cfg.model)
+    if model.backbone_checkpoint:
+        path = Path(model.backbone_checkpoint)
         if not path.is_file():
             raise UserError(f"model.backbone_checkpoint={path}: file not found")
         return path
@@ -49,8 +51,9 @@ def backbone_source(cfg: DictConfig) -> Path | None:
 def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) -> None:
     """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
     the backbone needs ``model.weights``, ``model.backbone_checkpoint`` or pretraining configured. ``allow_random_backbone=true`` opts out (tests)."""
-    if cfg.model.get("weights") or pretrain_planned or pretrain_configured(cfg) \
-            or cfg.model.get("backbone_checkpoint") or cfg.get("allow_random_backbone", False):
+    model = ModelSettings.of(cfg.model)
+    if model.weights or pretrain_planned or pretrain_configured(cfg) or model.backbone_checkpoint \
+            or cfg.allow_random_backbone:
         return
     raise UserError(f"model.backbone={cfg.model.backbone} has neither pretrained weights nor pretraining: its conv "
                     "layers are random and detection would learn nothing. Use an ImageNet backbone (the default "
@@ -65,7 +68,8 @@ def describe_backbone(cfg: DictConfig, source: Path | None) -> str:
     ImageNet ``model.weights``, or the model's own (random) initialisation."""
     if source is not None:
         return str(source)
-    return f"model.weights={cfg.model.weights}" if cfg.model.get("weights") else "random initialisation"
+    weights = ModelSettings.of(cfg.model).weights
+    return f"model.weights={weights}" if weights else "random initialisation"
 
 
 def build_finetune_model(cfg: DictConfig, source: Path | None) -> SPPNet:

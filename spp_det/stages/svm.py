@@ -48,6 +48,7 @@ from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import num_workers, peak_rss_mb
+from spp_det.settings import DataSettings
 from spp_det.stages import heads
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
@@ -182,8 +183,8 @@ def run(cfg: DictConfig) -> int:
     settings = SVMSettings.from_cfg(scfg)
     classes = list(cfg.data.classes)
     num_classes = len(classes)
-    use_difficult = bool(cfg.data.get("use_difficult", False))
-    records, proposals = training_records(cfg, bool(scfg.get("flip", False)))
+    use_difficult = DataSettings.of(cfg.data).use_difficult
+    records, proposals = training_records(cfg, bool(scfg.flip))
     cache = FeatureCache(cfg.cache_dir, model)
 
     def windows_of(rec):
@@ -194,7 +195,7 @@ def run(cfg: DictConfig) -> int:
     svms = [ClassSVM(classes[k], positives[k] * scale, settings, device) for k in mine]
     del positives
     mine_hard_negatives(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale,
-                        threads=num_workers(cfg.get("num_workers", 0)))
+                        threads=num_workers(cfg.num_workers))
     # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
     done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
     svms = [done[k] for k in range(num_classes)]

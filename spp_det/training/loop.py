@@ -9,7 +9,7 @@ exactly what an uninterrupted one would have drawn and ends with the same weight
 phase's own ``extra`` state go to ``state_path`` (atomically, rank 0 only); a later run with the
 same ``settings`` resumes from it, another one starts over.
 
-The learning rate follows one step schedule (``lr_at``), set by ``sgd_step`` before each update;
+The learning rate follows one step schedule (``lr_at``), set by ``optimizer_step`` before each update;
 a loss that is not finite stops the run with a message naming the stage's lr key.
 """
 from __future__ import annotations
@@ -38,12 +38,11 @@ def lr_at(step: int, lr: float, lr_steps, gamma: float) -> float:
     return lr * gamma ** sum(int(step >= s) for s in lr_steps)
 
 
-def make_optimizer(module: nn.Module, cfg, group: str = "pretrain") -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (default ``sgd``) over ``module``'s trainable parameters (not the fixed ones:
-    ``frozen_convs``): ``sgd`` is the paper's recipe (``lr``, ``momentum``, ``weight_decay``);
-    ``adam`` (not the paper: Adam with decoupled weight decay) serves short from-scratch CPU runs
-    that SGD makes too slow. ``group`` names the config group in errors."""
-    name = str(cfg.get("optimizer", "sgd"))
+def make_optimizer(module: nn.Module, name: str, cfg, group: str = "pretrain") -> torch.optim.Optimizer:
+    """Optimizer ``name`` over ``module``'s trainable parameters (not the fixed ones: ``frozen_convs``)
+    with ``cfg``'s ``lr``, ``momentum``, ``weight_decay``: ``sgd`` is the paper's recipe; ``adam`` (not
+    the paper: Adam with decoupled weight decay, AdamW) serves short from-scratch CPU runs that SGD
+    makes too slow. ``group`` names the config group in errors."""
     params = [p for p in module.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=float(cfg.lr), momentum=float(cfg.momentum),
@@ -53,7 +52,7 @@ def make_optimizer(module: nn.Module, cfg, group: str = "pretrain") -> torch.opt
     raise UserError(f"{group}.optimizer={name!r}: use sgd or adam")
 
 
-def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str, knob: str) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str, knob: str) -> None:
     """One update of ``optimizer`` at learning rate ``lr`` from ``loss``. A loss that is not finite
     (an lr too high diverges) stops the run: "``stage``: the loss became nan at ``at``; lower ``knob``"."""
     if not torch.isfinite(loss):

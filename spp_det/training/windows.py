@@ -27,7 +27,7 @@ def training_records(cfg: DictConfig, flip: bool):
     """Records of ``data.train_split`` (plus mirrors when ``flip``) and their proposals."""
     records = load_split(cfg.data, cfg.data.train_split)
     proposals = load_proposals(records, cfg.proposals, cfg.cache_dir,
-                               workers=int(cfg.get("num_workers", 0)), progress=True)
+                               workers=int(cfg.num_workers), progress=True)
     if flip:
         records = records + [r.flip() for r in records]
     return records, proposals
@@ -47,7 +47,7 @@ def finetune_windows(record, proposals: np.ndarray, fcfg, use_difficult: bool, r
     candidates = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
     labelled = label_windows(candidates, gt, gt_labels, float(fcfg.fg_iou), ignore_boxes=record.boxes[~used])
     fg, bg = fg_bg_indices(labelled, float(fcfg.fg_iou), tuple(float(v) for v in fcfg.bg_iou))
-    bg = subsample(bg, fcfg.get("max_bg_per_image"), rng)
+    bg = subsample(bg, fcfg.max_bg_per_image, rng)
     keep = np.concatenate([fg, bg])
     return candidates[keep], labelled.labels[keep], len(fg)
 
