@@ -108,7 +108,7 @@ class ModelSettings(GroupSettings):
 
     GROUP: ClassVar[str] = "model"
     TUPLES: ClassVar[tuple[str, ...]] = ("scales", "pyramid_levels")
-    OPTION_KEYS: ClassVar[tuple[str, ...]] = ("timm_name", "timm_kwargs")   # configs/model/efficientnet_lite*.yaml
+    OPTION_KEYS: ClassVar[tuple[str, ...]] = ("timm_name", "timm_kwargs")   # configs/model/efficientnet_lite0.yaml (lite1, lite2)
 
     backbone: str
     width: float

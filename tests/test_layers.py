@@ -61,3 +61,40 @@ def test_weights_are_loaded_into_networks_only_by_model_weights():
             assert allowed[name] is None or calls == allowed[name], (name, calls)
         else:
             assert calls == 0, f"{name} loads weights itself: use spp_det.model.weights (read_checkpoint, load_state)"
+
+
+def test_docs_and_comments_name_files_and_modules_that_exist():
+    """Every ``spp_det/...``, ``docs/...``, ``configs/...``, ``scripts/...``, ``tests/...`` path and every dotted
+    ``spp_det.<module>`` name in the docs, configs, code and tests points at something in this repository."""
+    files = [ROOT / "README.md", ROOT / "Makefile", ROOT / ".importlinter", *ROOT.glob("docs/*.md"),
+             *ROOT.glob("configs/**/*.yaml"), *ROOT.glob("spp_det/**/*.py"), *ROOT.glob("scripts/*"),
+             *ROOT.glob("tests/*.py")]
+    path = re.compile(r"(?<![\w/.])((?:spp_det|docs|configs|scripts|tests)/[\w./-]*\w)")
+    dotted = re.compile(r"(?<![\w.])(spp_det(?:\.\w+)+)")
+    missing = []
+    for file in files:
+        text = file.read_text(errors="ignore")
+        missing += [f"{file.relative_to(ROOT)}: {p}" for p in path.findall(text) if not (ROOT / p.rstrip(".")).exists()]
+        for name in set(dotted.findall(text)):
+            parts = name.split(".")
+            for i in range(len(parts), 1, -1):  # the longest importable module, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                except ImportError:
+                    continue
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr, None)
+                break
+            else:
+                obj = None
+            if obj is None:
+                missing.append(f"{file.relative_to(ROOT)}: {name}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_architecture_stage_table_is_the_config_stage_table():
+    from spp_det.config import STAGES
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    rows = [line for line in doc.splitlines() if re.match(r"\| \w+ \| `spp_det/stages/", line)]
+    assert rows == [f"| {name} | `{module.replace('.', '/')}.py` | {text} |" for name, (module, text) in STAGES.items()]

@@ -138,3 +138,16 @@ def test_every_training_stage_reads_use_difficult_from_the_data_group(use_diffic
     for module in ("svm", "bboxreg", "finetune", "pretrain_crops", "pretrain_windows"):
         code = (ROOT / "spp_det" / "stages" / f"{module}.py").read_text()
         assert "use_difficult" in code and 'get("use_difficult"' not in code, module
+
+
+def test_config_yaml_says_what_the_user_gets():
+    """The root file names the model and the name a plain `spp-det train` gets (the default experiment's),
+    beside the paper's values that `~experiment` keeps."""
+    from spp_det.config import compose
+
+    text = (config_dir() / "config.yaml").read_text()
+    lines = {line.split(":")[0].strip(" -"): line for line in text.splitlines() if ":" in line}
+    plain = compose("train", [], hydra=True)
+    paper = compose("train", ["~experiment"], hydra=True)
+    for key, choice in (("model", lambda c: c.hydra.runtime.choices.model), ("name", lambda c: c.name)):
+        assert choice(plain) in lines[key] and choice(paper) in lines[key], (key, lines[key])

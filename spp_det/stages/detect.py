@@ -56,7 +56,7 @@ from spp_det.stages import declare
 log = logging.getLogger(__name__)
 
 STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC files), annotated images",
-                      reads=("detect", "eval.precision", "eval.fc_rank", "proposals"), consumes=("model",),
+                      reads=("detect", "proposals"), consumes=("model",),
                       paper="Sec. 4.1 test procedure on any folder of images")
 
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
