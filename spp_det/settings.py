@@ -159,6 +159,55 @@ class FinetuneSettings(GroupSettings):
 
 
 @dataclasses.dataclass(frozen=True)
+class BboxregSettings(GroupSettings):
+    """``configs/bboxreg/default.yaml``."""
+
+    GROUP: ClassVar[str] = "bboxreg"
+
+    min_iou: float
+    lam: float
+    feature_norm: float
+    scale_images: int
+    scale_windows: int
+    max_per_class: int | None
+    window_batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalsSettings(GroupSettings):
+    """``configs/proposals/*.yaml`` (every option extends opencv_fast.yaml). Checked at the start; the
+    backends read the group as a mapping (``proposals.passes`` overrides it key by key)."""
+
+    GROUP: ClassVar[str] = "proposals"
+    OPTION_KEYS: ClassVar[tuple[str, ...]] = ("scales",)   # configs/proposals/selectivesearch.yaml
+
+    backend: str
+    mode: str
+    resize_to: int | list | None
+    passes: list[dict] | None
+    base_k: int
+    inc_k: int
+    sigma: float
+    color_spaces: list[str]
+    k: list[int]
+    min_region: int
+    strategies: list[str]
+    seed: int
+    max_boxes: int | None
+    min_size: float
+    file: str | None
+    export: str | None
+    split: str | None
+    scales: list[int] | None
+
+    def validate(self) -> None:
+        self.choice("backend", ("opencv", "selectivesearch", "precomputed"))
+        self.choice("mode", ("fast", "quality", "single", "custom"))
+        if self.backend == "selectivesearch" and not self.scales:
+            raise UserError("proposals.backend=selectivesearch needs proposals.scales (Felzenszwalb k values)")
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainSettings(GroupSettings):
     """``configs/pretrain/default.yaml``."""
 
@@ -280,7 +329,8 @@ class BenchSettings(GroupSettings):
 
 # the groups read into settings here (svm: spp_det.heads.svm.SVMSettings; synth: spp_det.data.synth.SynthSettings)
 GROUPS: dict[str, type[GroupSettings]] = {cls.GROUP: cls for cls in (
-    DataSettings, ModelSettings, FinetuneSettings, PretrainSettings, EvalSettings, DetectSettings, BenchSettings)}
+    DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings, EvalSettings,
+    DetectSettings, BenchSettings)}
 
 
 def check_groups(cfg, groups: typing.Iterable[str] | None = None) -> None:

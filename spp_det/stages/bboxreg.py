@@ -33,7 +33,7 @@ from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb
-from spp_det.settings import DataSettings
+from spp_det.settings import BboxregSettings, DataSettings
 from spp_det.stages.curves import record_history
 from spp_det.stages import heads
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
@@ -89,7 +89,7 @@ class Reservoir:
 def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) -> tuple[list[Reservoir], float]:
     """One pass over ``records``: each class's training examples (pool5 features, proposal, target
     box; at most ``bboxreg.max_per_class``, a uniform sample) and the global pool5 feature scale."""
-    bcfg = cfg.bboxreg
+    bcfg = BboxregSettings.of(cfg.bboxreg)
     classes = list(cfg.data.classes)
     use_difficult = DataSettings.of(cfg.data).use_difficult
     batch = int(bcfg.window_batch)
@@ -116,7 +116,7 @@ def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) ->
 
 def run(cfg: DictConfig) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
-    bcfg = cfg.bboxreg
+    bcfg = BboxregSettings.of(cfg.bboxreg)
     t0 = time.perf_counter()
     started = heads.start(cfg, STAGE)
     if started is None:
