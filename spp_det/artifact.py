@@ -21,7 +21,7 @@ from spp_det import io
 from spp_det.errors import UserError
 
 # files in work_dir, in the order `spp-det train` writes them
-PRETRAIN_CROPS = "pretrain_crops.pt"        # pretrain.source=crops+windows: the crop phase's weights, where windows start
+PRETRAIN_CROPS = "pretrain_crops.pt"        # pretrain.source=crops+windows: the crop phase, where windows start
 PRETRAIN_CROPS_STATE = "pretrain_crops_state.pt"
 PRETRAIN = "pretrain.pt"                    # spp-det pretrain: backbone (+ fc6/fc7, classifier)
 PRETRAIN_STATE = "pretrain_state.pt"        # resumable checkpoints (spp_det.training.loop), removed when done

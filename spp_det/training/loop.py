@@ -52,7 +52,8 @@ def make_optimizer(module: nn.Module, name: str, cfg, group: str = "pretrain") -
     raise UserError(f"{group}.optimizer={name!r}: use sgd or adam")
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str, knob: str) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str,
+                   knob: str) -> None:
     """One update of ``optimizer`` at learning rate ``lr`` from ``loss``. A loss that is not finite
     (an lr too high diverges) stops the run: "``stage``: the loss became nan at ``at``; lower ``knob``"."""
     if not torch.isfinite(loss):
