@@ -101,6 +101,9 @@ def explain_composition_error(exc: Exception, stage: str, overrides: list[str]) 
     if unknown_key and isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)):
         key = unknown_key.group(1)
         keys = flat_keys(OmegaConf.to_container(compose(stage, []), resolve=False))
+        if key in keys:  # the key exists: its new value brings a key the config does not have (e.g. a dict)
+            return (f"cannot set {key}: {exc.__cause__}".splitlines()[0] + f"; a new key inside it is added with "
+                    f"+{key}.NAME=VALUE")
         return (f"unknown key {key}{nearest(key, keys)}; `spp-det {stage} --help` lists the common keys, "
                 f"`spp-det {stage} --cfg job` all of them")
     missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)

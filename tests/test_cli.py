@@ -123,6 +123,7 @@ def test_version():
     (["train", "data.classes=raccoon"], "data.classes is a list: write 'data.classes=[raccoon]'"),
     (["train", "data.classes=[a,b"], "cannot read 'data.classes=[a,b'"),
     (["train", "model.checkpoint=m.pt"], "model.checkpoint has moved"),
+    (["train", "model.timm_kwargs={output_stride:16}"], "a new key inside it is added with +model.timm_kwargs.NAME=VALUE"),
 ])
 def test_command_line_mistakes_get_one_line_on_stderr_and_exit_2(args, message, tmp_path):
     result = entry(*args, cwd=tmp_path)
