@@ -28,7 +28,7 @@ scaled so that the averaged gradient is the whole batch's (``spp_det.distributed
 the effective batch, the iterations and the lr schedule are the configured ones whatever the number
 of processes; only the dropout masks (seeded per rank) and the summation order differ from one
 process. Each rank pools the windows itself from the shared conv5 cache (an on-disk pool is written
-by rank 0 and mapped by the others) and scores the validation windows itself; rank 0 writes the
+by rank 0 and read by the others) and scores the validation windows itself; rank 0 writes the
 checkpoints and the artifact, and a restarted run resumes from them on every rank.
 
 Writes ``work_dir/finetune.pt`` = ``{"state_dict": SPPNet state_dict (fine-tuned head),
@@ -40,6 +40,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,7 @@ ARTIFACT, STATE = FINETUNE, FINETUNE_STATE
 class WindowPool:
     """Pooled windows of a split.
 
-    ``pool5`` ``float16 [N, D]`` (numpy array or memmap); ``labels`` ``int64 [N]`` (0 = background);
+    ``pool5`` ``float16 [N, D]`` (numpy array, or ``RowFile`` on disk); ``labels`` ``int64 [N]`` (0 = background);
     ``fg``, ``bg`` ``int64`` indices into it; ``images`` how many image records it came from.
     """
 
@@ -93,11 +94,41 @@ class WindowPool:
     images: int = 0
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``[B, D]`` and ``int64 [B]`` for ``indices`` (gathered in sorted order: memmap-friendly)."""
+        """float32 ``[B, D]`` and ``int64 [B]`` for ``indices`` (gathered in sorted order: disk-friendly)."""
         order = np.argsort(indices, kind="stable")
         rows = np.empty((len(indices), self.pool5.shape[1]), np.float16)
         rows[order] = self.pool5[np.asarray(indices)[order]]
         return torch.from_numpy(rows).float(), torch.from_numpy(self.labels[indices])
+
+
+class RowFile:
+    """The rows of a 2-d ``.npy`` file, read with ``os.pread`` when asked for: ``rows[indices]`` ->
+    ``[len(indices), D]``. Not a memory map: the rows that mini-batches read over thousands of
+    iterations would all stay mapped into this process (its resident memory grew with the pool:
+    8.5 GB for 754 VOC images' 4.8 GB pool); with reads only the batch is held, and the OS page cache
+    keeps what fits."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order or len(self.shape) != 2:
+            raise UserError(f"{path}: not a 2-d C-ordered array (delete it: it is a cache)")
+        self.row_bytes = int(self.shape[1]) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        if hasattr(self, "fd"):
+            os.close(self.fd)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        rows = np.asarray(indices, np.int64).reshape(-1)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        for j, r in enumerate(rows):
+            out[j] = np.frombuffer(os.pread(self.fd, self.row_bytes, self.offset + int(r) * self.row_bytes), self.dtype)
+        return out
 
 
 def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficult: bool, seed: int,
@@ -126,16 +157,18 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
 
     on_disk = store_dir is not None and mb > float(fcfg.pool_in_memory_mb)
     path = store_dir / f"{key}.npy" if on_disk else None
-    with distributed.main_first(path is not None):  # under torchrun rank 0 writes the on-disk pool, the others map it
+    with distributed.main_first(path is not None):  # under torchrun rank 0 writes the on-disk pool, the others read it
         if path is not None and path.is_file():
-            pool5 = np.load(path, mmap_mode="r")
+            pool5 = RowFile(path)
             if pool5.shape == (n, dim):
                 log.info("finetune: %s: pool5 from %s", desc, path)
                 return WindowPool(pool5, all_labels, fg, bg, len(records))
         ctx = io.atomic_path(path) if path is not None else contextlib.nullcontext(None)
-        with ctx as tmp:
-            if tmp is not None:
-                pool5 = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        with ctx as tmp, (open(tmp, "wb") if tmp is not None else contextlib.nullcontext()) as out:
+            if out is not None:  # written image by image: only one image's vectors in memory at a time
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                          "shape": (n, dim)}
+                np.lib.format.write_array_header_1_0(out, header)
             else:
                 pool5 = np.empty((n, dim), np.float16)
             with torch.no_grad():
@@ -145,12 +178,13 @@ def build_pool(model, feature_cache, records, proposals: dict, fcfg, use_difficu
                     maps = [m.to(device=device, dtype=torch.float32) for m in feature_cache.conv5(rec)]
                     vectors = model.pool5(maps, image_hw=(rec.height, rec.width),
                                           windows=torch.from_numpy(windows[i]).to(device))
-                    pool5[offsets[i]:offsets[i + 1]] = vectors.to("cpu", torch.float16).numpy()
-            if tmp is not None:
-                pool5.flush()
-                del pool5
+                    vectors = vectors.to("cpu", torch.float16).numpy()
+                    if out is not None:
+                        out.write(vectors.tobytes())
+                    else:
+                        pool5[offsets[i]:offsets[i + 1]] = vectors
         if path is not None:
-            pool5 = np.load(path, mmap_mode="r")
+            pool5 = RowFile(path)
         return WindowPool(pool5, all_labels, fg, bg, len(records))
 
 
