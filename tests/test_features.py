@@ -229,6 +229,16 @@ def test_feature_cache_hit_miss_and_invalidation(tmp_path):
     assert not again.contains(record)
 
 
+def test_without_the_conv5_cache_every_call_computes_the_same_maps_and_nothing_is_written(tmp_path):
+    record = tiny_record(tmp_path)
+    stored = FeatureCache(tmp_path / "stored", tiny_model()).conv5(record)
+    cache = FeatureCache(tmp_path / "cache", tiny_model(), store=False)
+    first, second = cache.conv5(record), cache.conv5(record)
+    assert torch.equal(first[0], stored[0]) and torch.equal(second[0], stored[0])
+    assert cache.stats["misses"] == 2 and cache.stats["hits"] == 0
+    assert not (tmp_path / "cache").exists() and not cache.contains(record)
+
+
 def test_the_features_stage_caches_train_flips_and_val_but_not_test(tmp_path):
     from conftest import write_voc
     from spp_det.stages.features import split_records

@@ -34,11 +34,13 @@ def weights_hash(module: torch.nn.Module) -> str:
 class FeatureCache:
     """``conv5(record)`` -> ``list[Tensor[1, C, h_s, w_s]]`` fp16 on the CPU, one per scale of ``model``.
 
-    Misses run ``model.conv5`` (eval mode, no gradients) and store the result. ``stats`` counts
+    Misses run ``model.conv5`` (eval mode, no gradients) and store the result; with ``store=False``
+    (``conv5_cache: false``) nothing is read or written: every call computes the maps, for datasets
+    whose conv5 would not fit on disk (README "Pascal VOC 2007"). ``stats`` counts
     hits, misses and bytes; ``bytes_per_image()`` is the mean size of the entries seen.
     """
 
-    def __init__(self, cache_dir: str | Path, model):
+    def __init__(self, cache_dir: str | Path, model, store: bool = True):
         self.model = model
         bb = model.backbone
         self.settings = {
@@ -53,6 +55,7 @@ class FeatureCache:
         if getattr(bb, "arch_key", None):  # timm: settings such as the padding type change conv5, not the weights
             self.settings["arch"] = bb.arch_key
         self.root = cache_folder(cache_dir, CONV5_CACHE) / hash_settings(self.settings)
+        self.store = bool(store)
         self.stats = {"hits": 0, "misses": 0, "bytes": 0, "entries": 0}
         self._file_hash: dict[tuple[str, int, int], str] = {}
 
@@ -74,8 +77,8 @@ class FeatureCache:
 
     def conv5(self, record) -> list[Tensor]:
         """The record's conv5 maps (fp16, CPU), computed and stored on a miss."""
-        path = self.path(record)
-        if path.is_file():
+        path = self.path(record) if self.store else None
+        if path is not None and path.is_file():
             try:
                 entry = load_torch(path)
                 maps = entry["conv5"]
@@ -93,6 +96,9 @@ class FeatureCache:
                 maps = [half[id(m)] for m in full]  # a map shared by capped scales is saved once
         finally:
             self.model.train(was_training)
+        if path is None:
+            self.stats["misses"] += 1
+            return maps
         save_torch({"conv5": maps, "image_hw": [int(image.shape[0]), int(image.shape[1])]}, path)
         self._count(path, hit=False)
         return maps

@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> int:
     model, device, artifact, key = started
     classes = list(cfg.data.classes)
     records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
-    reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model), records, proposals)
+    reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model, cfg.conv5_cache), records, proposals)
 
     dim = int(model.pool5_dim)
     weight = torch.zeros(len(classes), dim + 1, 4)

@@ -42,6 +42,9 @@ def split_records(cfg) -> list:
 
 
 def run(cfg) -> int | None:
+    if not cfg.conv5_cache:  # finetune, svm and bboxreg compute conv5 when they need it
+        log.info("conv5_cache=false: no conv5 cache to fill")
+        return None
     torch.manual_seed(int(cfg.seed))
     # the backbone finetune will use (model.backbone_checkpoint, else work_dir/pretrain.pt), so the
     # cache it fills is the one finetune, svm and bboxreg read

@@ -373,7 +373,7 @@ def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> 
                                workers=int(cfg.num_workers), progress=True)
     if data.flip:  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
         train = train + [r.flip() for r in train]
-    cache = FeatureCache(cfg.cache_dir, model)
+    cache = FeatureCache(cfg.cache_dir, model, cfg.conv5_cache)
     use_difficult, seed, fcfg = data.use_difficult, int(cfg.seed), FinetuneSettings.of(cfg.finetune)
     store = cache_folder(cfg.cache_dir, FINETUNE_POOL5_CACHE)
     return (build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,

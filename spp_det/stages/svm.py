@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> int:
     num_classes = len(classes)
     use_difficult = DataSettings.of(cfg.data).use_difficult
     records, proposals = training_records(cfg, bool(scfg.flip))
-    cache = FeatureCache(cfg.cache_dir, model)
+    cache = FeatureCache(cfg.cache_dir, model, cfg.conv5_cache)
 
     def windows_of(rec):
         return svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
