@@ -83,12 +83,18 @@ def test_the_demo_presets_svms_never_evict_a_cached_negative():
     assert len(svm.negatives) == svm.total_added  # the first image's 200 easy negatives included
 
 
-def test_torch_solver_and_liblinear_reach_the_same_objective():
-    g = torch.Generator().manual_seed(1)
-    x = torch.relu(torch.randn(400, 64, generator=g))
-    x[:60] += 0.3 * torch.relu(torch.randn(64, generator=g))
+def fc7_like_problem(seed: int, n: int, positives: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU features ``[n, 64]`` at fc7's scale (mean norm 20), the first ``positives`` rows shifted
+    towards one direction, and their labels ``[n]`` in {-1, +1}."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(n, 64, generator=g))
+    x[:positives] += shift * torch.relu(torch.randn(64, generator=g))
     x = x * feature_scale(float(x.norm(dim=1).mean()), 20.0)
-    y = torch.cat([torch.ones(60), -torch.ones(340)])
+    return x, torch.cat([torch.ones(positives), -torch.ones(n - positives)])
+
+
+def test_torch_solver_and_liblinear_reach_the_same_objective():
+    x, y = fc7_like_problem(1, 400, 60, 0.3)
     objectives = {}
     for solver in ("liblinear", "torch"):
         s = SVMSettings(solver=solver, tol=1e-6, max_iter=200000)  # R-CNN's C, w1 and B
@@ -102,11 +108,7 @@ def test_torch_solver_and_liblinear_reach_the_same_objective():
 def test_r_cnns_liblinear_tolerance_is_near_the_optimum_for_both_solvers():
     # R-CNN runs liblinear -s 3 without -e: its default 0.1 on the dual's maximal violation. Both
     # solvers stop on that measure; the objective is then within 1% of a tight solve's.
-    g = torch.Generator().manual_seed(3)
-    x = torch.relu(torch.randn(600, 64, generator=g))
-    x[:80] += 0.5 * torch.relu(torch.randn(64, generator=g))
-    x = x * feature_scale(float(x.norm(dim=1).mean()), 20.0)
-    y = torch.cat([torch.ones(80), -torch.ones(520)])
+    x, y = fc7_like_problem(3, 600, 80, 0.5)
     assert SVMSettings().tol == 0.1
     tight = svm_objective(*train_linear_svm(x[y > 0], x[y < 0], SVMSettings(tol=1e-6, max_iter=200000)), x, y, SVMSettings())
     zero = svm_objective(torch.zeros(64), 0.0, x, y, SVMSettings())

@@ -24,9 +24,13 @@ RCNN_NAME = "R-CNN ftfc7 bb (AlexNet)"
 SPP_MAP = {"SPP-net ZF-5, 5 scales, ftfc7 bb": 59.2, "SPP-net ZF-5, 1 scale": 58.0}
 
 
-def applies(classes) -> bool:
-    """The references are per VOC class: shown only when the evaluated classes are VOC's 20."""
-    return tuple(classes) == VOC_CLASSES
+def column(classes) -> list[float] | None:
+    """R-CNN's AP07 for each of ``classes`` in order, then their mean: the column printed beside an
+    evaluation; None unless the classes are VOC's 20 (the references are per VOC class)."""
+    if tuple(classes) != VOC_CLASSES:
+        return None
+    values = [RCNN_FC7_BB[name] for name in classes]
+    return [*values, sum(values) / len(values)]
 
 
 def note() -> str:

@@ -225,9 +225,9 @@ def _class_table(voc: dict, metrics: dict) -> str:
     head = ["class", "#gt", "#det", "AP07", "AP10", "COCO AP", "AP50", "AP75"]
     notes = ["#gt: non-difficult objects; AP in percent; VOC APs by the devkit's rules (IoU ≥ 0.5), "
              "COCO APs from pycocotools (IoU 0.5:0.95, 0.5, 0.75)."]
-    if reference.applies(voc["ap_voc07"]):  # the 20 VOC classes: the published per-class AP07 beside ours
-        paper = [reference.RCNN_FC7_BB[name] for name in voc["ap_voc07"]]
-        for row, value in zip(rows, [*paper, sum(paper) / len(paper)]):
+    paper = reference.column(voc["ap_voc07"])  # the 20 VOC classes: the published per-class AP07 beside ours
+    if paper:
+        for row, value in zip(rows, paper):
             row.append(f"{value:.1f}")
         head.append("R-CNN AP07")
         notes.append(html.escape(reference.note()) + ".")

@@ -174,19 +174,15 @@ def format_table(metrics: dict) -> str:
     def pct(v):
         return f"{100 * v:6.1f}" if v is not None else "     -"
 
-    paper = reference.applies(names)  # the 20 VOC classes: the published per-class AP07 beside ours
-
-    def ref(value) -> str:
-        return f"  {value:6.1f}" if paper else ""
+    paper = reference.column(names)  # the 20 VOC classes: the published per-class AP07 (and mean) beside ours
+    ref = [f"  {value:6.1f}" for value in paper] if paper else [""] * (len(names) + 1)
 
     lines = [f"{'class':<{width}}  {'#gt':>6}  {'#det':>7}  {'AP07':>6}  {'AP10':>6}" + ("   R-CNN" if paper else "")]
-    for name in names:
+    for name, extra in zip(names, ref):
         lines.append(f"{name:<{width}}  {metrics['num_gt'][name]:>6}  {metrics['num_det'][name]:>7}  "
-                     f"{pct(metrics['ap_voc07'][name])}  {pct(metrics['ap_voc10'][name])}"
-                     + ref(reference.RCNN_FC7_BB.get(name, 0.0)))
+                     f"{pct(metrics['ap_voc07'][name])}  {pct(metrics['ap_voc10'][name])}" + extra)
     lines.append(f"{'mean':<{width}}  {sum(metrics['num_gt'].values()):>6}  {sum(metrics['num_det'].values()):>7}  "
-                 f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}"
-                 + ref(sum(reference.RCNN_FC7_BB.values()) / len(reference.RCNN_FC7_BB)))
+                 f"{pct(metrics['map_voc07'])}  {pct(metrics['map_voc10'])}" + ref[-1])
     if paper:
         lines.append(reference.note())
     if metrics.get("coco"):

@@ -120,37 +120,33 @@ def mine_hard_negatives(scfg, model, cache, records, windows_of, svms: list[Clas
 
     The SVMs due after an image retrain side by side in ``threads`` threads (liblinear releases
     the GIL): each class's SVM depends on no other's, so the result is that of one thread."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        _mine(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale, pool)
-
-
-def _mine(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale, pool) -> None:
     epochs = int(scfg.epochs)
     hard_thresh = float(scfg.hard_thresh)
-    for epoch in range(epochs if svms else 0):
-        bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
-        for i, rec in enumerate(bar):
-            windows, _, overlaps = windows_of(rec)
-            negative = overlaps < float(scfg.neg_iou)  # [W, K]
-            candidate = np.flatnonzero(negative.any(axis=1))
-            if len(candidate):
-                feats = window_features(model, cache.conv5(rec), rec, windows[candidate], int(scfg.window_batch))
-                feats = feats * scale
-                # [K, D] with zero rows for other ranks' classes (torchrun): a product of the same shape as
-                # in one process rounds each class's column the same way, so the same negatives are mined
-                weight, bias = torch.zeros(num_classes, feats.shape[1]), torch.zeros(num_classes)
-                weight[mine] = torch.stack([s.w.to(weight) for s in svms])
-                bias[mine] = torch.tensor([s.b for s in svms])
-                scores = feats @ weight.T + bias  # [M, K]
-                keys = torch.from_numpy(i * KEY_STRIDE + candidate.astype(np.int64))
-                for k, svm in zip(mine, svms):
-                    # copy only the negatives that can be cached (an untrained SVM scores 0: all of them)
-                    mask = torch.from_numpy(negative[candidate, k]) & (scores[:, k] > hard_thresh)
-                    svm.offer(feats[mask], keys[mask], scores[mask, k])
-            last = epoch == epochs - 1 and i == len(records) - 1
-            due = [svm for svm in svms if svm.needs_training() or (last and svm.num_added > 0)]
-            list(pool.map(ClassSVM.retrain, due))
-            bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for epoch in range(epochs if svms else 0):
+            bar = tqdm(records, desc=f"svm: mining {epoch + 1}/{epochs}", unit="image")
+            for i, rec in enumerate(bar):
+                windows, _, overlaps = windows_of(rec)
+                negative = overlaps < float(scfg.neg_iou)  # [W, K]
+                candidate = np.flatnonzero(negative.any(axis=1))
+                if len(candidate):
+                    feats = window_features(model, cache.conv5(rec), rec, windows[candidate], int(scfg.window_batch))
+                    feats = feats * scale
+                    # [K, D] with zero rows for other ranks' classes (torchrun): a product of the same shape as
+                    # in one process rounds each class's column the same way, so the same negatives are mined
+                    weight, bias = torch.zeros(num_classes, feats.shape[1]), torch.zeros(num_classes)
+                    weight[mine] = torch.stack([s.w.to(weight) for s in svms])
+                    bias[mine] = torch.tensor([s.b for s in svms])
+                    scores = feats @ weight.T + bias  # [M, K]
+                    keys = torch.from_numpy(i * KEY_STRIDE + candidate.astype(np.int64))
+                    for k, svm in zip(mine, svms):
+                        # copy only the negatives that can be cached (an untrained SVM scores 0: all of them)
+                        mask = torch.from_numpy(negative[candidate, k]) & (scores[:, k] > hard_thresh)
+                        svm.offer(feats[mask], keys[mask], scores[mask, k])
+                last = epoch == epochs - 1 and i == len(records) - 1
+                due = [svm for svm in svms if svm.needs_training() or (last and svm.num_added > 0)]
+                list(pool.map(ClassSVM.retrain, due))
+                bar.set_postfix(hard=sum(len(s.negatives) for s in svms), peak_mb=f"{peak_rss_mb():.0f}")
 
 
 def log_outcome(svms: list[SimpleNamespace], settings: SVMSettings) -> dict:
