@@ -179,7 +179,8 @@ class ProposalsSettings(GroupSettings):
     backends read the group as a mapping (``proposals.passes`` overrides it key by key)."""
 
     GROUP: ClassVar[str] = "proposals"
-    OPTION_KEYS: ClassVar[tuple[str, ...]] = ("scales",)   # configs/proposals/selectivesearch.yaml
+    OPTION_KEYS: ClassVar[tuple[str, ...]] = ("scales",                       # configs/proposals/selectivesearch.yaml
+                                              "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag")  # edgeboxes.yaml
 
     backend: str
     mode: str
@@ -199,9 +200,14 @@ class ProposalsSettings(GroupSettings):
     export: str | None
     split: str | None
     scales: list[int] | None
+    edge_sigma: float | None
+    alpha: float | None
+    beta: float | None
+    min_score: float | None
+    edge_min_mag: float | None
 
     def validate(self) -> None:
-        self.choice("backend", ("opencv", "selectivesearch", "precomputed"))
+        self.choice("backend", ("opencv", "selectivesearch", "edgeboxes", "precomputed"))
         self.choice("mode", ("fast", "quality", "single", "custom"))
         if self.backend == "selectivesearch" and not self.scales:
             raise UserError("proposals.backend=selectivesearch needs proposals.scales (Felzenszwalb k values)")

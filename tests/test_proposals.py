@@ -106,6 +106,47 @@ def test_default_multires_setting_finds_every_shape_within_the_box_budget():
     assert 0 < len(boxes) <= cfg.max_boxes
 
 
+EDGEBOXES = OmegaConf.to_container(compose_config(["proposals=edgeboxes"]).proposals, resolve=True)
+
+
+def test_gradient_edges_are_thin_and_run_along_the_contour():
+    """A bright square on grey: edge pixels only on its outline (about one pixel per side, as
+    EdgeBoxes' structured edges are), strength in [0, 1], orientation along the side: 0 or pi on
+    horizontal sides, pi / 2 on vertical ones."""
+    image = np.full((100, 100, 3), 100, np.uint8)
+    image[30:70, 20:80] = 220
+    edges, orientation = backends_module.gradient_edges(image, sigma=1.0)
+    assert edges.shape == orientation.shape == (100, 100) and edges.dtype == np.float32
+    assert edges.min() >= 0 and edges.max() <= 1 and edges.max() > 0.5
+    strong = edges > 0.3
+    ys, xs = np.nonzero(strong)
+    near = (np.minimum.reduce([abs(ys - 29.5), abs(ys - 69.5)]) <= 2.5) | (np.minimum.reduce([abs(xs - 19.5), abs(xs - 79.5)]) <= 2.5)
+    assert near.all()  # nothing strong away from the outline
+    assert strong[50].sum() <= 4 and strong[:, 50].sum() <= 4  # thin: about one pixel per crossing
+    left = orientation[40:60, 18:22][strong[40:60, 18:22]]
+    top = orientation[28:32, 40:60][strong[28:32, 40:60]]
+    assert np.allclose(left, np.pi / 2, atol=0.2)
+    assert np.all(np.minimum(top, np.pi - top) < 0.2)
+
+
+def test_edgeboxes_finds_every_solid_shape_at_full_and_reduced_resolution():
+    image, gt = shapes_image(256)
+    for resize_to in (None, 128):
+        boxes = compute_proposals(image, {**EDGEBOXES, "resize_to": resize_to})
+        assert boxes.dtype == np.float32 and 0 < len(boxes) <= EDGEBOXES["max_boxes"]
+        assert recall(gt, boxes, 0.7) == 1.0, resize_to
+        assert boxes[:, 2].max() > 200  # in the 256-pixel image's frame
+    assert (compute_proposals(image, EDGEBOXES) == compute_proposals(image, EDGEBOXES)).all()  # deterministic
+
+
+def test_edgeboxes_settings_key_the_cache():
+    from spp_det.proposals.cache import settings_dir
+
+    assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "alpha": 0.65})
+    assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "edge_sigma": 1.0})
+    assert settings_dir("c", EDGEBOXES) == settings_dir("c", {**EDGEBOXES, "k": [1, 2]})  # selective search's keys do not
+
+
 def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
     cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],

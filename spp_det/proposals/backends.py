@@ -1,4 +1,4 @@
-"""Selective-search backends: an RGB ``uint8 [H, W, 3]`` image -> ranked boxes ``float32 [N, 4]``.
+"""Proposal backends: an RGB ``uint8 [H, W, 3]`` image -> ranked boxes ``float32 [N, 4]``.
 
 Every backend returns boxes in the internal convention (0-based continuous ``x1, y1, x2, y2``,
 pixel column ``x`` covers ``[x, x + 1)``) in its ranking order, best first; clipping, duplicate
@@ -10,6 +10,10 @@ Felzenszwalb k x similarity strategies) and merges them. Each box gets Uijlings'
 ``rand * position-in-its-hierarchy`` so the first boxes of the merged list come from every
 hierarchy. The randomness is seeded (``proposals.seed``), so the same image and settings always
 give the same boxes.
+
+EdgeBoxes (Zitnick & Dollar, ECCV 2014; SPP-net TPAMI Sec. 4.3 uses it for speed) scores windows by
+the edge contours wholly inside them; ``edgeboxes_boxes`` feeds OpenCV's implementation an edge map
+computed here from image gradients, so no trained edge model file is needed.
 """
 from __future__ import annotations
 
@@ -190,9 +194,54 @@ def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
     return np.concatenate(lists)[np.argsort(ranks, kind="stable")].astype(np.float32)
 
 
+def gradient_edges(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thin edges and their orientation for EdgeBoxes: RGB ``uint8 [H, W, 3]`` -> (edge strength
+    ``float32 [H, W]`` in [0, 1], orientation ``float32 [H, W]`` in [0, pi)).
+
+    EdgeBoxes wants a structured-forest edge map (a trained model file, not shipped with OpenCV's
+    wheels); the gradient of the Gaussian-smoothed Lab image (the strongest of its 3 channels, as
+    Canny does for colour) thinned by Canny's non-maximum suppression stands in for it. Strength is
+    the magnitude over its 99th percentile (clipped to 1: EdgeBoxes ignores edges under
+    ``edge_min_mag``); orientation is the edge's tangent (the gradient turned by 90 degrees), the
+    direction EdgeBoxes groups edges along.
+    """
+    lab = cv2.GaussianBlur(cv2.cvtColor(image, cv2.COLOR_RGB2Lab), (0, 0), float(sigma))
+    dx = cv2.Sobel(lab, cv2.CV_16S, 1, 0, ksize=3)
+    dy = cv2.Sobel(lab, cv2.CV_16S, 0, 1, ksize=3)
+    # Canny on the derivatives: its non-maximum suppression along the gradient (strongest channel);
+    # thresholds near zero keep weak edges too (strength decides below, not hysteresis)
+    thin = cv2.Canny(dx, dy, 1, 1, L2gradient=True) > 0
+    gx, gy = dx.astype(np.float32), dy.astype(np.float32)
+    magnitude = gx * gx + gy * gy  # [H, W, 3]
+    strongest = magnitude.argmax(axis=2)[..., None]
+    magnitude = np.sqrt(np.take_along_axis(magnitude, strongest, axis=2)[..., 0])
+    gx, gy = np.take_along_axis(gx, strongest, 2)[..., 0], np.take_along_axis(gy, strongest, 2)[..., 0]
+    scale = float(np.percentile(magnitude, 99)) + 1e-6
+    edges = np.where(thin, np.minimum(magnitude / scale, 1.0), 0.0).astype(np.float32)
+    orientation = np.mod(np.arctan2(gy, gx) + np.pi / 2, np.pi).astype(np.float32)
+    return edges, orientation
+
+
+def edgeboxes_boxes(image: np.ndarray, cfg) -> np.ndarray:
+    """EdgeBoxes (OpenCV ``cv2.ximgproc.EdgeBoxes``) on ``gradient_edges`` of the image at shorter side
+    ``resize_to`` (null = as is) -> ``float32 [N, 4]`` in ``image``'s pixels, best score first."""
+    if not hasattr(cv2, "ximgproc"):
+        raise UserError("proposals.backend=edgeboxes needs OpenCV's contrib modules (cv2.ximgproc): install "
+                        "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
+    small, factor = _shrink(image, cfg["resize_to"])
+    edges, orientation = gradient_edges(small, cfg["edge_sigma"])
+    finder = cv2.ximgproc.createEdgeBoxes(alpha=float(cfg["alpha"]), beta=float(cfg["beta"]),
+                                          minScore=float(cfg["min_score"]), edgeMinMag=float(cfg["edge_min_mag"]),
+                                          maxBoxes=int(cfg["max_boxes"] or 10000))
+    rects, _ = finder.getBoundingBoxes(edges, orientation)  # x, y, w, h, sorted by score
+    rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
+    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / factor
+
+
 BACKENDS = {
     "opencv": opencv_boxes,
     "selectivesearch": selectivesearch_boxes,
+    "edgeboxes": edgeboxes_boxes,
 }
 
 # Settings that change the boxes, per backend (the cache key hashes exactly these, plus the
@@ -200,4 +249,5 @@ BACKENDS = {
 BACKEND_SETTINGS = {
     "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
     "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
+    "edgeboxes": ("resize_to", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag"),
 }

@@ -180,16 +180,21 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     # selective search of the next files in worker processes while the network runs on this one
     prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers),
                                   max_pixels=d.max_pixels)
+    clock = time.perf_counter
     with prefetch:
         for path in tqdm(paths, desc="detect", unit="image"):
             relative = path.relative_to(base)
+            start = clock()
             try:
                 image = read_image(path, max_pixels=d.max_pixels)
             except ImageError as exc:
                 skip(path, _reason_kind(exc.reason), exc.reason)
                 continue
+            timings["decode"] = timings.get("decode", 0.0) + clock() - start
             try:
+                start = clock()
                 boxes = proposals_for_file(path, image, cfg, prefetch)
+                timings["proposals"] = timings.get("proposals", 0.0) + clock() - start
                 dets = detector.detect(image, boxes, d.score_thresh, d.nms_iou, d.max_per_image, d.bbox_reg, timings)
             except Exception as exc:  # one image's failure must not stop a folder run; it is reported
                 log.debug("detection failed on %s", path, exc_info=True)
@@ -203,11 +208,17 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
             if target.resolve() in input_set:  # never write onto an input file
                 name = safe_output_name(PurePath(f"{relative.as_posix()}#annotated"), used_names)
                 target = annotated_dir / name
+            start = clock()
             with atomic_path(target) as out_tmp:
                 draw_detections(image, dets, classes).save(out_tmp, format="JPEG" if name.endswith(".jpg") else "PNG",
                                                           **({"quality": 92} if name.endswith(".jpg") else {}))
+            timings["draw"] = timings.get("draw", 0.0) + clock() - start
             height, width = image.shape[:2]
             found.append((index[path], relative.as_posix(), path, width, height, dets, name))
+    if found:
+        log.info("detect: seconds per image by step in this process (%d images; proposals: waiting for the "
+                 "search of other processes, or searching here): %s", len(found),
+                 ", ".join(f"{step} {seconds / len(found):.3f}" for step, seconds in timings.items()))
     return found, skipped
 
 
@@ -272,7 +283,7 @@ def run(cfg) -> int:
     reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
     n_skipped = sum(skipped.values())
     print(f"detect: {done} images done, {n_skipped} skipped" + (f" ({reasons})" if reasons else "")
-          + f", {num_detections} detections, {seconds:.1f} s; wrote {', '.join(map(str, written))}, "
+          + f", {num_detections} detections, {seconds:.1f} s ({done / seconds:.2f} images/s); wrote {', '.join(map(str, written))}, "
           + f"{annotated_dir}/" + (f" and {voc.folder}/" if voc is not None else ""))
     if done == 0:
         log.error("no image could be processed")
