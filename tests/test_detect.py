@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path, PurePath
@@ -112,6 +113,7 @@ def config(source, output, *extra):
 
 
 def test_a_folder_of_good_and_bad_files_processes_exactly_the_good_ones(tmp_path, fake, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="spp_det.stages.detect")  # the per-step timing line
     source, output = tmp_path / "in", tmp_path / "out"
     source.mkdir()
     good, bad = write_folder(source)
@@ -140,6 +142,9 @@ def test_a_folder_of_good_and_bad_files_processes_exactly_the_good_ones(tmp_path
         assert f"1 {kind}" in summary
     for name in bad:  # each bad file logged with its reason
         assert any(name in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), name
+    assert re.search(r"\d+\.\d+ s \(\d+\.\d+ images/s\)", summary)
+    steps = [r.getMessage() for r in caplog.records if "seconds per image by step" in r.getMessage()]
+    assert len(steps) == 1 and all(f"{step} 0." in steps[0] for step in ("decode", "proposals", "draw")), steps
 
 
 def test_detections_are_in_displayed_pixels_with_exif_orientation_applied(tmp_path, fake):
