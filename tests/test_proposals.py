@@ -139,18 +139,35 @@ def test_edgeboxes_finds_every_solid_shape_at_full_and_reduced_resolution():
     assert (compute_proposals(image, EDGEBOXES) == compute_proposals(image, EDGEBOXES)).all()  # deterministic
 
 
+def test_fast_setting_interleaves_edgeboxes_with_a_coarse_selective_search():
+    """configs/proposals/fast.yaml: passes of two backends; every box of either run is kept once, the
+    first two boxes are the two runs' best, and the shapes are found."""
+    fast = OmegaConf.to_container(compose_config(["proposals=fast"]).proposals, resolve=True)
+    image, gt = shapes_image(256)
+    both = compute_proposals(image, {**fast, "max_boxes": 0})
+    eb = compute_proposals(image, {**fast, "passes": None, "max_boxes": 0})
+    ss = compute_proposals(image, {**fast, "passes": None, **fast["passes"][1], "max_boxes": 0})
+    assert len(eb) and len(ss)
+    assert {tuple(x) for x in both} == {tuple(x) for x in np.concatenate([eb, ss])}
+    assert {tuple(both[0]), tuple(both[1])} == {tuple(eb[0]), tuple(ss[0])}
+    assert recall(gt, compute_proposals(image, fast), 0.7) == 1.0
+
+
 def test_edgeboxes_settings_key_the_cache():
     from spp_det.proposals.cache import settings_dir
 
     assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "alpha": 0.65})
     assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "edge_sigma": 1.0})
     assert settings_dir("c", EDGEBOXES) == settings_dir("c", {**EDGEBOXES, "k": [1, 2]})  # selective search's keys do not
+    fast = OmegaConf.to_container(compose_config(["proposals=fast"]).proposals, resolve=True)
+    # a pass runs OpenCV's selective search: its settings key the cache too
+    assert settings_dir("c", fast) != settings_dir("c", {**fast, "base_k": 100})
 
 
 def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
     cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],
-           "sigma": 0.8, "min_region": 20, "seed": 0, "max_boxes": 2000, "min_size": 2}
+           "sigma": 0.8, "min_region": 20, "seed": 0, "max_boxes": 2000, "min_size": 2, "passes": None}
     assert recall(gt, compute_proposals(image, cfg), 0.7) == 1.0
 
 
@@ -192,7 +209,7 @@ def test_interleave_takes_one_from_each_source_in_turn():
 
 @pytest.fixture
 def counting_backend(monkeypatch):
-    """Replace the OpenCV backend by a fake that counts its calls."""
+    """Replace the OpenCV backend (one selective-search run) by a fake that counts its calls."""
     calls = []
 
     def fake(image, cfg):
@@ -409,4 +426,5 @@ def test_stage_lists_every_corrupt_image_fails_and_keeps_good_entries(tmp_path, 
     with pytest.raises(ProposalImageError) as info:
         load_proposals(records_of(root), cfg.proposals, cfg.cache_dir, workers=1, progress=False)
     assert sorted(Path(p).name for p in info.value.bad) == ["bad1.jpg", "bad2.jpg"]
-    assert len(counting_backend) == 2  # the good images were hits the second time
+    runs = len(cfg.proposals.passes or [None])  # the fake is one run: once per pass and image
+    assert len(counting_backend) == 2 * runs  # the good images were hits the second time

@@ -12,7 +12,7 @@ hierarchy. The randomness is seeded (``proposals.seed``), so the same image and 
 give the same boxes.
 
 EdgeBoxes (Zitnick & Dollar, ECCV 2014; SPP-net TPAMI Sec. 4.3 uses it for speed) scores windows by
-the edge contours wholly inside them; ``edgeboxes_boxes`` feeds OpenCV's implementation an edge map
+the edge contours wholly inside them; ``_edgeboxes_once`` feeds OpenCV's implementation an edge map
 computed here from image gradients, so no trained edge model file is needed.
 """
 from __future__ import annotations
@@ -135,27 +135,6 @@ def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
     return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
 
-def opencv_boxes(image: np.ndarray, cfg) -> np.ndarray:
-    """OpenCV selective search, once per pass and ``resize_to`` resolution, boxes scaled back and interleaved.
-
-    ``proposals.passes`` (optional) is a list of setting overrides, one run each (e.g. OpenCV's
-    fast mode on a downscaled image plus a small-k run at full resolution); without it there is
-    one pass with the settings as they are. Returns ``float32 [N, 4]`` in ``image``'s pixels, ranked.
-    """
-    lists, done = [], set()
-    base = {k: v for k, v in dict(cfg).items() if k != "passes"}
-    for overrides in cfg["passes"] or [{}]:
-        settings = {**base, **dict(overrides)}
-        for shorter_side in _resolutions(settings["resize_to"]):
-            small, factor = _shrink(image, shorter_side)
-            run_key = (small.shape, repr(sorted((k, str(v)) for k, v in settings.items() if k != "resize_to")))
-            if run_key in done:  # image already smaller than this resolution: the same run again
-                continue
-            done.add(run_key)
-            lists.append(_opencv_once(small, settings) / factor)
-    return interleave(lists)
-
-
 def _uijlings_rank(n: int, rng: np.random.Generator) -> np.ndarray:
     """Uijlings et al. Sec. 4.4: a region at position ``p`` of its hierarchy (1 = the whole image,
     the last merge) gets value ``rand * p``; lower values come first."""
@@ -222,32 +201,61 @@ def gradient_edges(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndar
     return edges, orientation
 
 
-def edgeboxes_boxes(image: np.ndarray, cfg) -> np.ndarray:
-    """EdgeBoxes (OpenCV ``cv2.ximgproc.EdgeBoxes``) on ``gradient_edges`` of the image at shorter side
-    ``resize_to`` (null = as is) -> ``float32 [N, 4]`` in ``image``'s pixels, best score first."""
+def _edgeboxes_once(image: np.ndarray, cfg) -> np.ndarray:
+    """One EdgeBoxes run (OpenCV ``cv2.ximgproc.EdgeBoxes``) on ``gradient_edges`` of RGB ``image``
+    -> ``float32 [N, 4]``, best score first."""
     if not hasattr(cv2, "ximgproc"):
         raise UserError("proposals.backend=edgeboxes needs OpenCV's contrib modules (cv2.ximgproc): install "
                         "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
-    small, factor = _shrink(image, cfg["resize_to"])
-    edges, orientation = gradient_edges(small, cfg["edge_sigma"])
+    edges, orientation = gradient_edges(image, cfg["edge_sigma"])
     finder = cv2.ximgproc.createEdgeBoxes(alpha=float(cfg["alpha"]), beta=float(cfg["beta"]),
                                           minScore=float(cfg["min_score"]), edgeMinMag=float(cfg["edge_min_mag"]),
                                           maxBoxes=int(cfg["max_boxes"] or 10000))
     rects, _ = finder.getBoundingBoxes(edges, orientation)  # x, y, w, h, sorted by score
     rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / factor
+    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
 
+# One run of a backend on the image as given (``ranked_boxes`` does the resolutions and passes);
+# selectivesearch_boxes does its own resolutions and merge (Uijlings' randomised rank).
 BACKENDS = {
-    "opencv": opencv_boxes,
+    "opencv": _opencv_once,
     "selectivesearch": selectivesearch_boxes,
-    "edgeboxes": edgeboxes_boxes,
+    "edgeboxes": _edgeboxes_once,
 }
+
+
+def ranked_boxes(image: np.ndarray, cfg) -> np.ndarray:
+    """The backend once per pass and ``resize_to`` resolution, boxes scaled back to ``image``'s
+    pixels and interleaved -> ``float32 [N, 4]``, ranked.
+
+    ``proposals.passes`` (optional) is a list of setting overrides, one run each, any backend (e.g.
+    OpenCV's fast mode on a downscaled image plus a small-k run at full resolution, or EdgeBoxes plus
+    a coarse selective search); without it there is one pass with the settings as they are.
+    """
+    lists, done = [], set()
+    base = {k: v for k, v in dict(cfg).items() if k != "passes"}
+    for overrides in cfg["passes"] or [{}]:
+        settings = {**base, **dict(overrides)}
+        backend = str(settings["backend"])
+        if backend not in BACKENDS:
+            raise UserError(f"proposals.backend must be one of {', '.join([*BACKENDS, 'precomputed'])}, not {backend!r}")
+        if backend == "selectivesearch":
+            lists.append(selectivesearch_boxes(image, settings))
+            continue
+        for shorter_side in _resolutions(settings["resize_to"]):
+            small, factor = _shrink(image, shorter_side)
+            run_key = (small.shape, repr(sorted((k, str(v)) for k, v in settings.items() if k != "resize_to")))
+            if run_key in done:  # image already smaller than this resolution: the same run again
+                continue
+            done.add(run_key)
+            lists.append(BACKENDS[backend](small, settings) / factor)
+    return interleave(lists)
 
 # Settings that change the boxes, per backend (the cache key hashes exactly these, plus the
 # post-processing settings). `export`, `split` and `file` only say where boxes go or come from.
 BACKEND_SETTINGS = {
     "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
     "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
-    "edgeboxes": ("resize_to", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag"),
+    "edgeboxes": ("resize_to", "passes", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag"),
 }

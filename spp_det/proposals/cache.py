@@ -25,7 +25,7 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.images import ImageError, read_image
 from spp_det.errors import UserError
 from spp_det.io import atomic_path, hash_file, hash_settings, write_json
-from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS
+from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS, ranked_boxes
 from spp_det.proposals.postprocess import postprocess_boxes
 from spp_det.proposals.precomputed import precomputed_boxes
 
@@ -70,7 +70,7 @@ def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"compute_proposals expects an RGB uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
     h, w = image.shape[:2]
-    boxes = BACKENDS[backend](np.ascontiguousarray(image), cfg)
+    boxes = ranked_boxes(np.ascontiguousarray(image), cfg)
     return postprocess_boxes(boxes, w, h, float(cfg["min_size"]), cfg["max_boxes"])
 
 
@@ -85,7 +85,10 @@ def settings_key(proposals_cfg) -> dict:
         "min_size": cfg["min_size"],
     }
     key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(backend, ())})
-    if backend == "opencv":
+    others = sorted({str(p.get("backend", backend)) for p in cfg["passes"] or ()} - {backend})
+    for other in others:  # passes run other backends: their settings change the boxes too
+        key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(other, ())})
+    if {backend, *others} & {"opencv", "edgeboxes"}:
         key["opencv"] = cv2.__version__  # OpenCV's selective search has changed between releases
     return key
 
