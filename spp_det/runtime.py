@@ -30,6 +30,12 @@ def num_workers(setting: int | None) -> int:
     return max(1, cores // local_world_size())
 
 
+def search_workers(setting: int | None) -> int:
+    """Proposal worker processes beside the network (``detect``, ``eval``): half of ``num_workers``
+    (at least 1); the network runs on the rest (``ProposalPrefetcher`` sets torch's threads)."""
+    return max(1, num_workers(setting) // 2)
+
+
 def run_dir() -> "Path":
     """This run's stamped output directory (Hydra's ``hydra.run.dir``), or the current directory
     when a stage is called as a plain function (tests, ``train``) outside a Hydra job."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from unittest import mock
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -304,7 +306,10 @@ def test_prefetcher_searches_ahead_in_workers_and_gives_what_proposals_for_file_
         paths.append(tmp_path / f"im{i}.png")
         Image.fromarray(shapes_image(64)[0][:, ::(i % 3 + 1)].copy()).save(paths[-1])
     cache = tmp_path / "cache"
-    with ProposalPrefetcher(paths, OPENCV, cache, workers=2, lookahead=2) as prefetch:
+    threads = torch.get_num_threads()
+    with mock.patch("spp_det.proposals.cache._cores", return_value=3), \
+            ProposalPrefetcher(paths, OPENCV, cache, workers=2, lookahead=2) as prefetch:
+        assert torch.get_num_threads() == 1  # the network leaves the workers' 2 of 3 cores to them
         first = prefetch.get(paths[0], np.asarray(Image.open(paths[0])))
         assert prefetch.next == 3  # the next two images were handed to the workers before waiting on the first
         got = [first] + [prefetch.get(p, np.asarray(Image.open(p))) for p in paths[1:]]
@@ -313,6 +318,9 @@ def test_prefetcher_searches_ahead_in_workers_and_gives_what_proposals_for_file_
         np.testing.assert_array_equal(boxes, compute_proposals(image, OPENCV))
         np.testing.assert_array_equal(boxes, proposals_for_file(path, image, OPENCV, cache))  # cached by the workers
     assert len(list(cache.glob("proposals/*/*/*.npy"))) == 3  # 3 distinct images (im3, im4 repeat im0, im1)
+    assert torch.get_num_threads() == threads  # given back on close
+    with ProposalPrefetcher(paths, OPENCV, cache, workers=2) as prefetch:  # all cached: no processes
+        assert prefetch.pool is None and torch.get_num_threads() == threads
 
 
 def test_prefetcher_falls_back_to_the_caller_when_a_worker_refuses_the_file(tmp_path, caplog):

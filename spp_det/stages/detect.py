@@ -49,7 +49,7 @@ from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import proposals_for_file as cached_proposals
-from spp_det.runtime import command_line_keys, num_workers, resolve_device, run_dir
+from spp_det.runtime import command_line_keys, resolve_device, run_dir, search_workers
 from spp_det.settings import DetectSettings, EvalSettings
 from spp_det.stages import declare
 
@@ -177,8 +177,8 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
 
     index = {path: i for i, path in enumerate(paths)}
     paths = distributed.shard(paths)  # this rank's files (all of them in one process)
-    # selective search of the next files in worker processes while the network runs on this one
-    prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers),
+    # proposals of the next files in worker processes (half the cores) while the network runs on the rest
+    prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, search_workers(cfg.num_workers),
                                   max_pixels=d.max_pixels)
     clock = time.perf_counter
     with prefetch:

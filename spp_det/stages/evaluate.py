@@ -32,7 +32,7 @@ from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
-from spp_det.runtime import command_line_keys, num_workers, run_dir
+from spp_det.runtime import command_line_keys, run_dir, search_workers
 from spp_det.settings import EvalSettings
 from spp_det.stages import declare
 from spp_det.structures import Detections
@@ -86,7 +86,7 @@ def score_detections(
 def proposal_stream(records, cfg):
     """Selective search of ``records`` (cached) that runs ahead of the network in worker processes:
     ``.get(path, image) -> f32 [N, 4]`` (``spp_det.proposals.ProposalPrefetcher``)."""
-    return ProposalPrefetcher([r.path for r in records], cfg.proposals, cfg.cache_dir, num_workers(cfg.num_workers))
+    return ProposalPrefetcher([r.path for r in records], cfg.proposals, cfg.cache_dir, search_workers(cfg.num_workers))
 
 
 def run_detector(detector, records, cfg, proposals: dict | None = None,
