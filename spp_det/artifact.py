@@ -31,6 +31,7 @@ SVM = "svm.pt"
 BBOXREG = "bboxreg.pt"
 MODEL = "model.pt"                          # everything detection needs, in one file (below)
 TRAIN_SUMMARY = "train_summary.json"
+RUN_LOCK = ".spp-det.lock"                  # held by the run writing work_dir (spp_det.io.lock_folder): one at a time
 
 # content-keyed caches in cache_dir (one folder each)
 PROPOSALS_CACHE = "proposals"

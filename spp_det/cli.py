@@ -33,6 +33,9 @@ EXIT_USAGE = 2   # the command line is wrong: unknown stage, key or option, a va
 # Stages that train or score on the dataset's splits: their split files are checked before any work.
 SPLIT_STAGES = {"features": True, "finetune": True, "svm": True, "bboxreg": True, "train": True, "eval": False}
 
+# Stages that write work_dir's artifacts: one such run per work_dir at a time (its lock, artifact.RUN_LOCK).
+WORK_DIR_STAGES = ("pretrain", "finetune", "svm", "bboxreg", "train")
+
 # Hydra options that only print something: the stage does not run.
 PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 
@@ -155,6 +158,45 @@ def preflight(stage: str, cfg) -> None:
         checkpoint_path(cfg, stage)
 
 
+def output_locations(stage: str, cfg) -> list[tuple[str, str, bool]]:
+    """``(folder, what, own)`` for every place ``stage`` writes, checked before any work; ``own``: a
+    folder only spp-det writes (not the user's dataset), cleared of killed runs' temporaries."""
+    from omegaconf import OmegaConf
+
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
+    places = [(run_dir or str(cfg.work_dir), "the run's log directory (hydra.run.dir)", True)]
+    if stage in WORK_DIR_STAGES:
+        places.append((str(cfg.work_dir), "the stage artifacts (work_dir)", True))
+    if stage in (*WORK_DIR_STAGES, "proposals", "features", "eval", "detect"):
+        places.append((str(cfg.cache_dir), "the proposals and conv5 caches (cache_dir)", True))
+    if stage == "proposals" and cfg.proposals.export:
+        places.append((str(Path(str(cfg.proposals.export)).parent), "proposals.export", False))
+    if stage == "synth":
+        places.append((str(cfg.data.root), "the synthetic dataset (data.root)", False))
+    if stage == "detect" and cfg.detect.output:
+        places.append((str(cfg.detect.output), "the detections (detect.output)", True))
+    return places
+
+
+def claim_outputs(stage: str, cfg, args: list[str]):
+    """Before any work: every output location writable, the work_dir lock of a training stage (rank 0
+    under torchrun), and the temporaries of killed runs cleared from spp-det's own folders. Returns
+    the held lock (None when the stage takes none)."""
+    from spp_det import io
+    from spp_det.artifact import RUN_LOCK
+
+    places = output_locations(stage, cfg)
+    for folder, what, _ in places:
+        io.check_writable(folder, what)
+    lock = None
+    if stage in WORK_DIR_STAGES and int(os.environ.get("RANK", "0")) == 0:
+        lock = io.lock_folder(cfg.work_dir, RUN_LOCK, " ".join(["spp-det", stage, *args]))
+    for folder, _, own in places:
+        if own and Path(folder).is_dir():
+            io.remove_stale_temporaries(folder)
+    return lock
+
+
 def with_overrides(args: list[str], added: list[str]) -> list[str]:
     """``args`` with the ``added`` key=value overrides next to the user's own. Hydra's argparse takes
     the overrides only as one run of positionals, so ours go before the first of the user's (or at
@@ -167,12 +209,15 @@ def remove_if_no_work(run_dir: Path, work_dir: Path) -> bool:
     """Remove a failed run's stamped directory when it holds nothing but what Hydra writes at the
     start (``.hydra/`` and the job log), and the folders above it inside ``work_dir`` once empty:
     failed commands leave no trail of empty run folders. True when removed."""
+    from spp_det.artifact import RUN_LOCK
+
     if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in run_dir.parents:
-        if not parent.is_relative_to(work_dir) or any(parent.iterdir()):
+        if not parent.is_relative_to(work_dir) or any(p.name != RUN_LOCK for p in parent.iterdir()):
             break
+        (parent / RUN_LOCK).unlink(missing_ok=True)  # this run's own lock: held until the process ends
         parent.rmdir()
     return True
 
@@ -238,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"stage {stage!r} is not built yet in this version", EXIT_USAGE)
         try:
             preflight(stage, cfg)
+            lock = claim_outputs(stage, cfg, args)  # noqa: F841 (held until the process ends)
         except UserError as exc:
             fail(str(exc), EXIT_FAILED)
 

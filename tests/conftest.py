@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,23 @@ def write_voc(root: Path, images: dict[str, dict], split: str = "train") -> Path
             (root / "Annotations" / f"{image_id}.xml").write_text(xml)
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in images))
     return root
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A real model.pt for classes [disc, block] at runs/tiny/model.pt under ``tmp_path``, and a
+    VOC-layout test split of those classes."""
+    from test_svm import tiny_setup
+
+    from spp_det.stages.assemble import assemble
+    from spp_det.stages import bboxreg as bboxreg_stage
+    from spp_det.stages import svm as svm_stage
+
+    cfg = tiny_setup(tmp_path, monkeypatch)
+    monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
+    assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    shutil.move(assemble(cfg), tmp_path / "runs" / "tiny" / "model.pt")
+    objects = [("disc", (10, 10, 50, 40), False), ("block", (60, 15, 100, 45), False)]
+    write_voc(tmp_path / "voc", {f"t{i}": {"size": (128, 96), "objects": objects} for i in range(2)}, split="test")
+    return tmp_path

@@ -216,27 +216,6 @@ def test_detect_defaults_to_the_runs_model_and_says_where_it_looked(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.fixture
-def tiny_model(tmp_path, monkeypatch):
-    """A real model.pt for classes [disc, block] at runs/tiny/model.pt under ``tmp_path``, and a
-    VOC-layout test split of those classes."""
-    from conftest import write_voc
-    from test_svm import tiny_setup
-
-    from spp_det.stages.assemble import assemble
-    from spp_det.stages import bboxreg as bboxreg_stage
-    from spp_det.stages import svm as svm_stage
-
-    cfg = tiny_setup(tmp_path, monkeypatch)
-    monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
-    assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
-    (tmp_path / "runs" / "tiny").mkdir(parents=True)
-    shutil.move(assemble(cfg), tmp_path / "runs" / "tiny" / "model.pt")
-    objects = [("disc", (10, 10, 50, 40), False), ("block", (60, 15, 100, 45), False)]
-    write_voc(tmp_path / "voc", {f"t{i}": {"size": (128, 96), "objects": objects} for i in range(2)}, split="test")
-    return tmp_path
-
-
 def test_eval_loads_the_runs_model_and_takes_its_classes(tiny_model):
     common = ["eval", "name=tiny", f"data.root={tiny_model / 'voc'}", "data.year=null", "device=cpu",
               "proposals=opencv_fast", "proposals.resize_to=96", "num_workers=1", f"cache_dir={tiny_model / 'cache'}"]

@@ -9,7 +9,8 @@ from PIL import Image
 
 from spp_det.boxes import box_iou, flip_boxes, internal_to_voc, voc_to_internal
 from spp_det.data.images import ImageError, read_image
-from spp_det.data.voc import VOC_CLASSES, DatasetError, load_voc
+from spp_det.config import compose_config
+from spp_det.data.voc import VOC_CLASSES, DatasetError, load_split, load_voc
 from tests.conftest import write_voc
 
 
@@ -95,7 +96,7 @@ def test_not_a_voc_root_is_a_clear_error(tmp_path):
     ("<annotation><size>", "malformed XML"),
     ("<annotation><size><width>64</width><height>48</height></size><object><name>cat</name></object></annotation>", "has no <bndbox>"),
     ("<annotation><size><width>64</width><height>48</height></size><object><name>cat</name><bndbox><xmin>a</xmin>"
-     "<ymin>1</ymin><xmax>3</xmax><ymax>3</ymax></bndbox></object></annotation>", "not a number"),
+     "<ymin>1</ymin><xmax>3</xmax><ymax>3</ymax></bndbox></object></annotation>", "<xmin> is 'a', not a finite number"),
 ])
 def test_malformed_xml_names_file_and_problem(tmp_path, xml, problem):
     root = write_voc(tmp_path, {"bad": {"xml": xml}})
@@ -105,14 +106,15 @@ def test_malformed_xml_names_file_and_problem(tmp_path, xml, problem):
 
 def test_empty_box_skipped_with_warning_and_outside_box_clipped(tmp_path, caplog):
     root = write_voc(tmp_path, {"a": {"size": (64, 48), "objects": [
-        ("cat", (10, 10, 9, 20), 0),     # negative width: skipped
+        ("cat", (10, 10, 8, 20), 0),     # xmax < xmin: skipped
         ("cat", (-5, 2, 80, 30), 0),     # leaves the image: clipped
         ("cat", (1, 1, 10, 10), 1),      # difficult
     ]}})
     with caplog.at_level(logging.WARNING):
-        records, stats = load_voc(root, "train", ["cat"])
-    assert stats.empty_boxes == 1 and stats.clipped_boxes == 1
-    assert "a.xml: object 0 (cat) has a box of zero or negative size" in caplog.text
+        records = load_split(compose_config([f"data.root={root}", "data.year=null", "data.classes=[cat]"]).data, "train")
+    assert "a.xml: object 0 (cat): the box has no width (xmax 8 < xmin 10); skipped" in caplog.text
+    assert "a.xml: object 1 (cat): xmin -5 < 1, xmax 80 > width 64; clipped to the 64 x 48 image" in caplog.text
+    assert "skipped 1 boxes without width or height or outside the image, clipped 1 that left it" in caplog.text
     r = records[0]
     assert r.boxes.tolist() == [[0, 1, 64, 30], [0, 0, 10, 10]]
     assert r.difficult.tolist() == [False, True]
@@ -140,3 +142,66 @@ def test_read_image_converts_modes_and_rejects_bad_files(tmp_path):
             read_image(tmp_path / name)
     with pytest.raises(ImageError, match="exceeds the limit"):
         read_image(gray, max_pixels=10)
+
+
+# Pillow's transpose that exif_transpose applies for each EXIF orientation (the stored pixels are its inverse)
+SHOWN_BY = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+INVERSE = {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}
+
+
+def write_oriented(path, shown: np.ndarray, orientation: int) -> None:
+    """A JPEG whose stored pixels, turned by its EXIF ``orientation``, show ``shown``."""
+    image = Image.fromarray(shown)
+    if orientation != 1:
+        image = image.transpose(INVERSE.get(SHOWN_BY[orientation], SHOWN_BY[orientation]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_and_pixels_agree_for_exif_rotated_training_images(tmp_path, orientation):
+    """Boxes are read in the pixels as displayed (EXIF orientation applied), as detect reports them: the
+    record's size, its loaded pixels and its boxes agree, mirrored too, with or without <size>."""
+    shown = np.full((80, 60, 3), 30, np.uint8)   # displayed: 60 wide, 80 high
+    shown[10:30, 5:25] = (230, 20, 20)           # a red object at VOC (6, 11, 25, 30)
+    obj = [("cat", (6, 11, 25, 30), 0)]
+    root = write_voc(tmp_path, {"a": {"size": (60, 80), "objects": obj}, "b": {"size": (60, 80), "objects": obj}})
+    xml = root / "Annotations" / "b.xml"
+    xml.write_text(xml.read_text().replace("<size><width>60</width><height>80</height><depth>3</depth></size>", ""))
+    for name in ("a", "b"):  # b: no <size>, the image header gives it
+        write_oriented(root / "JPEGImages" / f"{name}.jpg", shown, orientation)
+    for record in load_voc(root, "train", ["cat"])[0]:
+        assert (record.width, record.height) == (60, 80)
+        for r in (record, record.flip()):
+            pixels = r.load_image()
+            assert pixels.shape == (r.height, r.width, 3)
+            x1, y1, x2, y2 = r.boxes[0].astype(int)
+            inside, outside = pixels[y1:y2, x1:x2].reshape(-1, 3).mean(0), pixels.reshape(-1, 3).mean(0)
+            assert inside[0] > 200 and inside[1] < 60 and outside[0] < 120, (orientation, r.flipped, inside)
+
+
+def test_size_of_the_unturned_pixels_is_an_error_that_says_so(tmp_path):
+    shown = np.full((80, 60, 3), 30, np.uint8)
+    root = write_voc(tmp_path, {"a": {"size": (80, 60), "objects": [("cat", (6, 11, 25, 30), 0)]}})
+    write_oriented(root / "JPEGImages" / "a.jpg", shown, 6)
+    with pytest.raises(DatasetError, match=r"a\.xml: <size> 80 x 60 is the stored size of .*a\.jpg, which its EXIF "
+                                           r"orientation 6 turns to 60 x 80 when shown"):
+        load_voc(root, "train", ["cat"])
+
+
+@pytest.mark.parametrize("kind", ["grayscale", "cmyk", "png named .jpg", "16-bit png named .jpg"])
+def test_training_images_of_other_modes_load_as_rgb_of_the_annotated_size(tmp_path, kind):
+    root = write_voc(tmp_path, {"a": {"size": (40, 30), "objects": [("cat", (2, 2, 20, 20), 0)]}})
+    path = root / "JPEGImages" / "a.jpg"
+    gray = np.tile(np.arange(40, dtype=np.uint8) * 6, (30, 1))
+    image = {"grayscale": Image.fromarray(gray, "L"), "cmyk": Image.fromarray(np.stack([gray] * 3, -1)).convert("CMYK"),
+             "png named .jpg": Image.fromarray(np.stack([gray] * 3, -1)),
+             "16-bit png named .jpg": Image.fromarray(gray.astype(np.uint16) * 257)}[kind]
+    image.save(path, format="PNG" if "png" in kind else "JPEG")
+    (record,), _ = load_voc(root, "train", ["cat"])
+    pixels = record.load_image()
+    assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
+    assert abs(int(pixels[15, 35].mean()) - 210) < 12 and int(pixels[15, 2].mean()) < 20  # the gradient, not noise

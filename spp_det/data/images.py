@@ -57,6 +57,28 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         raise ImageError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+# EXIF orientations that turn the picture a quarter (transpose, rotate 90/270, transverse): its
+# displayed width and height are the stored ones swapped (Pillow's ImageOps.exif_transpose).
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def image_size(path: str | Path) -> tuple[int, int, int]:
+    """``(width, height, orientation)`` of the image as displayed (EXIF orientation applied, as
+    ``read_image`` returns it), from the header alone; ``orientation`` is the EXIF tag (1: none).
+    Raises ``ImageError`` when the header cannot be read."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageError(path, f"cannot read the image header ({type(exc).__name__}: {exc})") from None
+    return (height, width, orientation) if orientation in QUARTER_TURNS else (width, height, orientation)
+
+
 def _to_rgb(img: Image.Image) -> np.ndarray:
     """Any Pillow mode -> RGB uint8 array. 16-bit and float images are rescaled to 0..255."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

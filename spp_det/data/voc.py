@@ -12,11 +12,12 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
+import defusedxml.ElementTree as SafeET
 import numpy as np
-from PIL import Image
+from defusedxml import DefusedXmlException
 
-from spp_det.boxes import flip_boxes, voc_to_internal
-from spp_det.data.images import read_image
+from spp_det.boxes import clip_boxes, flip_boxes, voc_to_internal
+from spp_det.data.images import QUARTER_TURNS, image_size, read_image
 from spp_det.errors import UserError
 from spp_det.settings import DataSettings
 
@@ -69,13 +70,20 @@ class ImageRecord:
 
 @dataclasses.dataclass
 class LoadStats:
-    """What the loader skipped or changed, by kind, so the user sees counts, not silence."""
+    """What the loader skipped or changed, by kind, so the user sees counts, not silence.
+
+    ``repairs``: one line per skipped or clipped box (and per ``<size>`` taken from the image),
+    naming the file, the object, the field and its value; ``size_from_image``: annotations
+    without a usable ``<size>``; ``oriented``: images by EXIF orientation other than 1."""
 
     images: int = 0
     objects: int = 0
     unknown_class: Counter = dataclasses.field(default_factory=Counter)
     empty_boxes: int = 0
     clipped_boxes: int = 0
+    size_from_image: int = 0
+    oriented: Counter = dataclasses.field(default_factory=Counter)
+    repairs: list = dataclasses.field(default_factory=list)
 
 
 def find_voc_dir(root: str | Path, year: int | str | None) -> Path:
@@ -102,53 +110,140 @@ def read_split_ids(voc_dir: Path, split: str) -> list[str]:
     return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
 
 
-def _text(node: ET.Element, tag: str, xml_path: Path, default: str | None = None) -> str:
-    child = node.find(tag)
-    if child is None or child.text is None:
-        if default is not None:
-            return default
-        raise DatasetError(f"{xml_path}: malformed annotation: <{node.tag}> has no <{tag}>")
-    return child.text.strip()
+# A VOC annotation is about 0.3 KB per object: 32 MiB is some 100,000 objects. A larger file is not an
+# annotation (or is built to exhaust memory); refused before parsing. Not a setting: no real file comes near.
+MAX_ANNOTATION_BYTES = 32 << 20
 
 
-def _number(node: ET.Element, tag: str, xml_path: Path) -> float:
-    value = _text(node, tag, xml_path)
+def _child(node: ET.Element, tag: str, where: str, xml_path: Path, required: bool = True) -> ET.Element | None:
+    """The one ``<tag>`` child of ``node``; an error naming the file when it is missing (``required``)
+    or given twice (which of two values is meant cannot be guessed)."""
+    found = node.findall(tag)
+    if len(found) > 1:
+        raise DatasetError(f"{xml_path}: malformed annotation: {where} has {len(found)} <{tag}> tags")
+    if not found and required:
+        raise DatasetError(f"{xml_path}: malformed annotation: {where} has no <{tag}>")
+    return found[0] if found else None
+
+
+def _text(node: ET.Element, tag: str, where: str, xml_path: Path, required: bool = True) -> str | None:
+    """The stripped text of the one ``<tag>`` child; None when it is absent or empty and not ``required``."""
+    child = _child(node, tag, where, xml_path, required)
+    text = None if child is None or child.text is None else child.text.strip()
+    if not text and required:
+        raise DatasetError(f"{xml_path}: malformed annotation: {where} has an empty <{tag}>")
+    return text or None
+
+
+def _number(node: ET.Element, tag: str, where: str, xml_path: Path) -> float:
+    """``<tag>`` as a finite number (NaN and infinity are errors: no box or size can hold them)."""
+    value = _text(node, tag, where, xml_path)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise DatasetError(f"{xml_path}: malformed annotation: <{tag}> is {value!r}, not a number") from None
+        number = None
+    if number is None or not np.isfinite(number):
+        raise DatasetError(f"{xml_path}: malformed annotation: {where}: <{tag}> is {value!r}, not a finite number")
+    return number
 
 
-def _image_size(tree: ET.Element, xml_path: Path, image_path: Path) -> tuple[int, int]:
-    """``(width, height)`` in pixels from ``<size>``, or from the image header when the XML has none."""
-    size = tree.find("size")
-    if size is not None and size.find("width") is not None:
-        width, height = int(_number(size, "width", xml_path)), int(_number(size, "height", xml_path))
-    else:  # some VOC-layout datasets omit <size>: read it from the image header
-        width, height = Image.open(image_path).size
-    if width <= 0 or height <= 0:
-        raise DatasetError(f"{xml_path}: malformed annotation: image size {width}x{height}")
-    return width, height
+def _flag(obj: ET.Element, tag: str, where: str, xml_path: Path) -> bool:
+    """``<difficult>`` / ``<truncated>``: 0 or 1 as VOC writes them (absent or empty: 0). Anything else
+    (``yes``, ``2``) is an error: guessing could turn a difficult object into a positive."""
+    value = _text(obj, tag, where, xml_path, required=False)
+    if value not in (None, "0", "1"):
+        raise DatasetError(f"{xml_path}: malformed annotation: {where}: <{tag}> is {value!r}, expected 0 or 1")
+    return value == "1"
 
 
-def _object_box(obj: ET.Element, what: str, xml_path: Path, width: int, height: int,
+def _image_size(tree: ET.Element, xml_path: Path, image_path: Path, stats: LoadStats) -> tuple[int, int]:
+    """``(width, height)`` of the image as displayed (EXIF orientation applied, as ``read_image`` and
+    ``spp-det detect`` show it): boxes are read in those pixels. ``<size>`` must agree with the image;
+    without one (or with 0 x 0, as some tools write) the image header gives it, counted in ``stats``."""
+    shown_w, shown_h, orientation = image_size(image_path)
+    if orientation != 1:
+        stats.oriented[orientation] += 1
+    size = _child(tree, "size", "<annotation>", xml_path, required=False)
+    if size is None:  # some VOC-layout datasets omit <size>
+        stats.size_from_image += 1
+        return shown_w, shown_h
+    width, height = (_number(size, tag, "<size>", xml_path) for tag in ("width", "height"))
+    if width != int(width) or height != int(height) or width < 0 or height < 0 or (width == 0) != (height == 0):
+        raise DatasetError(f"{xml_path}: malformed annotation: <size> is {width:g} x {height:g}, not an image size")
+    width, height = int(width), int(height)
+    if width == height == 0:
+        stats.size_from_image += 1
+        stats.repairs.append(f"{xml_path}: <size> is 0 x 0; the image's {shown_w} x {shown_h} is used")
+        return shown_w, shown_h
+    if (width, height) == (shown_w, shown_h):
+        return width, height
+    if orientation in QUARTER_TURNS and (width, height) == (shown_h, shown_w):
+        raise DatasetError(
+            f"{xml_path}: <size> {width} x {height} is the stored size of {image_path}, which its EXIF orientation "
+            f"{orientation} turns to {shown_w} x {shown_h} when shown: boxes are read in the pixels as displayed (as "
+            "spp-det detect reports them), so these were drawn on the unturned pixels. Annotate the displayed image, or "
+            "remove the image's orientation tag (e.g. exiftool -Orientation=1 -n) if the boxes fit the stored pixels")
+    turned = f", EXIF orientation {orientation} applied" if orientation != 1 else ""
+    raise DatasetError(f"{xml_path}: <size> {width} x {height} disagrees with the image {image_path} "
+                       f"({shown_w} x {shown_h}{turned}): its boxes may be in another image's pixels; "
+                       "correct <size>, or the image")
+
+
+def _object_box(obj: ET.Element, where: str, xml_path: Path, width: int, height: int,
                 stats: LoadStats) -> np.ndarray | None:
-    """The object's ``<bndbox>`` as an internal box ``float32 [4]`` clipped to the image (counted in
-    ``stats``); None, counted and warned, when nothing of it is left."""
-    bndbox = obj.find("bndbox")
-    if bndbox is None:
-        raise DatasetError(f"{xml_path}: malformed annotation: {what} has no <bndbox>")
-    voc = [_number(bndbox, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
+    """The object's ``<bndbox>`` as an internal box ``float32 [4]``; coordinates outside the image
+    are clipped to it, each clipped or skipped box counted in ``stats`` with a line naming the file,
+    the object, the field and its value; None (skipped) when the box has no width or height, or lies
+    outside the image."""
+    bndbox = _child(obj, "bndbox", where, xml_path)
+    xmin, ymin, xmax, ymax = voc = [_number(bndbox, t, f"{where} <bndbox>", xml_path)
+                                    for t in ("xmin", "ymin", "xmax", "ymax")]
     box = voc_to_internal(np.array(voc))[0]
-    clipped = np.array([min(max(box[0], 0), width), min(max(box[1], 0), height),
-                        min(max(box[2], 0), width), min(max(box[3], 0), height)], dtype=np.float32)
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+
+    def skip(reason: str) -> None:
         stats.empty_boxes += 1
-        log.warning("%s: %s has a box of zero or negative size %s; skipped", xml_path, what, voc)
-        return None
-    if not np.array_equal(clipped, box):
+        stats.repairs.append(f"{xml_path}: {where}: {reason}; skipped")
+
+    if box[2] <= box[0] or box[3] <= box[1]:  # in VOC's inclusive pixels a box needs xmax >= xmin
+        axis = ("width", "xmax", xmax, "xmin", xmin) if box[2] <= box[0] else ("height", "ymax", ymax, "ymin", ymin)
+        return skip("the box has no %s (%s %g < %s %g)" % axis)
+    if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
+        side = next(text for out, text in ((box[0] >= width, f"xmin {xmin:g} > width {width}"),
+                                           (box[1] >= height, f"ymin {ymin:g} > height {height}"),
+                                           (box[2] <= 0, f"xmax {xmax:g} < 1"), (box[3] <= 0, f"ymax {ymax:g} < 1"))
+                    if out)
+        return skip(f"the box lies outside the {width} x {height} image ({side})")
+    outside = [text for out, text in ((xmin < 1, f"xmin {xmin:g} < 1"), (ymin < 1, f"ymin {ymin:g} < 1"),
+                                      (xmax > width, f"xmax {xmax:g} > width {width}"),
+                                      (ymax > height, f"ymax {ymax:g} > height {height}")) if out]
+    if outside:
         stats.clipped_boxes += 1
-    return clipped
+        stats.repairs.append(f"{xml_path}: {where}: {', '.join(outside)}; clipped to the {width} x {height} image")
+    return clip_boxes(box, width, height)[0]
+
+
+def _read_xml(xml_path: Path) -> ET.Element:
+    """The root ``<annotation>`` element, parsed by defusedxml: a file that declares entities or
+    external references is refused (annotations come from third parties; the standard library's
+    parser would expand them: memory blow-up, or reading other files)."""
+    if not xml_path.is_file():
+        raise DatasetError(f"{xml_path}: annotation file not found")
+    size = xml_path.stat().st_size
+    if size > MAX_ANNOTATION_BYTES:
+        raise DatasetError(f"{xml_path}: {size:,} bytes, over the {MAX_ANNOTATION_BYTES >> 20} MiB an annotation may "
+                           "have (a VOC annotation is about 0.3 KB per object): not an annotation file?")
+    try:
+        root = SafeET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise DatasetError(f"{xml_path}: malformed XML: {exc}") from None
+    except DefusedXmlException as exc:
+        raise DatasetError(f"{xml_path}: refused: the XML declares entities or external references ({exc}); "
+                           "VOC annotations have none") from None
+    except (ValueError, LookupError, OSError, RecursionError) as exc:  # an unknown encoding, an unreadable file
+        raise DatasetError(f"{xml_path}: cannot read the XML ({type(exc).__name__}: {exc})") from None
+    if root.tag != "annotation":
+        raise DatasetError(f"{xml_path}: malformed annotation: the root element is <{root.tag}>, not <annotation>")
+    return root
 
 
 def parse_annotation(
@@ -158,37 +253,35 @@ def parse_annotation(
     unknown_classes: str,
     stats: LoadStats,
 ) -> ImageRecord:
-    """One VOC XML file -> ``ImageRecord`` (boxes converted, clipped, empty ones skipped)."""
-    if not xml_path.is_file():
-        raise DatasetError(f"{xml_path}: annotation file not found")
-    try:
-        tree = ET.parse(xml_path).getroot()
-    except ET.ParseError as exc:
-        raise DatasetError(f"{xml_path}: malformed XML: {exc}") from None
-    image_id = xml_path.stem
-    width, height = _image_size(tree, xml_path, image_path)
+    """One VOC XML file -> ``ImageRecord`` in the pixels of ``image_path`` as displayed. Every problem is
+    a ``DatasetError`` naming the file and the tag, or a repair counted in ``stats`` with a line in
+    ``stats.repairs`` (README "Your own dataset in VOC layout")."""
+    tree = _read_xml(xml_path)
+    width, height = _image_size(tree, xml_path, image_path, stats)
 
     boxes, labels, difficult, truncated = [], [], [], []
     for i, obj in enumerate(tree.findall("object")):
-        name = _text(obj, "name", xml_path).strip()
+        name = _text(obj, "name", f"object {i}", xml_path)
         if name not in class_index:
             if unknown_classes == "skip":
                 stats.unknown_class[name] += 1
                 continue
             raise DatasetError(
-                f"{xml_path}: object {i} has class {name!r}, which is not in data.classes "
+                f"{xml_path}: object {i}: <name> {name!r} is not in data.classes "
                 f"({', '.join(class_index)}); add it, or set data.unknown_classes=skip"
             )
-        box = _object_box(obj, f"object {i} ({name})", xml_path, width, height, stats)
+        where = f"object {i} ({name})"
+        flags = [_flag(obj, tag, where, xml_path) for tag in ("difficult", "truncated")]
+        box = _object_box(obj, where, xml_path, width, height, stats)
         if box is None:
             continue
         boxes.append(box)
         labels.append(class_index[name])
-        difficult.append(_text(obj, "difficult", xml_path, default="0") == "1")
-        truncated.append(_text(obj, "truncated", xml_path, default="0") == "1")
+        difficult.append(flags[0])
+        truncated.append(flags[1])
     stats.objects += len(boxes)
     return ImageRecord(
-        image_id=image_id,
+        image_id=xml_path.stem,
         path=image_path,
         width=width,
         height=height,
@@ -232,6 +325,10 @@ def load_voc(
     return records, stats
 
 
+# repairs named one by one in the log (all of them are in LoadStats.repairs); the rest are counted
+SHOWN_REPAIRS = 10
+
+
 def load_split(data_cfg, split: str) -> list[ImageRecord]:
     """Records of ``split`` using the ``data`` config group (or its ``DataSettings``); logs what was
     skipped or clipped."""
@@ -242,10 +339,16 @@ def load_split(data_cfg, split: str) -> list[ImageRecord]:
     if stats.unknown_class:
         log.warning("%s/%s: skipped %d objects of classes not in data.classes: %s", data_cfg.root, split,
                     sum(stats.unknown_class.values()), dict(stats.unknown_class))
-    if stats.empty_boxes:
-        log.warning("%s/%s: skipped %d boxes of zero or negative size", data_cfg.root, split, stats.empty_boxes)
-    if stats.clipped_boxes:
-        log.warning("%s/%s: clipped %d boxes that left the image", data_cfg.root, split, stats.clipped_boxes)
+    for line in stats.repairs[:SHOWN_REPAIRS]:
+        log.warning("%s", line)
+    if stats.empty_boxes or stats.clipped_boxes:
+        more = f" (the first {SHOWN_REPAIRS} named above)" if len(stats.repairs) > SHOWN_REPAIRS else ""
+        log.warning("%s/%s: skipped %d boxes without width or height or outside the image, clipped %d that left "
+                    "it%s", data_cfg.root, split, stats.empty_boxes, stats.clipped_boxes, more)
+    turned = sum(n for o, n in stats.oriented.items() if o not in QUARTER_TURNS)
+    if turned:  # a half turn or mirror keeps the size, so <size> cannot tell which pixels the boxes were drawn on
+        log.warning("%s/%s: %d images carry an EXIF orientation that mirrors or turns them by half: their boxes are "
+                    "read in the pixels as displayed (as spp-det detect reports them)", data_cfg.root, split, turned)
     log.info("%s/%s: %d images, %d objects", data_cfg.root, split, stats.images, stats.objects)
     return records
 

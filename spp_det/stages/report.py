@@ -8,6 +8,7 @@ import sys
 
 from spp_det.errors import UserError
 from spp_det.evaluation.report import DATA_FILE, build_report
+from spp_det.io import check_writable
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +20,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
+        check_writable(args.run_dir, "report.html")  # before the examples' images are read and drawn
         path = build_report(args.run_dir)
     except UserError as exc:
         print(f"spp-det report: {exc}", file=sys.stderr)
