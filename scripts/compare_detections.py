@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Compare two `spp-det detect` runs' detections.jsonl: the same detections within a tolerance?
+"""Compare two runs' detections (`spp-det detect`'s detections.jsonl or `spp-det eval`'s eval_data.json):
+the same detections within a tolerance?
 
     python scripts/compare_detections.py TORCH_OUT/detections.jsonl ONNX_OUT/detections.jsonl
+    python scripts/compare_detections.py TORCH_EVAL/eval_data.json ONNX_EVAL/eval_data.json
 
 Per file, the detections of both runs are matched in order of score (both are sorted by score, as
 `detect` writes them; equal class required); prints the files, detections, unmatched counts and the
@@ -18,12 +20,17 @@ from collections import defaultdict
 
 
 def by_file(path: str) -> dict[str, list[dict]]:
+    """File (or image id) -> its detections ``{"class", "score", "box"}``, highest score first."""
     out: dict[str, list[dict]] = defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            out[d["file"]].append(d)
-    return out
+    if path.endswith(".json"):  # eval_data.json: "det" rows [x1, y1, x2, y2, score, label] per image
+        for image in json.load(open(path, encoding="utf-8"))["images"]:
+            out[image["id"]] = [{"class": int(d[5]), "score": d[4], "box": d[:4]} for d in image["det"]]
+    else:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                out[d["file"]].append(d)
+    return {name: sorted(dets, key=lambda d: -d["score"]) for name, dets in out.items()}
 
 
 def main() -> int:

@@ -90,7 +90,7 @@ EXPORT_FORMAT = "spp-det-onnx"
 EXPORT_VERSION = 1
 EXPORT_MANIFEST = "spp_det_onnx.json"   # classes, scales, projection, pyramid, thresholds (spp_det/stages/export.py)
 EXPORT_CONV5 = "conv5.onnx"             # normalised image [1, 3, h, w] -> conv5 [1, C, h', w']
-EXPORT_HEAD = "head.onnx"               # pool5 [N, D] -> scores [N, K] (+ softmax [N, K], deltas [N, K, 4])
+EXPORT_HEAD = "head.onnx"               # pool5 [N, D] -> svm_scores [N, K] (+ softmax_scores, box_deltas [N, K, 4])
 
 
 def load_export(folder: str | Path) -> dict:

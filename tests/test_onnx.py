@@ -107,10 +107,10 @@ def test_export_writes_two_graphs_and_the_manifest_the_runtime_needs(exported):
     assert manifest["format"] == "spp-det-onnx" and manifest["classes"] == CLASSES
     assert manifest["model"]["scales"] == [96, 160] and manifest["model"]["pyramid_levels"] == [6, 3, 2, 1]
     assert manifest["model"]["stride"] == 16 and manifest["model"]["centre0"] == detector.model.backbone.centre0
-    assert manifest["head"]["outputs"] == {"svm": "scores", "softmax": "softmax", "deltas": "deltas"}
+    assert manifest["head"]["outputs"] == {"svm": "svm_scores", "softmax": "softmax_scores", "deltas": "box_deltas"}
     head = onnx.load(str(folder / "head.onnx"))
     onnx.checker.check_model(head)
-    assert [o.name for o in head.graph.output] == ["scores", "softmax", "deltas"]
+    assert [o.name for o in head.graph.output] == ["svm_scores", "softmax_scores", "box_deltas"]
     conv5 = onnx.load(str(folder / "conv5.onnx"))
     dims = conv5.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims][:2] == [1, 3] and all(d.dim_param for d in dims[2:])
@@ -215,6 +215,22 @@ def test_detect_writes_the_same_files_with_either_runtime(exported, model_file, 
     for a, b in zip(torch_lines, onnx_lines):
         assert (a["file"], a["class"]) == (b["file"], b["class"])
         assert abs(a["score"] - b["score"]) < SCORE_TOL and max(abs(p - q) for p, q in zip(a["box"], b["box"])) < BOX_TOL
+
+
+def test_an_export_that_fails_its_check_leaves_no_folder_a_later_run_would_trust(model_file, tmp_path, monkeypatch):
+    needs_onnx()
+    from spp_det.artifact import load_export
+    from spp_det.config import compose_config
+    from spp_det.errors import UserError
+    from spp_det.stages import export
+
+    monkeypatch.setattr(export, "verify", lambda detector, folder: {"scores": 0.5, "boxes": 0.0})
+    output = tmp_path / "refused"
+    with pytest.raises(UserError, match="do not reproduce.*nothing was written"):
+        export.run(compose_config([f"export.checkpoint={model_file}", f"export.output={output}"], stage="export"))
+    assert list(output.iterdir()) == []
+    with pytest.raises(UserError, match="no exported detector there"):
+        load_export(output)
 
 
 def test_export_and_onnxruntime_settings_are_checked_before_any_work(model_file, tmp_path):

@@ -37,6 +37,7 @@ class WindowDetector:
     in onnxruntime."""
 
     classes: list[str]
+    has_bbox_reg: bool  # whether it holds box regressors (detect_pair then scores both)
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +121,10 @@ class Detector(WindowDetector):
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def has_bbox_reg(self) -> bool:
+        return self.bbox_weight is not None
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", test_scales=None, test_max_size=None,

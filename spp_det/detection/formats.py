@@ -194,9 +194,10 @@ class LabelStudioWriter:
                           "height": 100 * (y2 - y1) / height, "rotation": 0,
                           "rectanglelabels": [self.classes[int(label) - 1]]},
                 "score": round(float(score), 6)})
-        score = round(float(np.max(dets.scores)), 6) if len(dets) else None
-        self.tasks.append({"data": {"image": self.url(file_name)},
-                           "predictions": [{"model_version": self.model_version, "score": score, "result": result}]})
+        prediction = {"model_version": self.model_version, "result": result}
+        if len(dets):  # the prediction's score (optional in Label Studio): its best region's
+            prediction["score"] = round(float(np.max(dets.scores)), 6)
+        self.tasks.append({"data": {"image": self.url(file_name)}, "predictions": [prediction]})
 
     def close(self) -> list[Path]:
         config = "\n".join(['<View>', '  <Image name="image" value="$image"/>',

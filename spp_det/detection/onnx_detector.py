@@ -99,6 +99,10 @@ class OnnxDetector(WindowDetector):
         self.conv5, self.head = (ort.InferenceSession(str(folder / manifest["graphs"][name]), options, providers=providers)
                                  for name in ("conv5", "head"))
 
+    @property
+    def has_bbox_reg(self) -> bool:
+        return "deltas" in self.outputs
+
     @classmethod
     def load(cls, folder: str | Path, test_scales=None, test_max_size=None, **kwargs) -> "OnnxDetector":
         return cls(folder, test_scales, test_max_size, **kwargs)
@@ -136,7 +140,7 @@ class OnnxDetector(WindowDetector):
                          timings: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         windows = np.ascontiguousarray(np.asarray(proposals, np.float32).reshape(-1, 4))
         height, width = image.shape[:2]
-        use_reg = bool(bbox_reg) and "deltas" in self.outputs
+        use_reg = bool(bbox_reg) and self.has_bbox_reg
         if not len(windows):
             k, boxes = len(self.classes), torch.from_numpy(windows)
             return boxes.new_zeros(0, k), boxes.new_zeros(0, k, 4) if use_reg else boxes

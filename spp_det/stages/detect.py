@@ -19,6 +19,9 @@ folder (``detect.output``; the run directory when null):
   Studio tasks with predictions (``labelstudio_tasks.json``) and YOLO txt labels (``yolo/``):
   ``spp_det.detection.formats``.
 
+``detect.runtime=onnxruntime detect.checkpoint=DIR`` runs the graphs ``spp-det export`` wrote into DIR
+(``spp_det.detection.onnx_detector``) with the same pre- and post-processing and the same outputs.
+
 A file that cannot be used (empty, not an image, truncated, too many pixels, detection failed)
 is logged with the reason and skipped; the summary line counts skipped files by reason. The
 exit code is non-zero only when no image could be processed, or ``detect.strict=true`` and some

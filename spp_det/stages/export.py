@@ -4,9 +4,9 @@ Writes into ``DIR`` (``spp_det.artifact``'s names, each file atomically):
 
 - ``conv5.onnx``: the conv layers, ``image`` ``float32 [1, 3, h, w]`` (resized, normalised, padded to
   ``min_input``; h and w dynamic) -> ``conv5`` ``float32 [1, C, h / 16, w / 16]``;
-- ``head.onnx``: ``pool5`` ``float32 [N, D]`` (N dynamic) -> ``scores`` ``[N, K]`` (the SVMs on fc7
-  scaled to norm 20), ``softmax`` ``[N, K]`` (the fine-tuned fc8, background dropped; when the model
-  holds fc8) and ``deltas`` ``[N, K, 4]`` (box regression of pool5; when it holds regressors);
+- ``head.onnx``: ``pool5`` ``float32 [N, D]`` (N dynamic) -> ``svm_scores`` ``[N, K]`` (the SVMs on fc7
+  scaled to norm 20), ``softmax_scores`` ``[N, K]`` (the fine-tuned fc8, background dropped; when the
+  model holds fc8) and ``box_deltas`` ``[N, K, 4]`` (box regression of pool5; when it holds regressors);
 - ``spp_det_onnx.json``: classes, scales, ``max_size``, best-scale area, projection rule and its
   constants, pyramid levels, normalisation, the test thresholds, the source checkpoint.
 
@@ -28,9 +28,13 @@ than 1 px (the parity tolerances of README "Use the model elsewhere").
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +45,7 @@ from spp_det.detection.detector import Detector
 from spp_det.detection.onnx_detector import OnnxDetector, import_onnxruntime
 from spp_det.errors import UserError
 from spp_det.heads import bboxreg
-from spp_det.io import atomic_path, hash_file, write_json
+from spp_det.io import hash_file, write_json
 from spp_det.settings import DetectSettings, ExportSettings
 from spp_det.stages import declare
 
@@ -56,7 +60,7 @@ BOX_TOLERANCE = 1.0      # and boxes within this many pixels
 
 
 class HeadGraph(nn.Module):
-    """pool5 ``[N, D]`` -> ``scores [N, K]`` (+ ``softmax [N, K]``, ``deltas [N, K, 4]``): the
+    """pool5 ``[N, D]`` -> ``svm_scores [N, K]`` (+ ``softmax_scores [N, K]``, ``box_deltas [N, K, 4]``): the
     detector's fc6 -> fc7 -> SVMs (and fc8, box regression), the steps of ``Detector._score_on_device``."""
 
     def __init__(self, detector: Detector):
@@ -75,7 +79,9 @@ class HeadGraph(nn.Module):
             self.bbox_scale = d.bbox_scale
 
     def output_names(self) -> list[str]:
-        return ["scores"] + (["softmax"] if self.fc8 else []) + (["deltas"] if self.bbox else [])
+        # not "softmax" / "scores": the exporter names its own values after their ops, and a graph output of
+        # the same name is a duplicate definition onnxruntime refuses
+        return ["svm_scores"] + (["softmax_scores"] if self.fc8 else []) + (["box_deltas"] if self.bbox else [])
 
     def forward(self, pool5: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fc7 = self.head(pool5)
@@ -89,19 +95,29 @@ class HeadGraph(nn.Module):
 
 def _export(module: nn.Module, example: torch.Tensor, dynamic: dict, names: tuple[list[str], list[str]],
             path: Path, opset: int) -> None:
-    """``torch.onnx.export`` (the dynamo exporter) of ``module`` to ``path``, atomically, weights inside."""
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    """``torch.onnx.export`` (the dynamo exporter) of ``module`` to ``path``, weights inside the file."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals; its errors still raise
-        torch.onnx.export(module, (example,), str(tmp), dynamo=True, input_names=names[0], output_names=names[1],
+        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=names[0], output_names=names[1],
                           dynamic_shapes=(dynamic,), opset_version=int(opset), external_data=False,
                           verbose=False)
+
+
+def _require_dynamic(path: Path, axes: tuple[int, ...], what: str) -> None:
+    """A clear error when the exporter fixed an input axis that must stay free (a graph for one size)."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if any(not dims[a].dim_param for a in axes):
+        raise UserError(f"{path.name}: the exporter fixed the {what} ({[d.dim_param or d.dim_value for d in dims]}): "
+                        "this backbone cannot be exported for any input size; please report it")
 
 
 def manifest(detector: Detector, opset: int, test: dict, source: dict) -> dict:
     """The ``spp_det_onnx.json`` of ``detector`` (module docstring; ``ExportedModel`` reads ``model``)."""
     m, backbone = detector.model, detector.model.backbone
-    outputs = {"svm": "scores", **({"softmax": "softmax"} if detector.fc8 is not None else {}),
-               **({"deltas": "deltas"} if detector.bbox_weight is not None else {})}
+    outputs = {"svm": "svm_scores", **({"softmax": "softmax_scores"} if detector.fc8 is not None else {}),
+               **({"deltas": "box_deltas"} if detector.bbox_weight is not None else {})}
     return {
         "format": artifact.EXPORT_FORMAT, "version": artifact.EXPORT_VERSION,
         "classes": list(detector.classes),
@@ -140,21 +156,40 @@ def require_onnx() -> None:
     import_onnxruntime()
 
 
-def export_detector(detector: Detector, output: Path, opset: int, test: dict, source: dict) -> list[Path]:
-    """Write ``detector`` (fp32, as trained) into ``output``: both graphs and the manifest."""
+def export_detector(detector: Detector, output: Path, opset: int, test: dict, source: dict,
+                    check: Callable[[Path], None] | None = None) -> list[Path]:
+    """Write ``detector`` (fp32, as trained) into ``output``: both graphs and the manifest. They are
+    written into a private folder inside ``output`` first, ``check(folder)`` (when given) may refuse them
+    there, and they are moved into place with the manifest last (an earlier manifest removed first): a
+    folder is an export only once its manifest is there, so a crash or a refusal leaves none that a
+    later run would trust."""
     m = detector.model
-    height = torch.export.Dim("height", min=int(m.backbone.min_input))
-    width = torch.export.Dim("width", min=int(m.backbone.min_input))
-    windows = torch.export.Dim("windows", min=1)
+    # AUTO, not named Dims: ZF-5's ceil-mode max-pooling makes torch.export record guards on the sizes'
+    # parity, which named Dims refuse; AUTO keeps them as runtime checks and the sizes symbolic (checked
+    # below; onnxruntime then equals PyTorch at every size tried, 40..71 x 40..89)
+    height = width = windows = torch.export.Dim.AUTO
     side = max(int(m.backbone.min_input), 64)
     head = HeadGraph(detector).eval()
-    paths = [output / artifact.EXPORT_CONV5, output / artifact.EXPORT_HEAD, output / artifact.EXPORT_MANIFEST]
-    with torch.no_grad():
-        _export(m.backbone.eval(), torch.zeros(1, 3, side, side + 16), {2: height, 3: width},
-                (["image"], ["conv5"]), paths[0], opset)
-        _export(head, torch.zeros(4, m.pool5_dim), {0: windows}, (["pool5"], head.output_names()), paths[1], opset)
-    write_json(manifest(detector, opset, test, source), paths[2])
-    return paths
+    names = [artifact.EXPORT_CONV5, artifact.EXPORT_HEAD, artifact.EXPORT_MANIFEST]
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
+    try:
+        with torch.no_grad():
+            _export(m.backbone.eval(), torch.zeros(1, 3, side, side + 16), {2: height, 3: width},
+                    (["image"], ["conv5"]), staging / names[0], opset)
+            _export(head, torch.zeros(4, m.pool5_dim), {0: windows}, (["pool5"], head.output_names()),
+                    staging / names[1], opset)
+        _require_dynamic(staging / names[0], (2, 3), "image height and width")
+        _require_dynamic(staging / names[1], (0,), "number of windows")
+        write_json(manifest(detector, opset, test, source), staging / names[2])
+        if check is not None:
+            check(staging)
+        (output / names[2]).unlink(missing_ok=True)
+        for name in names:  # the manifest last
+            os.replace(staging / name, output / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [output / name for name in names]
 
 
 def verify(detector: Detector, folder: Path, seed: int = 0) -> dict:
@@ -189,16 +224,18 @@ def run(cfg) -> int:
     test = {"score_thresh": d.score_thresh, "nms_iou": d.nms_iou, "max_per_image": d.max_per_image,
             "bbox_reg": d.bbox_reg}
     source = {"checkpoint": str(checkpoint), "sha1": hash_file(checkpoint), "torch": torch.__version__}
-    paths = export_detector(detector, output, e.opset, test, source)
-    log.info("export: wrote %s in %.1f s", ", ".join(map(str, paths)), time.perf_counter() - start)
-    if e.verify:
-        diff = verify(detector, output)
+
+    def check(folder: Path) -> None:
+        diff = verify(detector, folder)
         log.info("export: onnxruntime against PyTorch on a random image, max |difference|: scores %.2e, "
                  "boxes %.2e px", diff["scores"], diff["boxes"])
         if diff["scores"] > SCORE_TOLERANCE or diff["boxes"] > BOX_TOLERANCE:
             raise UserError(f"{output}: the exported graphs do not reproduce {checkpoint} (max score difference "
                             f"{diff['scores']:.3g} > {SCORE_TOLERANCE} or box difference {diff['boxes']:.3g} > "
-                            f"{BOX_TOLERANCE} px); please report it with the model's backbone")
+                            f"{BOX_TOLERANCE} px); nothing was written; please report it with the model's backbone")
+
+    paths = export_detector(detector, output, e.opset, test, source, check if e.verify else None)
+    log.info("export: wrote %s in %.1f s", ", ".join(map(str, paths)), time.perf_counter() - start)
     print(f"export: {checkpoint} -> {output}/ ({', '.join(p.name for p in paths)}); run it with "
           f"spp-det detect detect.runtime=onnxruntime detect.checkpoint={output} detect.source=PATH")
     return 0
@@ -211,7 +248,6 @@ def time_runtimes(model, images, windows, classes, score_thresh: float, nms_iou:
     deltas: one graph). ``model`` (an ``SPPNet`` in eval mode) gets random SVMs and regressors of the real
     shapes, as ``bench.time_heads``; both runtimes run the same weights and threads."""
     import copy
-    import tempfile
 
     require_onnx()
     if model.device.type != "cpu":  # onnxruntime's CPU build: both runtimes on the CPU
