@@ -101,7 +101,7 @@ def load_detector(cfg, group: str):
     else:
         detector = Detector.load(checkpoint, resolve_device(cfg.device), settings.scales, settings.max_size,
                                  scorer=settings.scorer, precision=settings.precision, fc_rank=settings.fc_rank)
-    log.info("%s: loaded %s (classes %s, %s); scales %s, max_size %s", group, checkpoint,
+    log.info("%s: loaded %s (classes %s); runtime %s, scales %s, max_size %s", group, checkpoint,
              ", ".join(detector.classes), settings.runtime, detector.model.scales, detector.model.max_size)
     return detector
 
