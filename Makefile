@@ -12,7 +12,7 @@ help:  ## list the documented targets
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,onnx]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with the pinned versions (constraints.txt)

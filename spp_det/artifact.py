@@ -84,3 +84,37 @@ def load(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path}: damaged model artifact: missing {', '.join(missing)}")
     return artifact
+
+
+# `spp-det export export.output=DIR`: the detector as two ONNX graphs and what runs between them
+EXPORT_FORMAT = "spp-det-onnx"
+EXPORT_VERSION = 1
+EXPORT_MANIFEST = "spp_det_onnx.json"   # classes, scales, projection, pyramid, thresholds (spp_det/stages/export.py)
+EXPORT_CONV5 = "conv5.onnx"             # normalised image [1, 3, h, w] -> conv5 [1, C, h', w']
+EXPORT_HEAD = "head.onnx"               # pool5 [N, D] -> svm_scores [N, K] (+ softmax_scores, box_deltas [N, K, 4])
+
+
+def load_export(folder: str | Path) -> dict:
+    """The manifest of an exported detector folder, with a clear ``UserError`` when the folder, its
+    manifest or a graph it names is missing, or the manifest is not one this version reads."""
+    import json
+
+    folder = Path(folder)
+    manifest_path = folder / EXPORT_MANIFEST
+    if not manifest_path.is_file():
+        what = "a model file, not an exported folder" if folder.is_file() else "no exported detector there"
+        raise UserError(f"{folder}: {what} (no {EXPORT_MANIFEST}); `spp-det export export.checkpoint=MODEL.pt "
+                        "export.output=DIR` writes one")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{manifest_path}: not valid JSON ({exc}); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{manifest_path}: not a spp-det export manifest (format {EXPORT_FORMAT!r} expected)")
+    if manifest.get("version") != EXPORT_VERSION:
+        raise UserError(f"{manifest_path}: export version {manifest.get('version')!r}; this spp-det reads version "
+                        f"{EXPORT_VERSION}: export the model again")
+    missing = [name for name in manifest["graphs"].values() if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder}: graph file(s) {', '.join(missing)} named by {EXPORT_MANIFEST} are missing")
+    return manifest

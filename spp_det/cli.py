@@ -152,7 +152,7 @@ def preflight(stage: str, cfg) -> None:
         from spp_det.data.voc import check_splits
 
         check_splits(cfg.data, training=SPLIT_STAGES[stage])
-    if stage == "detect" or (stage == "eval" and not cfg.eval.results_dir):
+    if stage in ("detect", "export") or (stage == "eval" and not cfg.eval.results_dir):
         from spp_det.stages.detect import checkpoint_path
 
         checkpoint_path(cfg, stage)

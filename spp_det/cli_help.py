@@ -28,6 +28,7 @@ STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("data", "model", "proposals", "pretrain", "finetune", "svm", "bboxreg"),
     "eval": ("eval", "data", "proposals"),
     "detect": ("detect", "eval", "proposals"),
+    "export": ("export", "detect", "eval"),
     "bench": ("bench", "model", "proposals", "eval"),
 }
 
@@ -46,7 +47,8 @@ COMMON: dict[str, tuple[str, ...]] = {
     "eval": ("name", "eval.checkpoint", "data.root", "data.test_split", "eval.results_dir", "eval.score_thresh",
              "experiment", "device"),
     "detect": ("detect.source", "detect.output", "name", "detect.checkpoint", "detect.score_thresh", "detect.classes",
-               "detect.format", "device"),
+               "detect.format", "detect.runtime", "device"),
+    "export": ("export.checkpoint", "export.output", "name", "export.verify"),
     "bench": ("bench.num_images", "bench.precisions", "experiment", "model", "device"),
 }
 

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("spp_det.stages.train", "run every training stage in order, skipping current ones"),
     "eval": ("spp_det.stages.evaluate", "detect on a test split and compute VOC / COCO mAP"),
     "detect": ("spp_det.stages.detect", "detect objects in a folder of images"),
+    "export": ("spp_det.stages.export", "write a trained model.pt as ONNX graphs for onnxruntime (export.output=DIR)"),
     "report": ("spp_det.stages.report", "rebuild report.html of an eval run: spp-det report RUN_DIR (no model)"),
     "bench": ("spp_det.stages.bench", "time SPP-net against R-CNN mode, seconds per image by step"),
 }

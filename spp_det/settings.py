@@ -274,10 +274,15 @@ class TestTimeSettings(GroupSettings):
     bbox_reg: bool
     precision: str
     fc_rank: list[int] | None
+    runtime: str
 
     def validate(self) -> None:
         self.choice("scorer", ("svm", "softmax"))
         self.choice("precision", ("fp32", "bf16", "int8"))
+        self.choice("runtime", ("torch", "onnxruntime"))
+        if self.runtime == "onnxruntime" and (self.precision != "fp32" or self.fc_rank):
+            raise UserError(f"{self.GROUP}.runtime=onnxruntime runs the exported fp32 graphs: {self.GROUP}.precision "
+                            f"must be fp32 and {self.GROUP}.fc_rank null (got {self.precision}, {self.fc_rank})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +311,26 @@ class DetectSettings(TestTimeSettings):
     classes: list[str] | None
     max_pixels: int
     strict: bool
+    labelstudio_url: str | None
+    labelstudio_root: str | None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.labelstudio_url and self.labelstudio_root:
+            raise UserError("detect.labelstudio_url and detect.labelstudio_root: give one of them (a URL prefix the "
+                            "images are served under, or Label Studio's local-files document root)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings(GroupSettings):
+    """``configs/export/default.yaml``."""
+
+    GROUP: ClassVar[str] = "export"
+
+    checkpoint: str | None
+    output: str
+    opset: int
+    verify: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,12 +356,13 @@ class BenchSettings(GroupSettings):
     profile: bool
     precisions: tuple[str, ...]
     fc_rank: list[int] | None
+    onnxruntime: bool
 
 
 # the groups read into settings here (svm: spp_det.heads.svm.SVMSettings; synth: spp_det.data.synth.SynthSettings)
 GROUPS: dict[str, type[GroupSettings]] = {cls.GROUP: cls for cls in (
     DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings, EvalSettings,
-    DetectSettings, BenchSettings)}
+    DetectSettings, ExportSettings, BenchSettings)}
 
 
 def check_groups(cfg, groups: typing.Iterable[str] | None = None) -> None:

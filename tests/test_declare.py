@@ -132,7 +132,7 @@ def test_the_architecture_doc_shows_every_declared_stage_as_declared():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md").read_text()
     stages = [pretrain.CROPS, pretrain.WINDOWS, finetune.STAGE, svm.STAGE, bboxreg.STAGE]
     for module in ("spp_det.stages.proposals", "spp_det.stages.features", "spp_det.stages.assemble",
-                   "spp_det.stages.evaluate", "spp_det.stages.detect"):
+                   "spp_det.stages.evaluate", "spp_det.stages.detect", "spp_det.stages.export"):
         stages.append(importlib.import_module(module).STAGE)
     missing = [declare.table_row(s) for s in stages if declare.table_row(s) not in doc]
     assert not missing, "docs/ARCHITECTURE.md lacks (or has another version of) these rows:\n" + "\n".join(missing)

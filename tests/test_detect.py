@@ -130,11 +130,13 @@ def test_a_folder_of_good_and_bad_files_processes_exactly_the_good_ones(tmp_path
         assert sorted((d["class"], d["score"]) for d in lines if d["file"] == name) == [("circle", 0.9), ("square", 0.4)]
     assert len(fake.images) == len(good)
     assert sorted(image.shape for image in fake.images)[0] == (1, 1, 3)  # the 1x1 image is processed
-    # every good file got one annotated copy with a safe, distinct name
-    names = sorted(p.name for p in (output / "annotated").iterdir())
+    # every good file got one annotated copy, its folders mirrored with safe names, all distinct
+    names = sorted(p.relative_to(output / "annotated").as_posix() for p in (output / "annotated").rglob("*")
+                   if p.is_file())
     assert len(names) == len(good) == len({n.casefold() for n in names})
     for name in names:
-        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.(jpg|png)", name), name
+        assert re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*/)*[A-Za-z0-9][A-Za-z0-9._-]*\.(jpg|png)", name), name
+    assert {n.rpartition("/")[0] for n in names} == {"", "my_photos", "my_photos/sub"}
     assert not list(output.rglob("*.tmp"))
     summary = capsys.readouterr().out
     assert f"{len(good)} images done, {len(bad)} skipped" in summary
@@ -212,15 +214,17 @@ def test_a_failing_detection_is_reported_and_skipped(tmp_path, fake, monkeypatch
     assert "1 images done, 1 skipped (1 detection failed)" in capsys.readouterr().out
 
 
-def test_safe_output_names():
+def test_safe_output_names_mirror_the_input_tree_and_never_collide():
     used: set[str] = set()
-    names = [safe_output_name(PurePath(p), used) for p in
-             ["a.jpg", "A.JPG", "../../etc/passwd.png", "x y/z.png", "x_y/z.png", "ünï.png", "..", "-rf.jpg", "a.png"]]
+    inputs = ["a.jpg", "A.JPG", "../../etc/passwd.png", "x y/z.png", "x_y/z.png", "ünï.png", "..", "-rf.jpg", "a.png",
+              "sub/a.jpg", "other/sub/a.jpg", ".hidden/-x.png"]
+    names = [safe_output_name(PurePath(p), used) for p in inputs]
     assert len({n.casefold() for n in names}) == len(names)
-    assert names[0] == "a.jpg"
+    assert names[0] == "a.jpg" and names[9] == "sub/a.jpg" and names[10] == "other/sub/a.jpg"  # safe: kept as they are
     for n in names:
-        assert "/" not in n and not n.startswith((".", "-")) and re.fullmatch(r"[A-Za-z0-9._-]+", n), n
-    assert names[2].startswith("etc__passwd-")
+        assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", part) for part in n.split("/")), n
+    assert names[2].startswith("etc/passwd-") and names[3].startswith("x_y/z-") and names[4] == "x_y/z.png"
+    assert names[11].startswith("hidden/x-")
 
 
 def test_drawing_is_readable_on_any_size_and_leaves_the_input_alone():
@@ -281,7 +285,7 @@ def test_voc_xml_output_parses_with_the_projects_voc_loader(tmp_path, fake):
     assert stage.run(config(source, output, "detect.format=voc")) == 0  # a single name works too
     assert not (output / "detections_coco.json").exists() and (output / "detections.jsonl").is_file()
     expected = jsonl_by_file(output)
-    files = sorted((output / "voc").glob("*.xml"))
+    files = sorted((output / "voc").rglob("*.xml"))  # mirroring the input tree
     assert len(files) == len(good)  # plain.jpg and plain.png: two files
     assert (output / "voc" / "plain.xml").is_file()
     class_index = {c: k for k, c in enumerate(CLASSES, start=1)}
@@ -304,6 +308,95 @@ def test_unknown_output_format_is_refused_before_the_model_loads(tmp_path, fake)
     source = tmp_path / "in"
     source.mkdir()
     Image.new("RGB", (8, 8)).save(source / "a.png")
-    with pytest.raises(UserError, match="detect.format: unknown format.*'yolo'"):
-        stage.run(config(source, tmp_path / "out", "detect.format=[jsonl,yolo]"))
+    with pytest.raises(UserError, match="detect.format: unknown format.*'pascal'"):
+        stage.run(config(source, tmp_path / "out", "detect.format=[jsonl,pascal]"))
     assert not fake.images
+
+
+def test_labelstudio_tasks_read_back_as_the_jsonl_detections(tmp_path, fake):
+    from spp_det.detection.formats import read_labelstudio
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    good, _ = write_folder(source)
+    assert stage.run(config(source, output, "detect.format=[labelstudio]")) == 0
+    expected = jsonl_by_file(output)
+    tasks = json.loads((output / "labelstudio_tasks.json").read_text(encoding="utf-8"))
+    assert len(tasks) == len(good)
+    for task in tasks:  # Label Studio's import schema: data + predictions of rectanglelabels regions
+        assert set(task) == {"data", "predictions"} and task["data"]["image"].startswith("/data/local-files/?d=")
+        for region in task["predictions"][0]["result"]:
+            assert region["type"] == "rectanglelabels" and (region["from_name"], region["to_name"]) == ("label", "image")
+            assert 0 <= region["value"]["x"] <= 100 and 0 <= region["value"]["width"] <= 100
+    read = read_labelstudio(output / "labelstudio_tasks.json", CLASSES)
+    from urllib.parse import unquote
+
+    urls = {unquote(url.removeprefix("/data/local-files/?d=")): value for url, value in read.items()}
+    assert set(urls) == set(good)  # local files relative to detect.source (the default document root)
+    for name, ((width, height), dets) in urls.items():
+        shown = ImageOps.exif_transpose(Image.open(source / name))
+        assert (width, height) == shown.size
+        want = sorted((d["class"], d["score"], d["box"]) for d in expected[name])
+        got = sorted((CLASSES[int(k) - 1], float(s), b.tolist()) for k, s, b in zip(dets.labels, dets.scores, dets.boxes))
+        assert [(g[0], pytest.approx(g[1])) for g in got] == [w[:2] for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g[2], w[2], atol=0.011)
+    config_xml = ET.parse(output / "labelstudio_config.xml").getroot()
+    assert [label.get("value") for label in config_xml.iter("Label")] == CLASSES
+
+
+def test_labelstudio_image_urls_from_a_prefix_or_a_document_root(tmp_path, fake):
+    source = tmp_path / "photos" / "in"
+    (source / "sub dir").mkdir(parents=True)
+    Image.new("RGB", (30, 20)).save(source / "sub dir" / "a b.png")
+    out = tmp_path / "out"
+    assert stage.run(config(source, out, "detect.format=[labelstudio]",
+                            "detect.labelstudio_url=https://example.org/img/")) == 0
+    urls = [t["data"]["image"] for t in json.loads((out / "labelstudio_tasks.json").read_text())]
+    assert urls == ["https://example.org/img/sub%20dir/a%20b.png"]
+    assert stage.run(config(source, out, "detect.format=[labelstudio]", f"detect.labelstudio_root={tmp_path}")) == 0
+    urls = [t["data"]["image"] for t in json.loads((out / "labelstudio_tasks.json").read_text())]
+    assert urls == ["/data/local-files/?d=photos/in/sub%20dir/a%20b.png"]
+    with pytest.raises(UserError, match="labelstudio_root=.*not inside it"):
+        stage.run(config(source, out, "detect.format=[labelstudio]", f"detect.labelstudio_root={tmp_path / 'other'}"))
+    with pytest.raises(UserError, match="give one of them"):
+        stage.run(config(source, out, "detect.labelstudio_url=http://x/", f"detect.labelstudio_root={tmp_path}"))
+
+
+def test_yolo_labels_mirror_the_input_tree_and_read_back_as_the_detections(tmp_path, fake, caplog):
+    from spp_det.detection.formats import read_yolo
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    good, _ = write_folder(source)
+    assert stage.run(config(source, output, "detect.format=[jsonl,yolo]")) == 0
+    expected = jsonl_by_file(output)
+    # plain.jpg takes labels/plain.txt; plain.png (same stem) gets plain.png.txt, with a warning
+    assert any("share the label file plain.txt" in r.getMessage() for r in caplog.records)
+    label_of = {name: (name + ".txt" if name == "plain.png" else str(PurePath(name).with_suffix(".txt")))
+                for name in good}
+    sizes = {label_of[n]: ImageOps.exif_transpose(Image.open(source / n)).size for n in good}
+    classes, read = read_yolo(output / "yolo", sizes)
+    assert classes == CLASSES and set(read) == set(label_of.values())
+    assert (output / "yolo" / "labels" / "my photos" / "sub" / "ünïcødé 写真.txt").is_file()  # the image's own name
+    for name, label in label_of.items():
+        want = sorted((d["class"], d["box"]) for d in expected[name])
+        got = sorted((CLASSES[int(k) - 1], b.tolist()) for k, b in zip(read[label].labels, read[label].boxes))
+        assert [g[0] for g in got] == [w[0] for w in want]
+        for g, w in zip(got, want):  # 6 decimals of the image size
+            np.testing.assert_allclose(g[1], w[1], atol=0.011)
+
+
+def test_two_images_with_one_name_in_two_folders_never_share_an_output(tmp_path, fake):
+    source, output = tmp_path / "in", tmp_path / "out"
+    for folder in ("a", "b", "a b"):
+        (source / folder).mkdir(parents=True)
+        Image.new("RGB", (30, 20), (10, 200, 10)).save(source / folder / "img.png")
+    Image.new("RGB", (30, 20)).save(source / "a_b.png")
+    assert stage.run(config(source, output, "detect.format=[jsonl,voc,yolo,labelstudio]")) == 0
+    annotated = sorted(p.relative_to(output / "annotated").as_posix() for p in (output / "annotated").rglob("*.png"))
+    assert len(annotated) == 4 and annotated[0] == "a/img.png" and annotated[1] == "a_b.png"
+    assert re.fullmatch(r"a_b/img-[0-9a-f]{8}\.png", annotated[2]) and annotated[3] == "b/img.png"  # "a b/": renamed
+    assert len(list((output / "voc").rglob("*.xml"))) == 4
+    assert sorted(p.relative_to(output / "yolo" / "labels").as_posix()
+                  for p in (output / "yolo" / "labels").rglob("*.txt")) == ["a b/img.txt", "a/img.txt", "a_b.txt", "b/img.txt"]

@@ -29,7 +29,64 @@ from spp_det.structures import Detections
 SCORERS = ("svm", "softmax")
 
 
-class Detector:
+class WindowDetector:
+    """The test procedure after the network, shared by both runtimes: a subclass scores the windows
+    (``_score_on_device``: per-class scores ``[N, K]`` and boxes ``[N, K, 4]`` or the windows ``[N, 4]``,
+    torch tensors on ``device``) and names its ``classes``; this class thresholds, runs NMS and times
+    the steps. ``Detector`` runs the network in PyTorch, ``spp_det.detection.onnx_detector.OnnxDetector``
+    in onnxruntime."""
+
+    classes: list[str]
+    has_bbox_reg: bool  # whether it holds box regressors (detect_pair then scores both)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _score_on_device(self, image: np.ndarray, proposals, bbox_reg: bool,
+                         timings: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @contextmanager
+    def _timed(self, timings: dict | None, step: str):
+        if timings is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":  # kernels are asynchronous: wait so the time lands on its step
+            torch.cuda.synchronize(self.device)
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+
+    def score_windows(self, image: np.ndarray, proposals, bbox_reg: bool = True,
+                      timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class scores ``[N, K]`` and boxes ``[N, K, 4]`` (or the windows ``[N, 4]`` without box
+        regression) of the windows ``proposals`` ``[N, 4]`` of ``image`` ``uint8 [H, W, 3]``, on the CPU."""
+        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
+        return scores.cpu(), boxes.cpu()
+
+    def detect(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
+               max_per_image: int = 100, bbox_reg: bool = True, timings: dict | None = None) -> Detections:
+        """Detections of ``image`` ``uint8 [H, W, 3]`` from its windows ``proposals`` ``float32 [N, 4]``
+        (internal boxes): scores above ``score_thresh``, per-class NMS at ``nms_iou``, at most
+        ``max_per_image``. ``timings`` (when given) accumulates seconds by step: conv5, pool, fc,
+        svm, bboxreg, nms."""
+        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
+        with self._timed(timings, "nms"):  # on the model's device, where the scores are
+            return postprocess(boxes, scores, score_thresh, nms_iou, max_per_image)
+
+    def detect_pair(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
+                    max_per_image: int = 100, timings: dict | None = None) -> tuple[Detections, Detections]:
+        """``detect`` with and without box regression from one pass over the windows (the scores do
+        not depend on it), so an evaluation reports both mAPs at the cost of one."""
+        scores, boxes = self._score_on_device(image, proposals, True, timings)
+        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4)).to(scores.device)
+        with self._timed(timings, "nms"):
+            return (postprocess(boxes, scores, score_thresh, nms_iou, max_per_image),
+                    postprocess(windows, scores, score_thresh, nms_iou, max_per_image))
+
+
+class Detector(WindowDetector):
     """An ``SPPNet`` with its per-class SVMs and box regressors.
 
     ``svm_weight`` ``[K, fc_dim]``, ``svm_bias`` ``[K]``, ``svm_scale`` (fc7 factor to mean norm 20);
@@ -65,6 +122,10 @@ class Detector:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def has_bbox_reg(self) -> bool:
+        return self.bbox_weight is not None
+
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", test_scales=None, test_max_size=None,
              **kwargs) -> "Detector":
@@ -84,25 +145,6 @@ class Detector:
         return cls(model, art["classes"], art["svm"]["weight"], art["svm"]["bias"], art["svm"]["feature_scale"],
                    None if reg is None else reg["weight"], 1.0 if reg is None else reg["feature_scale"],
                    art.get("fc8"), **kwargs)
-
-    @contextmanager
-    def _timed(self, timings: dict | None, step: str):
-        if timings is None:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":  # kernels are asynchronous: wait so the time lands on its step
-            torch.cuda.synchronize(self.device)
-        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
-
-    @torch.no_grad()
-    def score_windows(self, image: np.ndarray, proposals, bbox_reg: bool = True,
-                      timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class scores ``[N, K]`` and boxes ``[N, K, 4]`` (or the windows ``[N, 4]`` without box
-        regression) of the windows ``proposals`` ``[N, 4]`` of ``image`` ``uint8 [H, W, 3]``, on the CPU."""
-        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
-        return scores.cpu(), boxes.cpu()
 
     # no_grad here, not only on score_windows: detect / detect_pair call this directly, and an autograd
     # graph per image grew eval by about 1 GB per image (OOM on the raccoon photos)
@@ -134,28 +176,5 @@ class Detector:
             if use_reg:
                 with self._timed(timings, "bboxreg"):
                     deltas = bboxreg.predict(pool5.float() * self.bbox_scale, self.bbox_weight)  # [B, K, 4]
-                    moved = bboxreg.apply(chunk, deltas)  # [B, K, 4]
-                    moved[..., 0::2] = moved[..., 0::2].clamp(0, width)  # clip to the image (R-CNN does too)
-                    moved[..., 1::2] = moved[..., 1::2].clamp(0, height)
-                    boxes.append(moved)
+                    boxes.append(bboxreg.apply_in_image(chunk, deltas, height, width))  # [B, K, 4]
         return torch.cat(scores), (torch.cat(boxes) if use_reg else windows)
-
-    def detect(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
-               max_per_image: int = 100, bbox_reg: bool = True, timings: dict | None = None) -> Detections:
-        """Detections of ``image`` ``uint8 [H, W, 3]`` from its windows ``proposals`` ``float32 [N, 4]``
-        (internal boxes): scores above ``score_thresh``, per-class NMS at ``nms_iou``, at most
-        ``max_per_image``. ``timings`` (when given) accumulates seconds by step: conv5, pool, fc,
-        svm, bboxreg, nms."""
-        scores, boxes = self._score_on_device(image, proposals, bbox_reg, timings)
-        with self._timed(timings, "nms"):  # on the model's device, where the scores are
-            return postprocess(boxes, scores, score_thresh, nms_iou, max_per_image)
-
-    def detect_pair(self, image: np.ndarray, proposals, score_thresh: float, nms_iou: float = 0.3,
-                    max_per_image: int = 100, timings: dict | None = None) -> tuple[Detections, Detections]:
-        """``detect`` with and without box regression from one pass over the windows (the scores do
-        not depend on it), so an evaluation reports both mAPs at the cost of one."""
-        scores, boxes = self._score_on_device(image, proposals, True, timings)
-        windows = torch.as_tensor(np.asarray(proposals, np.float32).reshape(-1, 4)).to(scores.device)
-        with self._timed(timings, "nms"):
-            return (postprocess(boxes, scores, score_thresh, nms_iou, max_per_image),
-                    postprocess(windows, scores, score_thresh, nms_iou, max_per_image))

@@ -56,6 +56,15 @@ def apply(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1).to(dtype)
 
 
+def apply_in_image(boxes: torch.Tensor, deltas: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``apply`` then clipped to the image ``width x height`` (R-CNN clips too): test time's boxes
+    ``[N, K, 4]``, the same for both runtimes (``spp_det.detection``)."""
+    moved = apply(boxes, deltas)
+    moved[..., 0::2] = moved[..., 0::2].clamp(0, width)
+    moved[..., 1::2] = moved[..., 1::2].clamp(0, height)
+    return moved
+
+
 def ridge(features: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
     """``argmin_W ||A W - Y||^2 + lam ||W||^2`` with ``A = [features, 1]`` ``[N, D + 1]``,
     ``Y = targets`` ``[N, T]`` -> ``W`` ``[D + 1, T]`` float32.

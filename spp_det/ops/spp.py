@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
@@ -54,16 +55,20 @@ def pyramid_dim(channels: int, levels: Sequence[int]) -> int:
     return int(channels) * sum(int(n) * int(n) for n in levels)
 
 
-def bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def bin_edges(start, length, n: int):
     """First and last cell (0-based, inclusive) of the n bins along one axis.
 
-    ``start``, ``length`` ``Tensor[K]`` integer -> two ``Tensor[K, n]``:
+    ``start``, ``length`` integer ``Tensor[K]`` (or numpy ``int64 [K]``: the onnxruntime path's pooling,
+    ``spp_det.ops.spp_numpy``, uses this same rule) -> two ``[K, n]`` of the same kind:
     ``start + floor(i * length / n)`` and ``start + ceil((i + 1) * length / n) - 1``, in exact
     integer arithmetic (floating point would misplace edges where ``i * length / n`` is whole).
     """
-    i = torch.arange(n, device=start.device, dtype=start.dtype)
-    first = start[:, None] + torch.div(i[None, :] * length[:, None], n, rounding_mode="floor")  # [K, n]
-    last = start[:, None] - torch.div(-(i[None, :] + 1) * length[:, None], n, rounding_mode="floor") - 1  # ceil
+    if isinstance(start, np.ndarray):
+        i = np.arange(n, dtype=start.dtype)
+    else:
+        i = torch.arange(n, device=start.device, dtype=start.dtype)
+    first = start[:, None] + (i[None, :] * length[:, None]) // n  # [K, n]; // floors for tensors and arrays
+    last = start[:, None] - (-(i[None, :] + 1) * length[:, None]) // n - 1  # ceil(x) = -floor(-x)
     return first, last
 
 

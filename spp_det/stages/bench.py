@@ -36,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from spp_det.data.voc import load_voc
 from spp_det.detection.postprocess import postprocess
+from spp_det.errors import UserError
 from spp_det.features.rcnn import rcnn_features
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
@@ -252,6 +253,15 @@ def run(cfg) -> int | None:
     if b.precisions:
         precisions = time_precisions(one, images, windows, list(b.precisions), b.fc_rank,
                                      int(b.rcnn_windows), int(b.rcnn_batch), rcnn_warp)
+    runtimes = None
+    if b.onnxruntime:  # the exported detector beside PyTorch (spp_det/stages/export.py)
+        try:
+            from spp_det.stages.export import time_runtimes
+
+            runtimes = time_runtimes(one, images, windows, list(cfg.data.classes), cfg.eval.score_thresh,
+                                     cfg.eval.nms_iou, cfg.eval.max_per_image)
+        except UserError as exc:  # the onnx extra is not installed: said, not silently left out
+            log.warning("bench: onnxruntime not timed: %s", exc)
     profiled = None
     if b.profile:
         profiled = {f"{len(m.scales)}scale": profile_spp(m, images[0], windows[0], run_dir() / f"profile_{len(m.scales)}scale.txt")
@@ -288,6 +298,7 @@ def run(cfg) -> int | None:
         **({"profile": profiled} if profiled else {}),
         **({"precisions_1scale": precisions, "fc_rank": list(b.fc_rank) if b.fc_rank else None}
            if precisions else {}),
+        **({"runtimes_1scale": runtimes} if runtimes else {}),
     }
     print(format_table(result))
     out = run_dir() / str(b.output)
@@ -325,6 +336,14 @@ def format_table(result: dict) -> str:
         lines += [f"  {name:<12}{row['spp']['conv5']:>8.3f}{row['spp']['pool']:>8.3f}{row['spp']['fc']:>8.3f}"
                   f"{row['spp']['total']:>8.3f}{row['rcnn']:>10.2f}{row['speedup']:>9.1f}x"
                   for name, row in result["precisions_1scale"].items()]
+    if result.get("runtimes_1scale"):
+        rows = result["runtimes_1scale"]
+        steps = [s for s in ("conv5", "pool", "fc", "svm", "bboxreg", "nms") if any(s in r for r in rows.values())]
+        lines += ["", "whole detector, one scale, PyTorch against onnxruntime (spp-det export; onnxruntime's fc "
+                  "includes its SVMs and box deltas), seconds per image",
+                  f"  {'runtime':<13}" + "".join(f"{s:>9}" for s in steps) + f"{'total':>9}{'images/s':>10}"]
+        lines += [f"  {name:<13}" + "".join(f"{row.get(s, 0.0):>9.3f}" for s in steps)
+                  + f"{row['total']:>9.3f}{row['images_per_second']:>10.2f}" for name, row in rows.items()]
     for name, prof in (result.get("profile") or {}).items():
         lines += ["", f"profile, {name} ({prof['sort_by']}, {prof['total_s']:.3f} s in operators): top operators"]
         lines += [f"  {row['name'][:48]:<50}{row['self_s']:>9.4f} s{100 * row['share']:>6.1f}%{row['calls']:>7} calls"

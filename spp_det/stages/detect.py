@@ -4,9 +4,9 @@ Detects objects in one image or every image of a folder (recursive). Writes, und
 folder (``detect.output``; the run directory when null):
 
 - ``annotated/<name>``: a copy of each image with boxes, class names and scores drawn; ``<name>``
-  is a safe flat name made from the path relative to ``detect.source`` (ASCII letters, digits,
-  ``._-``; folders joined by ``__``; a short hash of the original path added whenever the name
-  had to change or would collide). Input files are only ever read.
+  mirrors the path relative to ``detect.source`` with safe names (ASCII letters, digits, ``._-`` in
+  every folder and file name; a short hash of the original path added whenever a name had to
+  change or would collide, so no two inputs share an output). Input files are only ever read.
 - ``detections.jsonl``: all detections of the run, JSON lines, one object per detection::
 
       {"file": "sub/dir/img.jpg", "class": "dog", "score": 0.83, "box": [x1, y1, x2, y2]}
@@ -14,8 +14,13 @@ folder (``detect.output``; the run directory when null):
   ``file`` is the path relative to ``detect.source`` (the file name for a single image);
   ``score`` the SVM score; ``box`` in pixels of the image as displayed (EXIF orientation
   applied), internal convention: 0-based, continuous, no "+1" (``x2 - x1`` is the width).
-- with ``detect.format=[jsonl,coco,voc]`` also COCO results JSON (``detections_coco.json`` with
-  ``coco_images.json``) and Pascal VOC XML per image (``voc/``): ``spp_det.detection.formats``.
+- with ``detect.format=[jsonl,coco,voc,labelstudio,yolo]`` also COCO results JSON
+  (``detections_coco.json`` with ``coco_images.json``), Pascal VOC XML per image (``voc/``), Label
+  Studio tasks with predictions (``labelstudio_tasks.json``) and YOLO txt labels (``yolo/``):
+  ``spp_det.detection.formats``.
+
+``detect.runtime=onnxruntime detect.checkpoint=DIR`` runs the graphs ``spp-det export`` wrote into DIR
+(``spp_det.detection.onnx_detector``) with the same pre- and post-processing and the same outputs.
 
 A file that cannot be used (empty, not an image, truncated, too many pixels, detection failed)
 is logged with the reason and skipped; the summary line counts skipped files by reason. The
@@ -41,9 +46,10 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from spp_det import distributed
+from spp_det.artifact import load_export
 from spp_det.data.images import ImageError, list_images, read_image
 from spp_det.detection.detector import Detector
-from spp_det.detection.formats import CocoWriter, VocWriter, parse_formats
+from spp_det.detection.formats import open_writers, parse_formats
 from spp_det.draw import draw_detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
@@ -55,7 +61,7 @@ from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
 
-STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC files), annotated images",
+STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC / Label Studio / YOLO files), annotated images",
                       reads=("detect", "proposals"), consumes=("model",),
                       paper="Sec. 4.1 test procedure on any folder of images")
 
@@ -65,8 +71,12 @@ MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limi
 def checkpoint_path(cfg, group: str) -> Path:
     """The model file of the ``group`` (``detect`` or ``eval``) that names it (``detect.checkpoint`` /
     ``eval.checkpoint``): by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the
-    same ``name``; a clear error naming the key and the run when it is not there."""
+    same ``name``; a clear error naming the key and the run when it is not there. With
+    ``runtime=onnxruntime`` the folder ``spp-det export`` wrote."""
     checkpoint = cfg[group].checkpoint
+    if group != "export" and cfg[group].runtime == "onnxruntime":  # a `spp-det export` folder
+        load_export(Path(str(checkpoint)))  # a clear error when it is not one
+        return Path(str(checkpoint))
     if not checkpoint:
         raise UserError(f"spp-det {group} needs {group}.checkpoint=PATH (a model.pt written by `spp-det train`)")
     if not Path(checkpoint).is_file():
@@ -80,13 +90,19 @@ def load_detector(cfg, group: str):
     """``Detector.load(checkpoint, ...)`` with the test-time settings of ``group``: ``eval`` (spp-det
     eval) or ``detect`` (spp-det detect, whose keys default to eval's in configs/detect/default.yaml):
     its ``scales`` / ``max_size`` when set, ``scorer``, ``precision`` and ``fc_rank``; a clear error
-    when there is no checkpoint."""
+    when there is no checkpoint. ``runtime=onnxruntime``: the exported graphs of a ``spp-det export``
+    folder (``spp_det.detection.onnx_detector``)."""
     settings = {"eval": EvalSettings, "detect": DetectSettings}[group].of(cfg[group])
     checkpoint = checkpoint_path(cfg, group)
-    detector = Detector.load(checkpoint, resolve_device(cfg.device), settings.scales, settings.max_size,
-                             scorer=settings.scorer, precision=settings.precision, fc_rank=settings.fc_rank)
-    log.info("%s: loaded %s (classes %s); scales %s, max_size %s", group, checkpoint,
-             ", ".join(detector.classes), detector.model.scales, detector.model.max_size)
+    if settings.runtime == "onnxruntime":
+        from spp_det.detection.onnx_detector import OnnxDetector
+
+        detector = OnnxDetector.load(checkpoint, settings.scales, settings.max_size, scorer=settings.scorer)
+    else:
+        detector = Detector.load(checkpoint, resolve_device(cfg.device), settings.scales, settings.max_size,
+                                 scorer=settings.scorer, precision=settings.precision, fc_rank=settings.fc_rank)
+    log.info("%s: loaded %s (classes %s); runtime %s, scales %s, max_size %s", group, checkpoint,
+             ", ".join(detector.classes), settings.runtime, detector.model.scales, detector.model.max_size)
     return detector
 
 
@@ -102,22 +118,27 @@ def _safe_part(text: str) -> str:
 
 
 def safe_output_name(relative: PurePath, used: set[str]) -> str:
-    """A flat, safe file name (no folders, no leading dot, ASCII) for the annotated copy of the
-    input at ``relative``, distinct from every name in ``used`` (compared case-insensitively),
-    which it joins. The suffix is ``.jpg`` for JPEG inputs and ``.png`` otherwise."""
+    """A safe relative name (``a/b/c.jpg``: ASCII letters, digits and ``._-`` in every folder and file
+    name, none starting with a dot or dash) for the annotated copy of the input at ``relative``,
+    mirroring its folders; distinct from every name in ``used`` (compared case-insensitively), which
+    it joins. A short hash of the original path is added to the file name whenever a part had to
+    change or the name is taken, so two inputs never share an output (``x y/a.png`` and ``x_y/a.png``).
+    The suffix is ``.jpg`` for JPEG inputs and ``.png`` otherwise."""
     relative = PurePath(relative)
     suffix = ".jpg" if relative.suffix.lower() in (".jpg", ".jpeg") else ".png"
-    parts = [_safe_part(p) for p in relative.parts[:-1] if p not in ("", ".", "..")] + [_safe_part(relative.stem)]
-    base = "__".join(p for p in parts if p)[:MAX_NAME_CHARS] or "image"
+    folders = [p for p in relative.parts[:-1] if p not in ("", ".", "..")]
+    safe_folders = [_safe_part(p)[:MAX_NAME_CHARS] for p in folders]
+    stem = _safe_part(relative.stem)[:MAX_NAME_CHARS] or "image"
+    prefix = "".join(f"{p}/" for p in safe_folders if p)
     original = relative.as_posix()
     digest = hashlib.sha1(original.encode("utf-8", "surrogateescape")).hexdigest()
-    name = base + suffix
-    if base != relative.stem or len(relative.parts) > 1 or name.casefold() in used:
-        name = f"{base}-{digest[:8]}{suffix}"  # changed or colliding: the hash keeps names distinct
+    name = prefix + stem + suffix
+    if stem != relative.stem or safe_folders != list(relative.parts[:-1]) or name.casefold() in used:
+        name = f"{prefix}{stem}-{digest[:8]}{suffix}"  # changed or colliding: the hash keeps names distinct
     n = 0
     while name.casefold() in used:
         n += 1
-        name = f"{base}-{hashlib.sha1(f'{original}#{n}'.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{suffix}"
+        name = f"{prefix}{stem}-{hashlib.sha1(f'{original}#{n}'.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{suffix}"
     used.add(name.casefold())
     return name
 
@@ -222,14 +243,13 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     return found, skipped
 
 
-def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, coco, voc) -> None:
-    """``detections.jsonl`` (one JSON object per detection) and the COCO / VOC files, in ``found``'s order."""
+def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, writers: list) -> None:
+    """``detections.jsonl`` (one JSON object per detection) and the files of the other formats'
+    ``writers`` (``spp_det.detection.formats``), in ``found``'s order."""
     with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
         for _, relative, path, width, height, dets, name in found:
-            if coco is not None:
-                coco.add(relative, width, height, dets)
-            if voc is not None:
-                voc.add(relative, path, width, height, dets, PurePath(name).stem)
+            for writer in writers:
+                writer.add(relative, path, width, height, dets, name)
             for box, score, label in zip(dets.boxes, dets.scores, dets.labels):
                 jsonl.write(json.dumps({"file": relative, "class": classes[int(label) - 1],
                                         "score": round(float(score), 6),
@@ -262,8 +282,7 @@ def run(cfg) -> int:
     jsonl_path = output / "detections.jsonl"
     if jsonl_path.resolve() in input_set:
         raise UserError(f"{jsonl_path}: would overwrite an input file; choose another detect.output")
-    coco = CocoWriter(output, classes) if "coco" in formats else None
-    voc = VocWriter(output, classes) if "voc" in formats else None
+    writers = open_writers(formats, output, classes, base, d.labelstudio_url, d.labelstudio_root)
 
     start = time.perf_counter()
     used_names: set[str] = set()
@@ -276,15 +295,15 @@ def run(cfg) -> int:
         return 0
     found = sorted((f for part, _ in parts for f in part), key=lambda f: f[0])
     skipped = sum((counts for _, counts in parts), Counter())
-    write_detections(found, classes, jsonl_path, coco, voc)
+    write_detections(found, classes, jsonl_path, writers)
     done, num_detections = len(found), sum(len(f[5]) for f in found)
-    written = [jsonl_path, *(coco.close() if coco is not None else [])]
+    written = [jsonl_path, *(p for writer in writers for p in writer.close())]
     seconds = time.perf_counter() - start
     reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
     n_skipped = sum(skipped.values())
     print(f"detect: {done} images done, {n_skipped} skipped" + (f" ({reasons})" if reasons else "")
-          + f", {num_detections} detections, {seconds:.1f} s ({done / seconds:.2f} images/s); wrote {', '.join(map(str, written))}, "
-          + f"{annotated_dir}/" + (f" and {voc.folder}/" if voc is not None else ""))
+          + f", {num_detections} detections, {seconds:.1f} s ({done / seconds:.2f} images/s); wrote "
+          + f"{', '.join(map(str, written))} and {annotated_dir}/")
     if done == 0:
         log.error("no image could be processed")
         return 1

@@ -142,8 +142,7 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
     bboxreg, nms) and in all (``total``). Under ``torchrun`` each rank detects its share of the
     images and rank 0 gathers and scores them (``seconds_per_image``: per process, averaged over all
     images); the other ranks return None."""
-    compare = bool(cfg.eval.bbox_reg and cfg.eval.compare_bbox_reg and hasattr(detector, "detect_pair")
-                   and getattr(detector, "bbox_weight", None) is not None)
+    compare = bool(cfg.eval.bbox_reg and cfg.eval.compare_bbox_reg and getattr(detector, "has_bbox_reg", False))
     plain: dict | None = {} if compare else None
     mine = distributed.shard(records)  # every record in one process
     detections, seconds = run_detector(detector, mine, cfg, proposals, plain)
