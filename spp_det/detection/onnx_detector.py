@@ -95,6 +95,9 @@ class OnnxDetector(WindowDetector):
         # as many threads as torch uses, so bench compares like with like (onnxruntime: all physical cores)
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
+        # threads that wait by sleeping, not spinning: detect/eval search proposals in worker processes
+        # on the same cores, and spinning threads then wait on each other (as torch's OpenMP threads did)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.conv5, self.head = (ort.InferenceSession(str(folder / manifest["graphs"][name]), options, providers=providers)
                                  for name in ("conv5", "head"))
