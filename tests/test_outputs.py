@@ -160,8 +160,9 @@ needs_mount = pytest.mark.skipif(not unshare_available(),
 
 @needs_mount
 def test_a_real_full_file_system(tmp_path):
-    """A 256 KiB tmpfs (a private mount namespace): save_torch of 1 MB is a WriteError naming the file,
-    nothing is left on the file system, and after the mount grows the same call writes it."""
+    """A 256 KiB tmpfs (a private mount namespace): save_torch of 1 MB and a 1 MB npy cache entry are
+    WriteErrors naming the file, nothing is left on the file system, and after the mount grows the same
+    call writes it."""
     script = textwrap.dedent(f"""
         import subprocess, sys, torch
         from spp_det import io
@@ -169,6 +170,12 @@ def test_a_real_full_file_system(tmp_path):
         try:
             io.save_torch({{"w": torch.zeros(250_000)}}, target)
             print("written")
+        except io.WriteError as exc:
+            print("error:", exc)
+        import numpy as np
+        try:  # as the proposals cache writes (numpy reports a short write without an errno)
+            with io.atomic_path(target.replace("model.pt", "a.npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.zeros(250_000, np.float32))
         except io.WriteError as exc:
             print("error:", exc)
         print("files:", sorted(p.name for p in __import__("pathlib").Path(target).parent.iterdir()))
@@ -184,7 +191,9 @@ def test_a_real_full_file_system(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"error: {tmp_path}/disk/work/model.pt: cannot write: No space left on device"), lines
-    assert lines[1] == "files: []" and lines[2] == "rerun: torch.Size([250000])"
+    assert lines[1].startswith(f"error: {tmp_path}/disk/work/a.npy: cannot write: No space left on device (a short "
+                               "write: "), lines
+    assert lines[2] == "files: []" and lines[3] == "rerun: torch.Size([250000])"
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
