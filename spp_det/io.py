@@ -31,14 +31,17 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def write_error(path: Path, exc: OSError) -> WriteError:
-    """A ``WriteError`` naming ``path``, the reason and, for a full disk, the space left there."""
+    """A ``WriteError`` naming ``path``, the reason and, for a full disk, the space left there.
+    ``exc.errno`` None: a short write (numpy's ``tofile`` says only "N requested and M written")."""
     reason = exc.strerror or str(exc)
-    if exc.errno in _NO_SPACE:
+    if exc.errno in _NO_SPACE or exc.errno is None:
         try:
             free = shutil.disk_usage(path.parent).free
-            reason += f" ({free / 2**20:.1f} MiB free there)"
         except OSError:
-            pass
+            free = None
+        if exc.errno is None and free is not None and free < 2**20:
+            reason = f"No space left on device (a short write: {exc})"
+        reason += "" if free is None else f" ({free / 2**20:.1f} MiB free there)"
         reason += "; free some space (or point cache_dir / work_dir elsewhere) and run the same command again"
     return WriteError(f"{path}: cannot write: {reason}")
 
@@ -83,7 +86,8 @@ def _place_error(exc: BaseException | None) -> OSError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (*_NO_SPACE, errno.EROFS, errno.EACCES, errno.EPERM):
+        if isinstance(exc, OSError) and (exc.errno in (*_NO_SPACE, errno.EROFS, errno.EACCES, errno.EPERM)
+                                         or (exc.errno is None and " written" in str(exc))):  # a short write
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

@@ -198,9 +198,9 @@ def mount_allowed() -> bool:
 @pytest.mark.skipif(not mount_allowed(), reason="cannot mount a size-limited tmpfs here (unshare -rm + mount)")
 def test_train_on_a_filling_file_system_stops_clearly_and_resumes_to_the_same_artifacts(tmp_path):
     """``spp-det train`` (the harness's tiny config) with work_dir and cache_dir on a tmpfs (a private
-    mount namespace) of 15%, 45% and 80% of what an uninterrupted run leaves, then room to spare: each
-    full run stops with exit 1 and "No space left on device" naming a file, no traceback; the last
-    resumes, and every artifact and cache entry equals the uninterrupted run's."""
+    mount namespace) that fills in the proposals, in pretraining and later, then grows to room to
+    spare: each full run stops with exit 1 and "No space left on device" naming a file, no traceback,
+    no temporary; the last resumes, and every artifact and cache entry equals the uninterrupted run's."""
     import importlib.util
     import shlex
 
@@ -210,8 +210,13 @@ def test_train_on_a_filling_file_system_stops_clearly_and_resumes_to_the_same_ar
     root = tmp_path
     subprocess.run(fi.spp_det(root, "reference", "synth"), check=True, cwd=root, capture_output=True)
     fi.reference(root)
-    total = sum(p.stat().st_size for p in (root / "reference").rglob("*") if p.is_file())
-    sizes = [int(total * f) // 4096 * 4096 for f in (0.15, 0.45, 0.8)] + [3 * total + (64 << 20)]
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    # full in the proposals, in pretraining (its checkpoint holds the optimizer too), later; then room to spare
+    total, proposals = size(root / "reference"), size(root / "reference" / "cache" / "proposals")
+    sizes = [s // 4096 * 4096 for s in (proposals // 2, proposals + (1200 << 10), total - (512 << 10))]
+    sizes.append(3 * total + (64 << 20))
     disk = root / "interrupted"
     disk.mkdir()
     train = " ".join(map(shlex.quote, fi.spp_det(root, "interrupted", "train")))
@@ -231,5 +236,6 @@ def test_train_on_a_filling_file_system_stops_clearly_and_resumes_to_the_same_ar
     diffs = fi.compare(root)
     assert {"work/finetune.pt", "work/svm.pt", "work/model.pt"} <= set(diffs)
     assert all(not d["differ"] for d in diffs.values()), diffs
-    stopped = [log.split("cannot write: No space")[0].rsplit("\n", 1)[-1] for log in logs[:3]]
-    print("full file system stopped train at:", stopped)
+    stopped = [Path(log.split(": cannot write: No space")[0].rsplit(" ", 1)[-1]).name for log in logs[:3]]
+    print("full file system stopped train at:", stopped, "tmpfs sizes", sizes)
+    assert len(set(stopped)) >= 2, stopped  # a proposals cache entry and pretraining's checkpoint at least

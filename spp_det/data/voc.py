@@ -17,7 +17,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 
 from spp_det.boxes import clip_boxes, flip_boxes, voc_to_internal
-from spp_det.data.images import QUARTER_TURNS, image_size, read_image
+from spp_det.data.images import QUARTER_TURNS, ImageError, image_size, read_image
 from spp_det.errors import UserError
 from spp_det.settings import DataSettings
 
@@ -160,10 +160,15 @@ def _image_size(tree: ET.Element, xml_path: Path, image_path: Path, stats: LoadS
     """``(width, height)`` of the image as displayed (EXIF orientation applied, as ``read_image`` and
     ``spp-det detect`` show it): boxes are read in those pixels. ``<size>`` must agree with the image;
     without one (or with 0 x 0, as some tools write) the image header gives it, counted in ``stats``."""
-    shown_w, shown_h, orientation = image_size(image_path)
-    if orientation != 1:
-        stats.oriented[orientation] += 1
     size = _child(tree, "size", "<annotation>", xml_path, required=False)
+    try:
+        shown_w, shown_h, orientation = image_size(image_path)
+    except ImageError as exc:
+        if size is None:
+            raise DatasetError(f"{xml_path}: no <size>, and the image cannot tell it: {exc}") from None
+        shown_w = shown_h = orientation = None  # reported with the other unreadable images when it is read
+    if orientation not in (1, None):
+        stats.oriented[orientation] += 1
     if size is None:  # some VOC-layout datasets omit <size>
         stats.size_from_image += 1
         return shown_w, shown_h
@@ -171,6 +176,10 @@ def _image_size(tree: ET.Element, xml_path: Path, image_path: Path, stats: LoadS
     if width != int(width) or height != int(height) or width < 0 or height < 0 or (width == 0) != (height == 0):
         raise DatasetError(f"{xml_path}: malformed annotation: <size> is {width:g} x {height:g}, not an image size")
     width, height = int(width), int(height)
+    if orientation is None and width > 0:
+        return width, height
+    if orientation is None:
+        raise DatasetError(f"{xml_path}: <size> is 0 x 0, and the image {image_path} cannot tell it")
     if width == height == 0:
         stats.size_from_image += 1
         stats.repairs.append(f"{xml_path}: <size> is 0 x 0; the image's {shown_w} x {shown_h} is used")
