@@ -248,13 +248,18 @@ def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache
     return boxes
 
 
-def _cached(folder: Path, path: str) -> bool:
-    """Whether ``path``'s boxes are in the cache ``folder`` (an unreadable file counts as cached: the
-    caller reports it when it reads the file)."""
-    try:
-        return entry_path(folder, hash_file(path)).is_file()
-    except OSError:
-        return True
+def _missing_entries(folder: Path, paths: list[str]) -> dict[str, Path]:
+    """The cache entry in ``folder`` of each path whose boxes are not cached yet (each file hashed once;
+    an unreadable file is left out: the caller reports it when it reads the file)."""
+    missing = {}
+    for path in paths:
+        try:
+            entry = entry_path(folder, hash_file(path))
+        except OSError:
+            continue
+        if not entry.is_file():
+            missing[path] = entry
+    return missing
 
 
 def _cores() -> int:
@@ -287,9 +292,11 @@ class ProposalPrefetcher:
         self.next = 0  # index of the first path not yet submitted
         self.pool = None
         self.torch_threads = None
+        self.missing: dict[str, Path] = {}  # path -> its cache entry, for the files not cached at the start
         if workers > 0 and self.cfg["backend"] != "precomputed" and self.paths:
             self.folder = settings_dir(cache_dir, self.cfg)
-            if any(not _cached(self.folder, p) for p in self.paths):
+            self.missing = _missing_entries(self.folder, self.paths)
+            if self.missing:
                 # spawn, not fork: the parent holds torch/OpenMP threads that a fork would copy mid-state
                 self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_init_worker)
@@ -305,11 +312,8 @@ class ProposalPrefetcher:
         while self.next < min(upto, len(self.paths)):
             path = self.paths[self.next]
             self.next += 1
-            try:
-                entry = entry_path(self.folder, hash_file(path))
-            except OSError:
-                continue  # unreadable: the caller reports it when it reads the file
-            if path not in self.futures and not entry.is_file():
+            entry = self.missing.get(path)  # None: cached, or unreadable (the caller reports it)
+            if entry is not None and path not in self.futures and not entry.is_file():
                 _write_settings(self.folder, self.cfg)
                 self.futures[path] = self.pool.submit(_compute_entry, (path, "", entry, self.cfg, self.max_pixels))
 
