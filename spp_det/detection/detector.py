@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from spp_det.model import build_model
 from spp_det.model.weights import load_state
 from spp_det.detection.postprocess import postprocess
 from spp_det.structures import Detections
+from spp_det.timing import timed
 
 SCORERS = ("svm", "softmax")
 
@@ -47,16 +46,9 @@ class WindowDetector:
                          timings: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    @contextmanager
     def _timed(self, timings: dict | None, step: str):
-        if timings is None:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":  # kernels are asynchronous: wait so the time lands on its step
-            torch.cuda.synchronize(self.device)
-        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+        cuda = self.device.type == "cuda"
+        return timed(timings, step, (lambda: torch.cuda.synchronize(self.device)) if cuda else None)
 
     def score_windows(self, image: np.ndarray, proposals, bbox_reg: bool = True,
                       timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

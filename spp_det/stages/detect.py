@@ -58,6 +58,7 @@ from spp_det.proposals import proposals_for_file as cached_proposals
 from spp_det.runtime import command_line_keys, resolve_device, run_dir, search_workers
 from spp_det.settings import DetectSettings, EvalSettings
 from spp_det.stages import declare
+from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -201,21 +202,18 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     # proposals of the next files in worker processes (half the cores) while the network runs on the rest
     prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, search_workers(cfg.num_workers),
                                   max_pixels=d.max_pixels)
-    clock = time.perf_counter
     with prefetch:
         for path in tqdm(paths, desc="detect", unit="image"):
             relative = path.relative_to(base)
-            start = clock()
             try:
-                image = read_image(path, max_pixels=d.max_pixels)
+                with timed(timings, "decode"):
+                    image = read_image(path, max_pixels=d.max_pixels)
             except ImageError as exc:
                 skip(path, _reason_kind(exc.reason), exc.reason)
                 continue
-            timings["decode"] = timings.get("decode", 0.0) + clock() - start
             try:
-                start = clock()
-                boxes = proposals_for_file(path, image, cfg, prefetch)
-                timings["proposals"] = timings.get("proposals", 0.0) + clock() - start
+                with timed(timings, "proposals"):
+                    boxes = proposals_for_file(path, image, cfg, prefetch)
                 dets = detector.detect(image, boxes, d.score_thresh, d.nms_iou, d.max_per_image, d.bbox_reg, timings)
             except Exception as exc:  # one image's failure must not stop a folder run; it is reported
                 log.debug("detection failed on %s", path, exc_info=True)
@@ -229,11 +227,9 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
             if target.resolve() in input_set:  # never write onto an input file
                 name = safe_output_name(PurePath(f"{relative.as_posix()}#annotated"), used_names)
                 target = annotated_dir / name
-            start = clock()
-            with atomic_path(target) as out_tmp:
+            with timed(timings, "draw"), atomic_path(target) as out_tmp:
                 draw_detections(image, dets, classes).save(out_tmp, format="JPEG" if name.endswith(".jpg") else "PNG",
                                                           **({"quality": 92} if name.endswith(".jpg") else {}))
-            timings["draw"] = timings.get("draw", 0.0) + clock() - start
             height, width = image.shape[:2]
             found.append((index[path], relative.as_posix(), path, width, height, dets, name))
     if found:

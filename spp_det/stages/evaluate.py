@@ -36,6 +36,7 @@ from spp_det.runtime import command_line_keys, run_dir, search_workers
 from spp_det.settings import EvalSettings
 from spp_det.stages import declare
 from spp_det.structures import Detections
+from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,11 @@ def run_detector(detector, records, cfg, proposals: dict | None = None,
     stream = proposal_stream(records, cfg) if proposals is None else None
     try:
         for r in tqdm(records, desc="detect", unit="image"):
-            start = time.perf_counter()
-            image = r.load_image()
-            timings["load_image"] = timings.get("load_image", 0.0) + time.perf_counter() - start
+            with timed(timings, "load_image"):
+                image = r.load_image()
             if stream is not None:
-                start = time.perf_counter()
-                boxes = stream.get(r.path, image)
-                timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - start
+                with timed(timings, "proposals"):
+                    boxes = stream.get(r.path, image)
             else:
                 boxes = proposals[r.image_id]
             if without_bbox_reg is not None:
