@@ -282,7 +282,8 @@ class TestTimeSettings(GroupSettings):
         self.choice("runtime", ("torch", "onnxruntime"))
         if self.runtime == "onnxruntime" and (self.precision != "fp32" or self.fc_rank):
             raise UserError(f"{self.GROUP}.runtime=onnxruntime runs the exported fp32 graphs: {self.GROUP}.precision "
-                            f"must be fp32 and {self.GROUP}.fc_rank null (got {self.precision}, {self.fc_rank})")
+                            f"must be fp32 and {self.GROUP}.fc_rank null (got {self.precision}, {self.fc_rank}); "
+                            f"export the truncated SVD instead: spp-det export export.fc_rank=[R6,R7]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +332,7 @@ class ExportSettings(GroupSettings):
     output: str
     opset: int
     verify: bool
+    fc_rank: list[int] | None
 
 
 @dataclasses.dataclass(frozen=True)

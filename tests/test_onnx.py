@@ -233,6 +233,28 @@ def test_an_export_that_fails_its_check_leaves_no_folder_a_later_run_would_trust
         load_export(output)
 
 
+def test_export_fc_rank_writes_the_truncated_svd_that_pytorch_runs_with_eval_fc_rank(model_file, tmp_path):
+    """export.fc_rank: the head graph computes fc6/fc7 as their truncated SVDs, the same scores as PyTorch's
+    detector with that fc_rank (not the full layers'), and the manifest says so."""
+    needs_onnx()
+    from spp_det.config import compose_config
+    from spp_det.detection.detector import Detector
+    from spp_det.detection.onnx_detector import OnnxDetector
+    from spp_det.stages import export
+
+    folder = tmp_path / "svd"
+    assert export.run(compose_config([f"export.checkpoint={model_file}", f"export.output={folder}",
+                                      "export.fc_rank=[8,4]"], stage="export")) == 0
+    assert json.loads((folder / "spp_det_onnx.json").read_text())["source"]["fc_rank"] == [8, 4]
+    image, windows = image_and_windows(3, 140, 180, 120)
+    svd, full = Detector.load(model_file, "cpu", fc_rank=[8, 4]), tiny_detector(model_file)
+    s_onnx, _ = OnnxDetector(folder).score_windows(image, windows)
+    s_svd, _ = svd.score_windows(image, windows)
+    s_full, _ = full.score_windows(image, windows)
+    assert float((s_onnx - s_svd).abs().max()) < SCORE_TOL
+    assert float((s_onnx - s_full).abs().max()) > 100 * SCORE_TOL  # rank 8 / 4 of 64-d layers: not the full head
+
+
 def test_export_and_onnxruntime_settings_are_checked_before_any_work(model_file, tmp_path):
     needs_onnx()
     from spp_det.config import compose_config

@@ -219,11 +219,12 @@ def run(cfg) -> int:
     if output.exists() and not output.is_dir():
         raise UserError(f"export.output={output}: a file is there, not a folder; choose another export.output")
     checkpoint = checkpoint_path(cfg, "export")
-    detector = Detector.load(checkpoint, "cpu")
+    detector = Detector.load(checkpoint, "cpu", fc_rank=e.fc_rank)  # the SVD (if asked) is what gets exported and verified
     start = time.perf_counter()
     test = {"score_thresh": d.score_thresh, "nms_iou": d.nms_iou, "max_per_image": d.max_per_image,
             "bbox_reg": d.bbox_reg}
-    source = {"checkpoint": str(checkpoint), "sha1": hash_file(checkpoint), "torch": torch.__version__}
+    source = {"checkpoint": str(checkpoint), "sha1": hash_file(checkpoint), "torch": torch.__version__,
+              "fc_rank": list(e.fc_rank) if e.fc_rank else None}
 
     def check(folder: Path) -> None:
         diff = verify(detector, folder)
