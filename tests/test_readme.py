@@ -1,4 +1,4 @@
-"""The README's commands stay true: every `spp-det` command of its ```bash blocks composes.
+"""The README's and docs/*.md's commands stay true: every `spp-det` command of their ```bash blocks composes.
 
 Each command runs through the installed entry point with ``--cfg job`` (composition only: no file it
 names needs to exist), so a renamed key, a removed option or a list without brackets fails here.
@@ -41,7 +41,9 @@ def spp_det_args(command: str) -> list[str] | None:
     return None
 
 
-INVOCATIONS = [args for args in map(spp_det_args, bash_commands(README)) if args is not None]
+DOCS = "".join(path.read_text() for path in sorted((REPO / "docs").glob("*.md")))  # the site's pages too
+INVOCATIONS = [list(args) for args in dict.fromkeys(  # each distinct command once
+    tuple(args) for args in map(spp_det_args, bash_commands(README + DOCS)) if args is not None)]
 
 
 def test_the_readme_has_spp_det_commands_to_check():
