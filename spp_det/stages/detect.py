@@ -57,14 +57,9 @@ from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import proposals_for_file as cached_proposals
 from spp_det.runtime import command_line_keys, resolve_device, run_dir, search_workers
 from spp_det.settings import DetectSettings, EvalSettings
-from spp_det.stages import declare
 from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
-
-STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC / Label Studio / YOLO files), annotated images",
-                      reads=("detect", "proposals"), consumes=("model",),
-                      paper="Sec. 4.1 test procedure on any folder of images")
 
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 

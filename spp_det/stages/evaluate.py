@@ -34,17 +34,10 @@ from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.runtime import command_line_keys, run_dir, search_workers
 from spp_det.settings import EvalSettings
-from spp_det.stages import declare
 from spp_det.structures import Detections
 from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
-
-# writes into its run directory; reads the test split only (no training stage reads eval.* or data.test_split)
-STAGE = declare.Stage("eval", "run dir: metrics.json, comp4 result files, report.html",
-                      reads=("eval", "data", "proposals"), consumes=("model",),
-                      paper="Sec. 4.1 test: scores, NMS 0.3; VOC devkit AP")
-
 
 def score_detections(
     records,

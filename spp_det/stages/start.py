@@ -22,10 +22,18 @@ from spp_det.settings import ModelSettings, PretrainSettings
 log = logging.getLogger(__name__)
 
 
+def pretrain_skipped(cfg: DictConfig) -> str | None:
+    """Why this config does not pretrain its own backbone (ImageNet ``model.weights`` given, or
+    ``pretrain.enabled=false``), None when it does: the one statement of the rule."""
+    if ModelSettings.of(cfg.model).weights:
+        return "ImageNet weights given"
+    return None if PretrainSettings.of(cfg.pretrain).enabled else "pretrain.enabled=false"
+
+
 def pretrain_configured(cfg: DictConfig) -> bool:
-    """Whether this config pretrains its own backbone (``pretrain.enabled`` and no ImageNet
-    ``model.weights``): then ``spp-det pretrain`` writes ``work_dir/pretrain.pt`` and finetune starts from it."""
-    return bool(PretrainSettings.of(cfg.pretrain).enabled) and not ModelSettings.of(cfg.model).weights
+    """Whether this config pretrains its own backbone (``pretrain_skipped`` gives no reason): then
+    ``spp-det pretrain`` writes ``work_dir/pretrain.pt`` and finetune starts from it."""
+    return pretrain_skipped(cfg) is None
 
 
 def backbone_source(cfg: DictConfig) -> Path | None:
