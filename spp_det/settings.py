@@ -363,9 +363,8 @@ class BenchSettings(GroupSettings):
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """A run's settings: the top-level keys of ``configs/config.yaml`` typed, and each group's settings
-    (read when first asked for). ``cfg`` is the composed config itself: what settings keys hash
-    (``spp_det.stages.declare``) and what is merged to derive another run's config."""
+    """A run's settings: the top-level keys of ``configs/config.yaml``, typed; ``cfg``: the composed
+    config itself (what settings keys hash, ``spp_det.stages.declare``)."""
 
     cfg: Any
     stage: str
@@ -393,15 +392,6 @@ class RunSettings:
     def given(self, *keys: str) -> bool:
         """Whether the command line sets any of ``keys`` (always, for a config passed whole)."""
         return self.command_line is None or bool(set(keys) & set(self.command_line))
-
-    def __getattr__(self, name: str):
-        """``run.data``, ``run.model``, ...: the settings of a group of ``GROUPS``, read once."""
-        if name not in GROUPS:
-            raise AttributeError(name)
-        groups = self.__dict__.setdefault("_groups", {})
-        if name not in groups:
-            groups[name] = GROUPS[name].from_cfg(self.cfg[name])
-        return groups[name]
 
 
 # the groups read into settings here (svm: spp_det.heads.svm.SVMSettings; synth: spp_det.data.synth.SynthSettings)

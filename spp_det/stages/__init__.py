@@ -9,8 +9,9 @@ from __future__ import annotations
 from spp_det.artifact import BBOXREG, CONV5_CACHE, FINETUNE, MODEL, PRETRAIN, PROPOSALS_CACHE, SVM
 from spp_det.stages.declare import NOT_TRAINING_DATA, TRAINING_DATA, TRAINING_SPLITS, Folder, Key, Stage, head_key
 
-# what a user sets most often in a training stage
+# what a user sets most often in a training stage; what the stages that train a head declare besides
 _TRAINING = ("experiment", "name", "data.root", "data.classes", "device")
+_HEAD = dict(common=_TRAINING, splits=TRAINING_SPLITS, split_check=True, lock=True, caches=True, in_train=True)
 # the data keys pretraining reads (on its own splits when pretrain.train_split / val_split are set)
 _PRETRAIN_DATA = tuple(f"data.{k}" for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
                                              "use_difficult", "max_images"))
@@ -19,14 +20,13 @@ WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iter
                "start_from", "window_proposals", "frozen_convs")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("synth", "write the synthetic VOC-layout dataset (data.root=DIR)", groups=("synth", "data"),
-          common=("data.root", "synth.num_images", "synth.pretrain_images", "synth.classes", "synth.overwrite",
-                  "experiment"),
+    Stage("synth", "write the synthetic VOC-layout dataset (data.root=DIR)", groups=("synth", "data"), common=(
+        "data.root", "synth.num_images", "synth.pretrain_images", "synth.classes", "synth.overwrite", "experiment"),
           writes=(Folder("data.root", "the synthetic dataset (data.root)", own=False),)),
     Stage("proposals", "compute and cache selective-search boxes for a split", groups=("proposals", "data"),
           common=("data.root", "proposals", "proposals.max_boxes", "num_workers", "experiment"),
-          splits=("train", "val", "test"), caches=True, in_train=True,
-          writes=(Folder("proposals.export", "proposals.export", own=False, parent=True),),
+          splits=("train", "val", "test"), caches=True, in_train=True, writes=(Folder("proposals.export", "proposals.export",
+                                                                                      own=False, parent=True),),
           # a content-keyed cache (image bytes, the box-changing settings: declare.proposals_cache);
           # proposals.export and proposals.split only say what to fill and where to copy the boxes
           keys=(Key("proposals", f"cache_dir/{PROPOSALS_CACHE}/", reads=("proposals", "data"),
@@ -54,12 +54,9 @@ STAGES: tuple[Stage, ...] = (
                     consumes=("backbone", "proposals"), ignores=("model.backbone_checkpoint", *NOT_TRAINING_DATA),
                     paper="Sec. 3.1.2 / 4.1 fine-tuning"),)),
     Stage("svm", "train per-class linear SVMs with hard-negative mining", groups=("svm", "model", "data", "proposals"),
-          common=_TRAINING, splits=TRAINING_SPLITS, split_check=True, lock=True, caches=True, in_train=True,
-          keys=(head_key("svm", SVM, "Sec. 4.1 SVMs (R-CNN hard-negative mining)"),)),
-    Stage("bboxreg", "train per-class box regressors on pool5 features",
-          groups=("bboxreg", "model", "data", "proposals"), common=_TRAINING, splits=TRAINING_SPLITS,
-          split_check=True, lock=True, caches=True, in_train=True,
-          keys=(head_key("bboxreg", BBOXREG, "R-CNN appendix C (box regression)"),)),
+          keys=(head_key("svm", SVM, "Sec. 4.1 SVMs (R-CNN hard-negative mining)"),), **_HEAD),
+    Stage("bboxreg", "train per-class box regressors on pool5 features", groups=("bboxreg", "model", "data", "proposals"),
+          keys=(head_key("bboxreg", BBOXREG, "R-CNN appendix C (box regression)"),), **_HEAD),
     Stage("train", "run every training stage in order, skipping current ones",
           groups=("data", "model", "proposals", "pretrain", "finetune", "svm", "bboxreg"),
           common=("experiment", "name", "data.root", "data.classes", "data.train_split", "data.val_split", "model",
@@ -84,14 +81,12 @@ STAGES: tuple[Stage, ...] = (
                     paper="Sec. 4.1 test procedure on any folder of images"),)),
     Stage("export", "write a trained model.pt as ONNX graphs for onnxruntime (export.output=DIR)",
           groups=("export", "detect", "eval"), common=("export.checkpoint", "export.output", "name", "export.verify"),
-          needs_model=True,
-          keys=(Key("export", "export.output: conv5.onnx, head.onnx, spp_det_onnx.json", reads=("export", "detect"),
-                    consumes=("model",),
-                    paper="Sec. 4.1 test procedure, as two ONNX graphs and the pooling between them"),)),
+          needs_model=True, keys=(Key("export", "export.output: conv5.onnx, head.onnx, spp_det_onnx.json",
+                                      reads=("export", "detect"), consumes=("model",),
+                                      paper="Sec. 4.1 test procedure, as two ONNX graphs and the pooling between them"),)),
     Stage("report", "rebuild report.html of an eval run: spp-det report RUN_DIR (no model)", plain=True),
-    Stage("bench", "time SPP-net against R-CNN mode, seconds per image by step",
-          groups=("bench", "model", "proposals", "eval"),
-          common=("bench.num_images", "bench.precisions", "experiment", "model", "device")),
+    Stage("bench", "time SPP-net against R-CNN mode, seconds per image by step", groups=(
+        "bench", "model", "proposals", "eval"), common=("bench.num_images", "bench.precisions", "experiment", "model", "device")),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

@@ -52,14 +52,9 @@ class Key:
     ignores: tuple[str, ...] = ()
     paper: str = ""  # where the paper describes the step (docs/ARCHITECTURE.md)
 
-    @property
-    def cache(self) -> bool:
-        """Whether the artifact is a content-keyed cache (``cache_dir/<name>/``), not a file in ``work_dir``."""
-        return self.artifact.startswith("cache_dir/")
-
     def path(self, cfg: DictConfig) -> Path:
-        """Where a training stage's artifact lies: ``cache_dir/<name>`` or ``work_dir/<file>``."""
-        if self.cache:
+        """Where a training stage's artifact lies: ``cache_dir/<name>`` (a content-keyed cache) or ``work_dir/<file>``."""
+        if self.artifact.startswith("cache_dir/"):
             return Path(cfg.cache_dir) / self.artifact.removeprefix("cache_dir/").rstrip("/")
         return Path(cfg.work_dir) / self.artifact
 
@@ -72,10 +67,8 @@ def head_key(name: str, artifact: str, paper: str) -> Key:
 
 
 class Folder(NamedTuple):
-    """A folder a stage writes, named by a config key (skipped when the key is unset): checked
-    before any work. ``own``: only spp-det writes there (killed runs' temporaries are cleared);
-    ``parent``: the key names a file, the folder is the one holding it."""
-
+    """A folder a stage writes, named by a config key (none when unset), checked before any work. ``own``: only
+    spp-det writes there (killed runs' temporaries are cleared); ``parent``: the key names a file in the folder."""
     key: str
     what: str
     own: bool = True
