@@ -12,9 +12,8 @@ key is unchanged, see ``spp_det.io.artifact_is_current``) is derived from it by 
              every consumed artifact's content hash (a file's bytes; a cache's own content key)}
 
 So a key no trained stage declares (``eval.*``, ``detect.*``, ``bench.*``, ``data.test_split``,
-``proposals.export``) never retrains anything, and a key a stage reads always reruns it. A stage
-that did no work returns ``Skipped(why)`` (exit status 0), which ``spp-det train`` reports.
-Imports nothing heavy: the CLI reads the declarations for ``--help`` without torch.
+``proposals.export``) never retrains anything, and a key a stage reads always reruns it. Imports
+nothing heavy: the CLI reads the declarations for ``--help`` without torch.
 """
 from __future__ import annotations
 
