@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             sys.exit(int(code))
 
-    # the run's own record of what its command line set (spp_det.settings.RunSettings.command_line)
+    # the run's own record of what its command line set (command_line of spp_det.settings.RunSettings)
     added = [f"stage={name}", "command_line=[" + ",".join(f"'{override_key(o)}'" for o in overrides) + "]"]
     if print_only:
         sys.argv = [f"spp-det {name}", *with_overrides(args, added)]
