@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGES = ("proposals", "pretrain", "features", "finetune", "svm", "bboxreg")
+from spp_det.stages import STAGES as DECLARED
+
+STAGES = tuple(s.name for s in DECLARED if s.in_train)  # spp-det train's stages, in its order
 # ref16-sized: ZF-5 at width 1/8, two tiny scales, a few epochs and iterations, checkpoints often
 TINY = ["experiment=demo_zf5", "device=cpu", "num_workers=1", "synth.num_images=24", "synth.pretrain_images=40",
         "model.width=0.125", "model.fc_dim=64", "model.scales=[96,128]", "model.max_size=200",

@@ -1,8 +1,9 @@
 """``spp-det STAGE [hydra overrides...]``: one console script for every stage.
 
-Each stage is a module with ``run(cfg) -> int | None``; the CLI composes ``configs/config.yaml``
-with Hydra (so ``--cfg job``, ``hydra.run.dir=...`` and strict key checking work as in any Hydra
-app), sets ``stage``, and calls it. A stage whose module does not exist yet says so and exits 2.
+Each stage is declared in ``spp_det.stages.STAGES`` (its module's ``run(cfg) -> int | None``, its
+help line, the groups it reads, its checks); the CLI composes ``configs/config.yaml`` with Hydra
+(so ``--cfg job``, ``hydra.run.dir=...`` and strict key checking work as in any Hydra app), sets
+``stage``, runs the checks the declaration names, and calls it.
 
 Mistakes get one message on stderr and an exit code, never a traceback (README "Command line and
 configs"): the command line is composed once here before Hydra runs, so an unknown key or option
@@ -12,7 +13,6 @@ that need no work (split files, the model file) run before Hydra makes the run d
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import os
 import re
@@ -22,19 +22,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from spp_det import __version__
-from spp_det.config import (PLAIN_STAGES, STAGES, ConfigsNotFound, compose, config_dir, config_groups, load_stage,
-                             moved_key_errors, override_key)
+from spp_det.config import ConfigsNotFound, compose, config_dir, config_groups, moved_key_errors, override_key
 from spp_det.errors import UserError
+from spp_det.stages import BY_NAME, STAGES
+from spp_det.stages.declare import Stage
 
 # Exit codes (README "Command line and configs"); a stage's own non-zero status passes through.
 EXIT_FAILED = 1  # the run stopped on its input or settings (a UserError: the message names the file or key)
 EXIT_USAGE = 2   # the command line is wrong: unknown stage, key or option, a value of the wrong form
-
-# Stages that train or score on the dataset's splits: their split files are checked before any work.
-SPLIT_STAGES = {"features": True, "finetune": True, "svm": True, "bboxreg": True, "train": True, "eval": False}
-
-# Stages that write work_dir's artifacts: one such run per work_dir at a time (its lock, artifact.RUN_LOCK).
-WORK_DIR_STAGES = ("pretrain", "finetune", "svm", "bboxreg", "train")
 
 # Hydra options that only print something: the stage does not run.
 PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
@@ -53,12 +48,12 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 def usage() -> str:
-    width = max(map(len, STAGES))
+    width = max(len(s.name) for s in STAGES)
     lines = [
         "usage: spp-det STAGE [key=value ...] [--cfg job] [hydra options]",
         "",
         "SPP-net object detection. Stages:",
-        *(f"  {name:<{width}}  {text}" for name, (_, text) in STAGES.items()),
+        *(f"  {s.name:<{width}}  {s.help}" for s in STAGES),
         "",
         "Overrides are Hydra's key=value (e.g. data.root=DIR device=cpu experiment=demo).",
         "`spp-det STAGE --help` lists what a stage reads; `spp-det STAGE --cfg job` prints its whole config.",
@@ -140,45 +135,45 @@ def unbracketed_lists(stage: str, overrides: list[str], cfg) -> list[str]:
     return messages
 
 
-def preflight(stage: str, cfg) -> None:
-    """Checks that need no work, before Hydra makes the run directory: the settings of every group
-    the stage reads (complete and valid: spp_det.settings), the dataset's split files (no image in two
-    of train / val / test, no empty split) and the model file of eval / detect."""
-    from spp_det.cli_help import STAGE_GROUPS
+def preflight(stage: Stage, cfg) -> None:
+    """Checks that need no work, before Hydra makes the run directory, as the stage declares them: the
+    settings of every group it reads (complete and valid: spp_det.settings), the dataset's split
+    files (no image in two of train / val / test, no empty split) and the model file it loads
+    (none when ``eval.results_dir`` scores existing result files)."""
+    from omegaconf import OmegaConf
+
     from spp_det.settings import check_groups
 
-    check_groups(cfg, STAGE_GROUPS.get(stage, ()))
-    if stage in SPLIT_STAGES:
+    check_groups(cfg, stage.groups)
+    if stage.split_check:
         from spp_det.data.voc import check_splits
 
-        check_splits(cfg.data, training=SPLIT_STAGES[stage])
-    if stage in ("detect", "export") or (stage == "eval" and not cfg.eval.results_dir):
+        check_splits(cfg.data, training="train" in stage.splits)
+    if stage.needs_model and not OmegaConf.select(cfg, f"{stage.name}.results_dir", default=None):
         from spp_det.stages.detect import checkpoint_path
 
-        checkpoint_path(cfg, stage)
+        checkpoint_path(cfg, stage.name)
 
 
-def output_locations(stage: str, cfg) -> list[tuple[str, str, bool]]:
-    """``(folder, what, own)`` for every place ``stage`` writes, checked before any work; ``own``: a
-    folder only spp-det writes (not the user's dataset), cleared of killed runs' temporaries."""
+def output_locations(stage: Stage, cfg) -> list[tuple[str, str, bool]]:
+    """``(folder, what, own)`` for every place ``stage`` writes (its declaration), checked before any
+    work; ``own``: a folder only spp-det writes (not the user's dataset), cleared of killed runs' temporaries."""
     from omegaconf import OmegaConf
 
     run_dir = OmegaConf.select(cfg, "hydra.run.dir", default=None, throw_on_resolution_failure=False)
     places = [(run_dir or str(cfg.work_dir), "the run's log directory (hydra.run.dir)", True)]
-    if stage in WORK_DIR_STAGES:
+    if stage.lock:
         places.append((str(cfg.work_dir), "the stage artifacts (work_dir)", True))
-    if stage in (*WORK_DIR_STAGES, "proposals", "features", "eval", "detect"):
+    if stage.caches:
         places.append((str(cfg.cache_dir), "the proposals and conv5 caches (cache_dir)", True))
-    if stage == "proposals" and cfg.proposals.export:
-        places.append((str(Path(str(cfg.proposals.export)).parent), "proposals.export", False))
-    if stage == "synth":
-        places.append((str(cfg.data.root), "the synthetic dataset (data.root)", False))
-    if stage == "detect" and cfg.detect.output:
-        places.append((str(cfg.detect.output), "the detections (detect.output)", True))
+    for folder in stage.writes:
+        value = OmegaConf.select(cfg, folder.key, default=None)
+        if value:
+            places.append((str(Path(str(value)).parent if folder.parent else value), folder.what, folder.own))
     return places
 
 
-def claim_outputs(stage: str, cfg, args: list[str]):
+def claim_outputs(stage: Stage, cfg, args: list[str]):
     """Before any work: every output location writable, the work_dir lock of a training stage (rank 0
     under torchrun), and the temporaries of killed runs cleared from spp-det's own folders. Returns
     the held lock (None when the stage takes none)."""
@@ -189,8 +184,8 @@ def claim_outputs(stage: str, cfg, args: list[str]):
     for folder, what, _ in places:
         io.check_writable(folder, what)
     lock = None
-    if stage in WORK_DIR_STAGES and int(os.environ.get("RANK", "0")) == 0:
-        lock = io.lock_folder(cfg.work_dir, RUN_LOCK, " ".join(["spp-det", stage, *args]))
+    if stage.lock and int(os.environ.get("RANK", "0")) == 0:
+        lock = io.lock_folder(cfg.work_dir, RUN_LOCK, " ".join(["spp-det", stage.name, *args]))
     for folder, _, own in places:
         if own and Path(folder).is_dir():
             io.remove_stale_temporaries(folder)
@@ -242,11 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in ("-V", "--version", "version"):
         print(f"spp-det {__version__}")
         sys.exit(0)
-    stage, args = argv[0], argv[1:]
-    if stage not in STAGES:
-        fail(f"unknown stage {stage!r}{nearest(stage, STAGES)}\n\n{usage()}", EXIT_USAGE)
-    if stage in PLAIN_STAGES:  # reads files a run wrote: no config to compose
-        sys.exit(importlib.import_module(STAGES[stage][0]).main(args))
+    name, args = argv[0], argv[1:]
+    if name not in BY_NAME:
+        fail(f"unknown stage {name!r}{nearest(name, BY_NAME)}\n\n{usage()}", EXIT_USAGE)
+    stage = BY_NAME[name]
+    if stage.plain:  # reads files a run wrote: no config to compose
+        sys.exit(stage.function()(args))
     overrides = user_overrides(args)
     moved = moved_key_errors(overrides)
     if moved:
@@ -260,27 +256,25 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     try:  # composed here first: Hydra's own errors would name no alternative (and print a traceback for some)
-        cfg = compose(stage, overrides, hydra=True)
+        cfg = compose(name, overrides, hydra=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        fail(explain_composition_error(exc, stage, overrides), EXIT_USAGE)
-    wrong_lists = unbracketed_lists(stage, overrides, cfg)
+        fail(explain_composition_error(exc, name, overrides), EXIT_USAGE)
+    wrong_lists = unbracketed_lists(name, overrides, cfg)
     if wrong_lists:
         fail("\nspp-det: ".join(wrong_lists), EXIT_USAGE)
     if any(a in ("-h", "--help") for a in args):
         from spp_det.cli_help import stage_help
 
-        print(stage_help(stage, cfg, STAGES[stage][1]))
+        print(stage_help(stage, cfg))
         sys.exit(0)
     if "--hydra-help" in args:
         from spp_det.cli_help import HYDRA_HELP
 
-        print(HYDRA_HELP.format(stage=stage))
+        print(HYDRA_HELP.format(stage=name))
         sys.exit(0)
     print_only = any(a in PRINT_ONLY for a in args)
-    run = None if print_only else load_stage(stage)  # the stage module imports torch: not to print a config
+    run = None if print_only else stage.function()  # the stage module imports torch: not to print a config
     if not print_only:
-        if run is None:
-            fail(f"stage {stage!r} is not built yet in this version", EXIT_USAGE)
         try:
             preflight(stage, cfg)
             lock = claim_outputs(stage, cfg, args)  # noqa: F841 (held until the process ends)
@@ -297,16 +291,17 @@ def main(argv: list[str] | None = None) -> None:
         try:
             code = run(cfg)
         except (UserError, OmegaConfBaseException) as exc:  # a mistake in the input or settings: no traceback
-            print(f"spp-det {stage}: {exc}", file=sys.stderr)
+            print(f"spp-det {name}: {exc}", file=sys.stderr)
             if not remove_if_no_work(run_dir().resolve(), Path(cfg.work_dir).resolve()):
                 log_to_files(str(exc))
             sys.exit(EXIT_FAILED)
         if code:
             sys.exit(int(code))
 
-    added = [f"stage={stage}"]
+    # the run's own record of what its command line set (command_line of spp_det.settings.RunSettings)
+    added = [f"stage={name}", "command_line=[" + ",".join(f"'{override_key(o)}'" for o in overrides) + "]"]
     if print_only:
-        sys.argv = [f"spp-det {stage}", *with_overrides(args, added)]
+        sys.argv = [f"spp-det {name}", *with_overrides(args, added)]
         hydra_main()
         return
     from spp_det import distributed  # here: it imports torch (1.5 s), which help and --cfg do without
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("SPP_DET_RUN_STAMP", stamp)  # configs/config.yaml hydra.run.dir
         if not distributed.is_main():
             added.append("hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ config files
-    sys.argv = [f"spp-det {stage}", *with_overrides(args, added)]
+    sys.argv = [f"spp-det {name}", *with_overrides(args, added)]
     try:
         hydra_main()
     finally:

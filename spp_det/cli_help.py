@@ -15,43 +15,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Config groups each stage reads: its own group (keys listed in full) first. The training stages'
-# declarations (spp_det/stages/declare.py) name the same groups; tests/test_cli.py keeps them equal.
-STAGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "synth": ("synth", "data"),
-    "proposals": ("proposals", "data"),
-    "pretrain": ("pretrain", "model", "data", "proposals"),
-    "features": ("model", "data"),
-    "finetune": ("finetune", "model", "data", "proposals"),
-    "svm": ("svm", "model", "data", "proposals"),
-    "bboxreg": ("bboxreg", "model", "data", "proposals"),
-    "train": ("data", "model", "proposals", "pretrain", "finetune", "svm", "bboxreg"),
-    "eval": ("eval", "data", "proposals"),
-    "detect": ("detect", "eval", "proposals"),
-    "export": ("export", "detect", "eval"),
-    "bench": ("bench", "model", "proposals", "eval"),
-}
-
-# What a user sets most often, per stage (a group name: which option of the group).
-_TRAINING = ("experiment", "name", "data.root", "data.classes", "device")
-COMMON: dict[str, tuple[str, ...]] = {
-    "synth": ("data.root", "synth.num_images", "synth.pretrain_images", "synth.classes", "synth.overwrite", "experiment"),
-    "proposals": ("data.root", "proposals", "proposals.max_boxes", "num_workers", "experiment"),
-    "pretrain": _TRAINING,
-    "features": _TRAINING,
-    "finetune": _TRAINING,
-    "svm": _TRAINING,
-    "bboxreg": _TRAINING,
-    "train": ("experiment", "name", "data.root", "data.classes", "data.train_split", "data.val_split", "model",
-              "device", "seed"),
-    "eval": ("name", "eval.checkpoint", "data.root", "data.test_split", "eval.results_dir", "eval.score_thresh",
-             "experiment", "device"),
-    "detect": ("detect.source", "detect.output", "name", "detect.checkpoint", "detect.score_thresh", "detect.classes",
-               "detect.format", "detect.runtime", "device"),
-    "export": ("export.checkpoint", "export.output", "name", "export.verify"),
-    "bench": ("bench.num_images", "bench.precisions", "experiment", "model", "device"),
-}
-
 HYDRA_HELP = """\
 spp-det {stage} takes Hydra's key=value overrides and these Hydra options:
   --cfg job            print the composed config (--cfg hydra: Hydra's own settings, --cfg all: both)
@@ -103,15 +66,16 @@ def show_value(cfg: DictConfig, key: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def stage_help(stage: str, cfg: DictConfig, summary: str) -> str:
+def stage_help(stage, cfg: DictConfig) -> str:
+    """The help of ``stage`` (a ``spp_det.stages.declare.Stage``: its help line, common overrides and groups)."""
     from spp_det.config import config_dir
 
     configs = config_dir()
     choices = dict(cfg.hydra.runtime.choices)
     width = shutil.get_terminal_size((100, 24)).columns
     comments = {"": yaml_comments(configs / "config.yaml")}
-    groups = STAGE_GROUPS[stage]
-    for group in {*groups, *(k.split(".")[0] for k in COMMON[stage] if "." in k)}:
+    groups, common = stage.groups, stage.common
+    for group in {*groups, *(k.split(".")[0] for k in common if "." in k)}:
         comments[group] = group_comments(configs, group, choices.get(group))
 
     def line(key: str) -> str:
@@ -127,14 +91,14 @@ def stage_help(stage: str, cfg: DictConfig, summary: str) -> str:
         return out if len(out) <= width else out[: width - 3] + "..."
 
     own = groups[0]
-    lines = [f"usage: spp-det {stage} [key=value ...] [--cfg job]", f"{summary}.", "",
+    lines = [f"usage: spp-det {stage.name} [key=value ...] [--cfg job]", f"{stage.help}.", "",
              "Common overrides (current value, then what it means):",
-             *(line(k) for k in COMMON[stage]), "",
+             *(line(k) for k in common), "",
              f"Every key of {own} (configs/{own}/{choices.get(own)}.yaml; set as {own}.KEY=VALUE):",
-             *(line(f"{own}.{k}") for k in cfg[own] if f"{own}.{k}" not in COMMON[stage]), ""]
+             *(line(f"{own}.{k}") for k in cfg[own] if f"{own}.{k}" not in common), ""]
     others = ", ".join(f"{g} ({choices.get(g)})" for g in groups[1:])
     if others:
         lines += textwrap.wrap(f"Also reads the groups {others}, and device, seed, cache_dir, work_dir.", width)
-    lines += [f"The whole composed config: spp-det {stage} [key=value ...] --cfg job (one group: --cfg job -p GROUP).",
+    lines += [f"The whole composed config: spp-det {stage.name} [key=value ...] --cfg job (one group: --cfg job -p GROUP).",
               "Lists take brackets: 'data.classes=[cat,dog]'. Hydra's options: spp-det STAGE --hydra-help."]
     return "\n".join(lines)

@@ -1,35 +1,14 @@
-"""The configuration as every layer sees it: where ``configs/`` is, how it is composed, the stage
-table and the keys that have moved. Imports nothing of spp_det but ``errors`` (the bottom layer,
-docs/ARCHITECTURE.md), so the CLI, the stages and the tests compose the same config the same way.
+"""The configuration as every layer sees it: where ``configs/`` is, how it is composed and the keys
+that have moved (the stages are declared in ``spp_det.stages``). Imports nothing of spp_det but
+``errors`` (the bottom layer, docs/ARCHITECTURE.md), so the CLI, the stages and the tests compose
+the same config the same way.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 from spp_det.errors import UserError
-
-# The stage table, the one place that lists the stages: name -> (module holding run(cfg), one line of
-# help). Order is the pipeline's. Every module named here is in the stage layer (.importlinter).
-STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("spp_det.stages.synth", "write the synthetic VOC-layout dataset (data.root=DIR)"),
-    "proposals": ("spp_det.stages.proposals", "compute and cache selective-search boxes for a split"),
-    "pretrain": ("spp_det.stages.pretrain", "train backbone + pyramid + fc as a classifier (multi-size)"),
-    "features": ("spp_det.stages.features", "compute and cache conv5 feature maps per image and scale"),
-    "finetune": ("spp_det.stages.finetune", "fine-tune fc6, fc7 and a new fc8 on pooled pyramid vectors"),
-    "svm": ("spp_det.stages.svm", "train per-class linear SVMs with hard-negative mining"),
-    "bboxreg": ("spp_det.stages.bboxreg", "train per-class box regressors on pool5 features"),
-    "train": ("spp_det.stages.train", "run every training stage in order, skipping current ones"),
-    "eval": ("spp_det.stages.evaluate", "detect on a test split and compute VOC / COCO mAP"),
-    "detect": ("spp_det.stages.detect", "detect objects in a folder of images"),
-    "export": ("spp_det.stages.export", "write a trained model.pt as ONNX graphs for onnxruntime (export.output=DIR)"),
-    "report": ("spp_det.stages.report", "rebuild report.html of an eval run: spp-det report RUN_DIR (no model)"),
-    "bench": ("spp_det.stages.bench", "time SPP-net against R-CNN mode, seconds per image by step"),
-}
-
-# Stages taking plain arguments instead of Hydra overrides; their module has main(argv) -> int.
-PLAIN_STAGES = ("report",)
 
 # Keys that moved out of the model group (only eval / detect or bench read them, so no training
 # stage declares them: spp_det/stages/declare.py); the old spelling gets an error naming the new.
@@ -87,15 +66,3 @@ def compose_config(overrides: list[str] | None = None, stage: str = "test"):
     if moved:
         raise UserError("; ".join(moved))
     return compose(stage, list(overrides or []))
-
-
-def load_stage(stage: str):
-    """The stage's ``run`` function, or ``None`` when that stage is not built yet."""
-    module_name = STAGES[stage][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None
-        raise
-    return getattr(module, "run", None)

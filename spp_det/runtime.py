@@ -48,16 +48,6 @@ def run_dir() -> "Path":
     return Path.cwd()
 
 
-def command_line_keys() -> set[str] | None:
-    """The keys the command line of this Hydra run sets (``data.classes``, ``data`` for ``data=synth``),
-    or None outside a Hydra run (a stage called as a function)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-
-
 def reset_peak_rss() -> None:
     """Reset this process's peak resident memory (Linux ``clear_refs``), so the next
     ``peak_rss_mb`` measures one stage. Silently does nothing where unsupported."""

@@ -361,6 +361,39 @@ class BenchSettings(GroupSettings):
     onnxruntime: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """A run's settings: the top-level keys of ``configs/config.yaml``, typed; ``cfg``: the composed
+    config itself (what settings keys hash, ``spp_det.stages.declare``)."""
+
+    cfg: Any
+    stage: str
+    name: str
+    device: str
+    seed: int
+    num_workers: int
+    allow_random_backbone: bool
+    work_dir: str
+    cache_dir: str
+    conv5_cache: bool
+    # the keys the command line set (the CLI fills it: ``data.classes``, ``data`` for ``data=synth``);
+    # None for a config passed whole (scripts, tests): then every key counts as given
+    command_line: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, cfg) -> "RunSettings":
+        """``cfg`` when it already is a ``RunSettings``, else the composed config read into one."""
+        if isinstance(cfg, cls):
+            return cfg
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "cfg"]
+        values = {n: plain(cfg[n]) for n in names}
+        return cls(cfg, **{**values, "command_line": as_tuple(values["command_line"])})
+
+    def given(self, *keys: str) -> bool:
+        """Whether the command line sets any of ``keys`` (always, for a config passed whole)."""
+        return self.command_line is None or bool(set(keys) & set(self.command_line))
+
+
 # the groups read into settings here (svm: spp_det.heads.svm.SVMSettings; synth: spp_det.data.synth.SynthSettings)
 GROUPS: dict[str, type[GroupSettings]] = {cls.GROUP: cls for cls in (
     DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings, EvalSettings,

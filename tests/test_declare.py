@@ -5,6 +5,7 @@ stage's settings key and retrains nothing under ``spp-det train``; a key a stage
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spp_det.config import compose_config
-from spp_det.stages import bboxreg, declare, finetune, pretrain, svm
+from spp_det.stages import STAGES, bboxreg, declare, finetune, pretrain, stage, svm
 
 # keys no training stage reads: test time (eval, detect), benchmarks, where proposals are exported
 NOT_TRAINING = {"eval.scales": "[64,96]", "eval.max_size": 300, "eval.checkpoint": "x.pt", "eval.nms_iou": 0.4,
@@ -80,9 +81,9 @@ def test_consumed_artifacts_count_by_content_not_by_name(tmp_path):
 def test_a_stage_must_be_given_exactly_what_it_declares_it_consumes():
     cfg = compose_config([])
     with pytest.raises(ValueError, match="consumes"):
-        declare.settings_key(cfg, svm.STAGE, {"finetune": None})  # proposals missing
+        declare.settings_key(cfg, svm.KEY, {"finetune": None})  # proposals missing
     with pytest.raises(ValueError, match="consumes"):
-        declare.settings_key(cfg, svm.STAGE, {"finetune": None, "proposals": None, "pretrain": None})
+        declare.settings_key(cfg, svm.KEY, {"finetune": None, "proposals": None, "pretrain": None})
 
 
 def test_an_old_key_spelling_names_the_new_one(tmp_path):
@@ -126,16 +127,83 @@ def test_train_retrains_nothing_for_test_export_or_bench_keys_and_reruns_what_re
     assert svm_only["svm"] == "ran" and svm_only["finetune"] == svm_only["bboxreg"] == "skipped (current)", svm_only
 
 
-def test_the_architecture_doc_shows_every_declared_stage_as_declared():
-    import importlib
-
+def test_the_architecture_tables_are_generated_from_the_declarations():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md").read_text()
-    stages = [pretrain.CROPS, pretrain.WINDOWS, finetune.STAGE, svm.STAGE, bboxreg.STAGE]
-    for module in ("spp_det.stages.proposals", "spp_det.stages.features", "spp_det.stages.assemble",
-                   "spp_det.stages.evaluate", "spp_det.stages.detect", "spp_det.stages.export"):
-        stages.append(importlib.import_module(module).STAGE)
-    missing = [declare.table_row(s) for s in stages if declare.table_row(s) not in doc]
-    assert not missing, "docs/ARCHITECTURE.md lacks (or has another version of) these rows:\n" + "\n".join(missing)
+    for table in (declare.stage_table(STAGES), declare.key_table(STAGES)):
+        assert table in doc, f"docs/ARCHITECTURE.md lacks (or has another version of) this table:\n{table}"
+    assert "| finetune | `spp_det/stages/finetune.py` |" in declare.stage_table(STAGES)
+    assert "| pretrain_windows | `pretrain.pt` |" in declare.key_table(STAGES)
+
+
+def test_usage_and_stage_help_come_from_the_declarations():
+    from spp_det.cli import usage
+    from spp_det.cli_help import stage_help
+    from spp_det.config import compose
+
+    listed = [line.split()[0] for line in usage().splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == [s.name for s in STAGES]
+    changed = dataclasses.replace(stage("svm"), help="a changed line", common=("seed", "svm.C"))
+    lines = stage_help(changed, compose("svm", [], hydra=True)).splitlines()
+    assert lines[1] == "a changed line."
+    common = lines.index("Common overrides (current value, then what it means):")
+    assert [line.split("=")[0].strip() for line in lines[common + 1:common + 3]] == ["seed", "svm.C"]
+    assert "Also reads the groups model" in " ".join(lines)  # the declared groups after the own one
+
+
+def test_the_lock_and_the_output_checks_come_from_the_declarations(tmp_path):
+    from spp_det.artifact import RUN_LOCK
+    from spp_det.cli import claim_outputs, output_locations
+
+    cfg = compose_config([f"work_dir={tmp_path / 'work'}", f"cache_dir={tmp_path / 'cache'}"], stage="svm")
+    for declared in STAGES:
+        places = [what for _, what, _ in output_locations(declared, cfg)]
+        assert ("the stage artifacts (work_dir)" in places) == declared.lock, declared.name
+        assert ("the proposals and conv5 caches (cache_dir)" in places) == declared.caches, declared.name
+    assert claim_outputs(dataclasses.replace(stage("svm"), lock=False), cfg, []) is None
+    lock = claim_outputs(stage("svm"), cfg, [])
+    assert lock is not None and (tmp_path / "work" / RUN_LOCK).is_file()
+
+
+def test_the_split_check_comes_from_the_declarations(tmp_path):
+    from test_cli import leaky_dataset
+
+    from spp_det.cli import preflight
+    from spp_det.data.voc import DatasetError
+
+    data = leaky_dataset(tmp_path / "voc", ["im2", "im3"])
+    cfg = compose_config([f"data.root={data}", "data.year=null", "data.classes=[disc]"], stage="features")
+    with pytest.raises(DatasetError, match="share 2 images"):
+        preflight(stage("features"), cfg)
+    preflight(dataclasses.replace(stage("features"), split_check=False), cfg)  # declared off: no check
+    assert [s.name for s in STAGES if s.split_check] == ["features", "finetune", "svm", "bboxreg", "train", "eval"]
+
+
+class Recorded(declare.Stage):
+    """A declaration whose run records its name in ``calls`` and returns ``outcome``."""
+
+    def function(self):
+        return lambda cfg: CALLS.append(self.name) or OUTCOMES.get(self.name)
+
+
+CALLS: list[str] = []
+OUTCOMES = {"svm": declare.Skipped("current"), "pretrain": declare.Skipped("pretrain.enabled=false")}
+
+
+def test_train_runs_the_declared_stages_in_order_and_reports_what_they_return(tmp_path, monkeypatch):
+    from spp_det.stages import train
+
+    order = [s for s in STAGES if s.in_train]
+    assert [s.name for s in order] == ["proposals", "pretrain", "features", "finetune", "svm", "bboxreg"]
+    fakes = tuple(Recorded(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}) for s in STAGES)
+    monkeypatch.setattr(train, "STAGES", fakes[::-1])  # the list's order is train's order
+    monkeypatch.setattr(train, "assemble", lambda cfg: tmp_path / "model.pt")
+    CALLS.clear()
+    cfg = compose_config([f"work_dir={tmp_path}", "allow_random_backbone=true"], stage="train")
+    assert train.run(cfg) == 0
+    assert CALLS == [s.name for s in order][::-1]
+    statuses = {r["stage"]: r["status"] for r in json.loads((tmp_path / "train_summary.json").read_text())}
+    assert statuses == {"proposals": "ran", "pretrain": "skipped (pretrain.enabled=false)", "features": "ran",
+                        "finetune": "ran", "svm": "skipped (current)", "bboxreg": "ran", "model": "ran"}
 
 
 def test_the_backbone_source_follows_the_config_not_the_files_in_work_dir(tmp_path):

@@ -75,8 +75,9 @@ def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
     return postprocess_boxes(boxes, w, h, float(cfg["min_size"]), cfg["max_boxes"])
 
 
-def settings_key(proposals_cfg) -> dict:
-    """Every setting that changes the boxes (and nothing that only says where they go)."""
+def box_settings(proposals_cfg, with_file: bool = False) -> dict:
+    """Every setting that changes the boxes (and nothing that only says where they go); ``with_file``:
+    with ``backend=precomputed``, the boxes file's SHA-1 too (the settings key of what trains on them)."""
     cfg = _plain(proposals_cfg)
     backend = str(cfg["backend"])
     key = {
@@ -91,12 +92,14 @@ def settings_key(proposals_cfg) -> dict:
         key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(other, ())})
     if {backend, *others} & {"opencv", "edgeboxes"}:
         key["opencv"] = cv2.__version__  # OpenCV's selective search has changed between releases
+    if with_file and backend == "precomputed" and cfg["file"] and Path(cfg["file"]).is_file():
+        key["file"] = hash_file(cfg["file"])
     return key
 
 
 def settings_dir(cache_dir: str | Path, proposals_cfg) -> Path:
     """``<cache_dir>/proposals/<backend>-<settings hash>``."""
-    key = settings_key(proposals_cfg)
+    key = box_settings(proposals_cfg)
     return cache_folder(cache_dir, PROPOSALS_CACHE) / f"{key['backend']}-{hash_settings(key)}"
 
 
@@ -126,7 +129,7 @@ def write_entry(path: Path, boxes: np.ndarray) -> None:
 
 def _write_settings(folder: Path, proposals_cfg) -> None:
     if not (folder / "settings.json").is_file():
-        write_json(settings_key(proposals_cfg), folder / "settings.json")
+        write_json(box_settings(proposals_cfg), folder / "settings.json")
 
 
 def _compute_entry(task: tuple) -> tuple[str, np.ndarray | None, str | None]:

@@ -11,13 +11,8 @@ from omegaconf import DictConfig
 from spp_det import artifact, io
 from spp_det.errors import UserError
 from spp_det.model.build import without_weights
-from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
-
-STAGE = declare.Stage("model", artifact.MODEL, reads=("model", "data.classes"), consumes=("finetune", "svm", "bboxreg"),
-                      paper="the detector of Sec. 4.1 (fc7 -> SVM scores, box regression)")
-
 
 def _stage_file(work_dir: Path, name: str, cfg: DictConfig, required: bool = True) -> dict | None:
     path = work_dir / name

@@ -27,7 +27,6 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
-from spp_det.artifact import BBOXREG
 from spp_det.heads.bboxreg import encode, fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
@@ -35,18 +34,17 @@ from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb
 from spp_det.settings import BboxregSettings, DataSettings
 from spp_det.stages.curves import record_history
-from spp_det.stages import heads
+from spp_det.stages import declare, heads, stage
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = BBOXREG
-STAGE = heads.head_stage("bboxreg", ARTIFACT, "R-CNN appendix C (box regression)")
+(KEY,) = stage("bboxreg").keys
 
 
 def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
-    """``STAGE``'s settings key given the fine-tuned ``finetune_path`` (``spp_det.stages.heads``)."""
-    return heads.settings_key(cfg, STAGE, finetune_path)
+    """The settings key of ``bboxreg.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
+    return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
 
 class Reservoir:
@@ -118,9 +116,9 @@ def run(cfg: DictConfig) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
     bcfg = BboxregSettings.of(cfg.bboxreg)
     t0 = time.perf_counter()
-    started = heads.start(cfg, STAGE)
-    if started is None:
-        return 0
+    started = heads.start(cfg, KEY)
+    if isinstance(started, declare.Skipped):
+        return started
     model, device, artifact, key = started
     classes = list(cfg.data.classes)
     records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors

@@ -55,16 +55,11 @@ from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import proposals_for_file as cached_proposals
-from spp_det.runtime import command_line_keys, resolve_device, run_dir, search_workers
-from spp_det.settings import DetectSettings, EvalSettings
-from spp_det.stages import declare
+from spp_det.runtime import resolve_device, run_dir, search_workers
+from spp_det.settings import DetectSettings, EvalSettings, RunSettings
 from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
-
-STAGE = declare.Stage("detect", "detect.output: detections.jsonl (+ COCO / VOC / Label Studio / YOLO files), annotated images",
-                      reads=("detect", "proposals"), consumes=("model",),
-                      paper="Sec. 4.1 test procedure on any folder of images")
 
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
@@ -268,7 +263,7 @@ def run(cfg) -> int:
 
     detector = load_detector(cfg, "detect")
     classes = list(detector.classes)
-    unread = sorted(k for k in command_line_keys() or () if k == "data" or k.startswith("data."))
+    unread = sorted(k for k in RunSettings.of(cfg).command_line or () if k == "data" or k.startswith("data."))
     if unread:  # said, not silently ignored: the classes and everything else come from the model
         log.warning("spp-det detect does not read %s: it detects the classes of the model (%s); "
                     "detect.classes=[...] keeps some of them", ", ".join(unread), ", ".join(classes))

@@ -32,19 +32,12 @@ from spp_det.evaluation.results import read_results, write_results
 from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
-from spp_det.runtime import command_line_keys, run_dir, search_workers
-from spp_det.settings import EvalSettings
-from spp_det.stages import declare
+from spp_det.runtime import run_dir, search_workers
+from spp_det.settings import EvalSettings, RunSettings
 from spp_det.structures import Detections
 from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
-
-# writes into its run directory; reads the test split only (no training stage reads eval.* or data.test_split)
-STAGE = declare.Stage("eval", "run dir: metrics.json, comp4 result files, report.html",
-                      reads=("eval", "data", "proposals"), consumes=("model",),
-                      paper="Sec. 4.1 test: scores, NMS 0.3; VOC devkit AP")
-
 
 def score_detections(
     records,
@@ -189,17 +182,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def classes_given() -> bool:
-    """Whether the command line names the classes (``data.classes``, or ``synth.classes``, which data=synth
-    reads). Outside a Hydra run (scripts, tests pass whole configs) the config's classes count as given."""
-    keys = command_line_keys()
-    return keys is None or bool(keys & {"data.classes", "synth.classes"})
-
-
 def model_classes(cfg, detector_classes) -> None:
-    """Score the classes the model detects: ``data.classes`` need not repeat what model.pt records,
-    but a list given on the command line must match it."""
-    if list(detector_classes) != list(cfg.data.classes) and not classes_given():
+    """Score the classes the model detects. The rule: ``data.classes`` need not repeat what model.pt
+    records, but classes given on the command line (``data.classes``, or ``synth.classes``, which
+    data=synth reads) must match it. The run's own settings say what its command line set
+    (``RunSettings.command_line``, filled by the CLI); a config passed whole (scripts, tests) gives
+    every key, so its classes must match."""
+    if list(detector_classes) != list(cfg.data.classes) and not RunSettings.of(cfg).given("data.classes", "synth.classes"):
         log.info("eval: the classes of %s: %s", cfg.eval.checkpoint, ", ".join(detector_classes))
         cfg.data.classes = list(detector_classes)
     check_classes(detector_classes, cfg.data.classes, str(cfg.eval.checkpoint))

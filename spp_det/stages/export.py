@@ -47,13 +47,8 @@ from spp_det.errors import UserError
 from spp_det.heads import bboxreg
 from spp_det.io import hash_file, write_json
 from spp_det.settings import DetectSettings, ExportSettings
-from spp_det.stages import declare
 
 log = logging.getLogger(__name__)
-
-STAGE = declare.Stage("export", "export.output: conv5.onnx, head.onnx, spp_det_onnx.json",
-                      reads=("export", "detect"), consumes=("model",),
-                      paper="Sec. 4.1 test procedure, as two ONNX graphs and the pooling between them")
 
 SCORE_TOLERANCE = 1e-3   # export.verify and tests/test_onnx.py: scores (SVM margins) within this
 BOX_TOLERANCE = 1.0      # and boxes within this many pixels

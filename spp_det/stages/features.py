@@ -12,20 +12,13 @@ import torch
 from tqdm import tqdm
 
 from spp_det import distributed
-from spp_det.artifact import CONV5_CACHE
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings
-from spp_det.stages import declare
 from spp_det.stages.start import backbone_source, build_finetune_model
 
 log = logging.getLogger(__name__)
-
-# a content-keyed cache (weights, image bytes, scales): always runs, repeats are cache hits
-STAGE = declare.Stage("features", f"cache_dir/{CONV5_CACHE}/", reads=("model", *declare.TRAINING_DATA), consumes=("backbone",),
-                      ignores=declare.NOT_TRAINING_DATA, paper="Sec. 4.1 conv5 once per image and scale")
-
 
 def split_records(cfg) -> list:
     """Unique records of the train split (+ flips) and the val split, in that order."""

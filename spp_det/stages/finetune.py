@@ -62,7 +62,7 @@ from spp_det.model import new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings, FinetuneSettings
-from spp_det.stages import declare
+from spp_det.stages import declare, stage
 from spp_det.stages.curves import record_history
 from spp_det.stages.start import backbone_source, build_finetune_model, describe_backbone, require_trained_backbone
 from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
@@ -279,7 +279,7 @@ def train_fc(
     seed: int,
     device: torch.device,
     state_path: Path | None = None,
-    settings: str = "",
+    key: str = "",
     on_iteration: Callable[[int, FCClassifier], None] | None = None,
     evaluate_fn: Callable[..., dict] = evaluate,
     seconds: list[float] | None = None,
@@ -291,7 +291,7 @@ def train_fc(
     ``seconds``: see ``Validation`` (this run's entries only: a resumed run's earlier ones were
     timed by the killed run). ``on_iteration(i, net)`` runs after iteration ``i`` (1-based) and its
     checkpoint; tests raise from it to simulate a killed run. Resumes from ``state_path``
-    (``spp_det.training.loop``) when it holds a checkpoint with the same ``settings``.
+    (``spp_det.training.loop``) when it holds a checkpoint with the same settings ``key``.
     """
     if not len(train_pool.fg) and not len(train_pool.bg):
         raise UserError("finetune: no training windows (no ground-truth boxes and no proposals in the training split)")
@@ -303,7 +303,7 @@ def train_fc(
     val_idx = validation_set(val_pool, float(fcfg.fg_fraction), seed) if val_pool is not None else np.zeros(0, np.int64)
     validate = Validation(net, val_pool, val_idx, device, evaluate_fn, seconds)
     # seed stride 1_000_003: the one fine-tuning always used (same batches and masks as before the shared loop)
-    loop = StepLoop("finetune", iterations, net, optimizer, seed, 1_000_003, state_path, settings,
+    loop = StepLoop("finetune", iterations, net, optimizer, seed, 1_000_003, state_path, key,
                     int(fcfg.checkpoint_every), final_checkpoint=False, first=1, extra=validate.state,
                     on_step=None if on_iteration is None else lambda it, _: on_iteration(it, net))
     done, history, extra = loop.resume()
@@ -353,18 +353,15 @@ def keep_best(net: FCClassifier, best: dict, iterations: int, history: list[dict
 # --------------------------------------------------------------------------------------------
 
 
-STAGE = declare.Stage(
-    "finetune", ARTIFACT, reads=("finetune", "model", *declare.TRAINING_DATA, "seed"),
-    consumes=("backbone", "proposals"),  # the backbone file's bytes count, not its name
-    ignores=("model.backbone_checkpoint", *declare.NOT_TRAINING_DATA), paper="Sec. 3.1.2 / 4.1 fine-tuning")
+(KEY,) = stage("finetune").keys
 
 
 def settings_key(cfg: DictConfig, source: Path | None) -> str:
-    """``STAGE``'s settings key (``spp_det.stages.declare``); ``source``: the backbone file or None."""
-    return declare.settings_key(cfg, STAGE, {"backbone": source, "proposals": declare.proposals_cache(cfg.proposals)})
+    """Fine-tuning's settings key (``spp_det.stages.declare``); ``source``: the backbone file or None."""
+    return declare.settings_key(cfg, KEY, {"backbone": source, "proposals": declare.proposals_cache(cfg.proposals)})
 
 
-def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
+def split_pools(cfg: DictConfig, model, key: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
     """The pooled windows of the training split (with its mirrors when ``data.flip``) and of the
     validation split, from the conv5 cache the features stage fills (``build_pool``)."""
     data = DataSettings.of(cfg.data)
@@ -377,9 +374,9 @@ def split_pools(cfg: DictConfig, model, settings: str, device: torch.device) -> 
     use_difficult, seed, fcfg = data.use_difficult, int(cfg.seed), FinetuneSettings.of(cfg.finetune)
     store = cache_folder(cfg.cache_dir, FINETUNE_POOL5_CACHE)
     return (build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,
-                       io.hash_settings([settings, "train"]), "training"),
+                       io.hash_settings([key, "train"]), "training"),
             build_pool(model, cache, val, proposals, fcfg, use_difficult, seed, device, store,
-                       io.hash_settings([settings, "val"]), "validation"))
+                       io.hash_settings([key, "val"]), "validation"))
 
 
 def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
@@ -388,10 +385,9 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     source = backbone_source(cfg)
-    settings = settings_key(cfg, source)
-    if io.artifact_is_current(artifact, settings):
-        log.info("finetune: %s is current; skipped", artifact)
-        return 0
+    key = settings_key(cfg, source)
+    if io.artifact_is_current(artifact, key):
+        return declare.current("finetune", artifact)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     seed = int(cfg.seed)
@@ -406,11 +402,11 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
     model = build_finetune_model(cfg, source).to(device)
     model.eval()
 
-    train_pool, val_pool = split_pools(cfg, model, settings, device)
+    train_pool, val_pool = split_pools(cfg, model, key, device)
     num_classes = len(cfg.data.classes) + 1
     net = FCClassifier(copy.deepcopy(model.head), new_fc8(model.head.out_dim, num_classes, float(fcfg.fc8_std)))
     seconds: list[float] = []
-    val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, settings, on_iteration,
+    val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, key, on_iteration,
                           seconds=seconds)
     history = val_result["history"]
     seconds = [None] * (len(history) - len(seconds)) + seconds  # entries from before a resume: not timed here
@@ -420,7 +416,7 @@ def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | Non
 
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         model.head.load_state_dict(net.head.state_dict())
-        meta = {**io.checkpoint_meta(cfg), "settings": settings, "backbone_source": describe_backbone(cfg, source)}
+        meta = {**io.checkpoint_meta(cfg), "settings": key, "backbone_source": describe_backbone(cfg, source)}
         io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                        "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
                        "meta": meta, "val": val_result}, artifact)

@@ -31,37 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from spp_det import io
 from spp_det.artifact import PRETRAIN, PRETRAIN_CROPS, PRETRAIN_CROPS_STATE, PRETRAIN_STATE
-from spp_det.settings import ModelSettings, PretrainSettings
-from spp_det.stages import declare
+from spp_det.settings import PretrainSettings
+from spp_det.stages import declare, stage
+from spp_det.stages.declare import Skipped
 from spp_det.stages.pretrain_crops import run_crops
 from spp_det.stages.pretrain_windows import run_windows, window_proposals_cfg
+from spp_det.stages.start import pretrain_skipped
 
 log = logging.getLogger(__name__)
 
 ARTIFACT, STATE = PRETRAIN, PRETRAIN_STATE
 CROPS_ARTIFACT, CROPS_STATE = PRETRAIN_CROPS, PRETRAIN_CROPS_STATE  # source=crops+windows: where windows start
-# settings only source=windows reads: a change to them keeps crops+windows' crop phase current
-WINDOW_KEYS = ("windows_per_image", "fg_fraction", "fg_iou", "iterations", "iteration_lr_steps", "log_every",
-               "start_from", "window_proposals", "frozen_convs")
+CROPS, WINDOWS = stage("pretrain").keys  # the two phases' settings keys (spp_det.stages)
 
 
-# the data keys pretraining reads (on its own splits when pretrain.train_split / val_split are set)
-PRETRAIN_DATA = tuple(f"data.{k}" for k in ("root", "year", "train_split", "val_split", "val_fraction", "classes",
-                                            "use_difficult", "max_images"))
-CROPS = declare.Stage(
-    "pretrain_crops", ARTIFACT, reads=("pretrain", "model", *PRETRAIN_DATA, "seed"),
-    # crops never pool windows the way detection does: its scales and projection do not matter
-    ignores=(*(f"pretrain.{k}" for k in WINDOW_KEYS), "model.backbone_checkpoint", "model.scales", "model.max_size",
-             "model.best_scale_area", "model.projection"),
-    paper="Sec. 2.3 / 3.1 classification pretraining, multi-size")
-WINDOWS = declare.Stage(
-    "pretrain_windows", ARTIFACT, reads=("pretrain", "model", *PRETRAIN_DATA, "seed"),
-    consumes=("start_from", "proposals"),  # pretrain.start_from's weights, not its name
-    ignores=("model.backbone_checkpoint", "pretrain.start_from"),
-    paper="not the paper: windows pooled as detection pools them (configs/pretrain)")
-
-
-def settings_key(cfg: DictConfig, phase: declare.Stage | None = None) -> str:
+def settings_key(cfg: DictConfig, phase: declare.Key | None = None) -> str:
     """The settings key of pretraining's ``phase`` (``CROPS`` or ``WINDOWS``; default: the one
     ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``)."""
     if phase is None:
@@ -76,29 +60,25 @@ def settings_key(cfg: DictConfig, phase: declare.Stage | None = None) -> str:
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """Pretrain the backbone (see the module docstring); ``on_epoch(epoch, entry)`` is called after
-    each epoch (tests use it to interrupt a run). Returns 0."""
-    pcfg, model = PretrainSettings.of(cfg.pretrain), ModelSettings.of(cfg.model)
-    if model.weights:
-        log.info("pretrain: skipped: model.weights=%s gives an ImageNet-trained backbone", cfg.model.weights)
-        return 0
-    if not pcfg.enabled:
-        log.info("pretrain: skipped: pretrain.enabled=false (conv layers keep their initial weights "
-                 "unless model.backbone_checkpoint is set)")
-        return 0
+    each epoch (tests use it to interrupt a run). Returns 0 (``Skipped`` when it did no work)."""
+    skipped = pretrain_skipped(cfg)
+    if skipped:
+        log.info("pretrain: skipped: %s", skipped)
+        return Skipped(skipped)
+    pcfg = PretrainSettings.of(cfg.pretrain)
     work_dir = Path(cfg.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
-    settings = settings_key(cfg)
-    if io.artifact_is_current(artifact, settings):
-        log.info("pretrain: %s is current; skipped", artifact)
-        return 0
+    key = settings_key(cfg)
+    if io.artifact_is_current(artifact, key):
+        return declare.current("pretrain", artifact)
     if pcfg.source == "windows":
-        return run_windows(cfg, artifact, state_path, settings, on_epoch)
+        return run_windows(cfg, artifact, state_path, key, on_epoch)
     if pcfg.source == "crops+windows":  # crops first, then windows starting from them
         crops_cfg = OmegaConf.merge(cfg, {"pretrain": {"source": "voc_crops"}})
-        crops_artifact, crops_settings = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, CROPS)
-        if io.artifact_is_current(crops_artifact, crops_settings):
+        crops_artifact, crops_key = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, CROPS)
+        if io.artifact_is_current(crops_artifact, crops_key):
             log.info("pretrain: %s is current; window training starts from it", crops_artifact)
         else:
-            run_crops(crops_cfg, crops_artifact, work_dir / CROPS_STATE, crops_settings, on_epoch)
-        return run_windows(cfg, artifact, state_path, settings, on_epoch, start=crops_artifact)
-    return run_crops(cfg, artifact, state_path, settings, on_epoch)
+            run_crops(crops_cfg, crops_artifact, work_dir / CROPS_STATE, crops_key, on_epoch)
+        return run_windows(cfg, artifact, state_path, key, on_epoch, start=crops_artifact)
+    return run_crops(cfg, artifact, state_path, key, on_epoch)

@@ -138,7 +138,7 @@ def train_classifier(
     device: torch.device,
     seed: int,
     state_path: Path | None = None,
-    settings: str = "",
+    key: str = "",
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` for ``pcfg.epochs`` epochs, epoch ``e`` at input size ``sizes[e % len(sizes)]``
@@ -152,7 +152,7 @@ def train_classifier(
     sizes = [int(s) for s in pcfg.sizes]
     model.to(device)
     optimizer = make_optimizer(model, pcfg.optimizer, pcfg)
-    loop = StepLoop("pretrain", int(pcfg.epochs), model, optimizer, seed, SEED_STRIDE, state_path, settings,
+    loop = StepLoop("pretrain", int(pcfg.epochs), model, optimizer, seed, SEED_STRIDE, state_path, key,
                     on_step=on_epoch)
     done, history, _ = loop.resume()
     net = distributed.ddp(model, device)  # model itself in one process
@@ -233,7 +233,7 @@ def check_crop_settings(pcfg) -> list[int]:
     return sizes
 
 
-def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
+def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, key: str,
               on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """``source=voc_crops`` or ``image_folder``: the multi-size crop classifier; writes ``artifact``."""
     pcfg = PretrainSettings.of(cfg.pretrain)
@@ -251,12 +251,12 @@ def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
 
     model, normalise = build_classifier(cfg, len(train_set.class_names))
     history = train_classifier(model, normalise, train_set, val_set, pcfg, device, int(cfg.seed),
-                               state_path, settings, on_epoch)
+                               state_path, key, on_epoch)
     record_history(cfg, "pretrain_crops", [{"step": h["epoch"] + 1, "lr": h["lr"], "loss": h["loss"], "size": h["size"],
                                             "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
     object_pool = pcfg.pool == "object"
     final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
-    meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": settings,
+    meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": key,
             "class_names": train_set.class_names, "source": str(pcfg.source)}
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         model.cpu()

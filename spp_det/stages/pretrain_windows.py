@@ -102,7 +102,7 @@ def window_accuracy(trainer: WindowTrainer, records, pcfg, seed: int, use_diffic
 
 
 def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed: int,
-                  state_path: Path | None = None, settings: str = "", use_difficult: bool = False,
+                  state_path: Path | None = None, key: str = "", use_difficult: bool = False,
                   on_epoch: Callable[[int, dict], None] | None = None,
                   proposals: dict[str, np.ndarray] | None = None) -> list[dict]:
     """``pcfg.iterations`` iterations, each on one training image (mirrored with probability 1/2) at
@@ -116,7 +116,7 @@ def train_windows(trainer: WindowTrainer, train_records, val_records, pcfg, seed
     optimizer = make_optimizer(params, pcfg.optimizer, pcfg)
     iterations, every = int(pcfg.iterations), max(1, int(pcfg.log_every))
     blocks = -(-iterations // every)
-    loop = StepLoop("pretrain", blocks, params, optimizer, seed, SEED_STRIDE, state_path, settings, on_step=on_epoch)
+    loop = StepLoop("pretrain", blocks, params, optimizer, seed, SEED_STRIDE, state_path, key, on_step=on_epoch)
     done, history, _ = loop.resume()
     trainer.train()
 
@@ -215,7 +215,7 @@ def window_trainer(cfg: DictConfig, num_classes: int, start: Path | None) -> Win
     return WindowTrainer(model, classifier, frozen)
 
 
-def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str,
+def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, key: str,
                 on_epoch: Callable[[int, dict], None] | None = None, start: Path | None = None) -> int:
     """``source=windows``: train on windows of whole training images and write ``artifact``,
     starting from ``pretrain.start_from`` or ``start`` (a crop-pretrained ``pretrain.pt``) when given."""
@@ -243,11 +243,11 @@ def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, settings: str
                  pcfg.window_proposals)
         proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,
                                    workers=int(cfg.num_workers), progress=True)
-    history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, settings,
+    history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, key,
                             DataSettings.of(cfg.data).use_difficult, on_epoch, proposals)
     record_history(cfg, "pretrain_windows", [{"step": h["iteration"], "lr": h["lr"], "loss": h["loss"],
                                               "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
-    meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": settings,
+    meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": key,
             "class_names": ["__background__", *classes], "source": "windows"}
     model.cpu()
     classifier.cpu()

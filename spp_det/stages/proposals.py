@@ -12,34 +12,29 @@ from __future__ import annotations
 import logging
 
 from spp_det import distributed
-from spp_det.artifact import PROPOSALS_CACHE
 from spp_det.data.voc import load_split
 from spp_det.proposals.cache import ProposalImageError, load_proposals
 from spp_det.proposals.precomputed import write_schema
 from spp_det.runtime import num_workers
-from spp_det.stages import declare
+from spp_det.stages import BY_NAME, stage
 
 log = logging.getLogger(__name__)
 
-# a content-keyed cache (image bytes, the box-changing settings: spp_det.stages.declare.proposals_cache);
-# proposals.export and proposals.split only say what to fill and where to copy the boxes
-STAGE = declare.Stage("proposals", f"cache_dir/{PROPOSALS_CACHE}/", reads=("proposals", "data"),
-                      paper="Sec. 4.1 selective search, fast mode (~2,000 windows per image)")
-
-
-def splits_to_fill(cfg, with_test: bool = True) -> list[str]:
-    """``proposals.split`` or the train, val (when set) and test splits (unless not ``with_test``),
+def splits_to_fill(cfg) -> list[str]:
+    """``proposals.split``, or the splits the stage being run reads (``cfg.stage``'s declaration:
+    ``spp-det train`` reads no test image, and eval computes their proposals in workers beside the
+    network; ``spp-det proposals``, and a config of no stage, fill train, val (when set) and test),
     without repeats."""
     if cfg.proposals.split:
         return [str(cfg.proposals.split)]
-    names = [cfg.data.train_split, cfg.data.val_split, cfg.data.test_split if with_test else None]
+    roles = BY_NAME.get(str(cfg.stage), stage("proposals")).splits
+    names = [cfg.data[f"{role}_split"] for role in roles]
     return list(dict.fromkeys(str(n) for n in names if n))
 
 
-def run(cfg, with_test: bool = True) -> int:
-    """Fill the cache for ``splits_to_fill``. ``spp-det train`` passes ``with_test=False``: training
-    never reads the test images, and eval computes their proposals in workers beside the network."""
-    splits = splits_to_fill(cfg, with_test)
+def run(cfg) -> int:
+    """Fill the cache for ``splits_to_fill``."""
+    splits = splits_to_fill(cfg)
     export = cfg.proposals.export
     workers = num_workers(cfg.num_workers)
     exported: dict = {}

@@ -1,5 +1,5 @@
 """``spp-det report RUN_DIR``: rebuild an eval run's ``report.html`` from its files (no model, no
-Hydra: the one stage that takes plain arguments, ``spp_det.config.PLAIN_STAGES``)."""
+Hydra: the one stage declared ``plain`` in ``spp_det.stages.STAGES``)."""
 from __future__ import annotations
 
 import argparse

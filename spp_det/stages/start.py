@@ -1,5 +1,5 @@
 """Where a stage's weights start, decided by the config, never by which files happen to lie in
-``work_dir``: the policy (``pretrain_configured``, ``require_trained_backbone`` and its message),
+``work_dir``: the policy (``pretrain_skipped``, ``require_trained_backbone`` and its message),
 the artifact each stage starts from (``backbone_source``: ``model.backbone_checkpoint`` or
 ``work_dir/pretrain.pt``; ``load_finetuned_model``: ``work_dir/finetune.pt``) and the network built
 from it. Reading the files is ``spp_det.model.weights``'s job.
@@ -22,16 +22,19 @@ from spp_det.settings import ModelSettings, PretrainSettings
 log = logging.getLogger(__name__)
 
 
-def pretrain_configured(cfg: DictConfig) -> bool:
-    """Whether this config pretrains its own backbone (``pretrain.enabled`` and no ImageNet
-    ``model.weights``): then ``spp-det pretrain`` writes ``work_dir/pretrain.pt`` and finetune starts from it."""
-    return bool(PretrainSettings.of(cfg.pretrain).enabled) and not ModelSettings.of(cfg.model).weights
+def pretrain_skipped(cfg: DictConfig) -> str | None:
+    """Why this config does not pretrain its own backbone (ImageNet ``model.weights`` given, or
+    ``pretrain.enabled=false``), None when it does (then ``spp-det pretrain`` writes
+    ``work_dir/pretrain.pt`` and finetune starts from it): the one statement of the rule."""
+    if ModelSettings.of(cfg.model).weights:
+        return "ImageNet weights given"
+    return None if PretrainSettings.of(cfg.pretrain).enabled else "pretrain.enabled=false"
 
 
 def backbone_source(cfg: DictConfig) -> Path | None:
     """Where the conv weights come from, decided by the config, never by which files happen to
     exist: ``model.backbone_checkpoint`` when given; else ``work_dir/pretrain.pt`` when pretraining
-    is configured (``pretrain_configured``; a clear error when it has not run); else None
+    is configured (``pretrain_skipped`` gives no reason; a clear error when it has not run); else None
     (``model.weights``, or the model's own initialisation). Finetune records it in its artifact's meta."""
     model = ModelSettings.of(cfg.model)
     if model.backbone_checkpoint:
@@ -39,7 +42,7 @@ def backbone_source(cfg: DictConfig) -> Path | None:
         if not path.is_file():
             raise UserError(f"model.backbone_checkpoint={path}: file not found")
         return path
-    if not pretrain_configured(cfg):
+    if pretrain_skipped(cfg):
         return None
     pretrain = work_file(cfg, PRETRAIN)
     if not pretrain.is_file():
@@ -52,7 +55,7 @@ def require_trained_backbone(cfg: DictConfig, pretrain_planned: bool = False) ->
     """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
     the backbone needs ``model.weights``, ``model.backbone_checkpoint`` or pretraining configured. ``allow_random_backbone=true`` opts out (tests)."""
     model = ModelSettings.of(cfg.model)
-    if model.weights or pretrain_planned or pretrain_configured(cfg) or model.backbone_checkpoint \
+    if model.weights or pretrain_planned or not pretrain_skipped(cfg) or model.backbone_checkpoint \
             or cfg.allow_random_backbone:
         return
     raise UserError(f"model.backbone={cfg.model.backbone} has neither pretrained weights nor pretraining: its conv "

@@ -42,20 +42,18 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
-from spp_det.artifact import SVM
 from spp_det.errors import UserError
 from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import num_workers, peak_rss_mb
 from spp_det.settings import DataSettings
-from spp_det.stages import heads
+from spp_det.stages import declare, heads, stage
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = SVM
 # keys of cached negatives: image index * KEY_STRIDE + window index (an image has < 2^20 windows)
 KEY_STRIDE = 1 << 20
 
@@ -66,12 +64,12 @@ def trivial_objective(positives: int, settings: SVMSettings) -> float:
     return 2 * settings.C * settings.pos_weight * positives + 0.5 / settings.bias_multiplier ** 2
 
 
-STAGE = heads.head_stage("svm", ARTIFACT, "Sec. 4.1 SVMs (R-CNN hard-negative mining)")
+(KEY,) = stage("svm").keys
 
 
 def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
-    """``STAGE``'s settings key given the fine-tuned ``finetune_path`` (``spp_det.stages.heads``)."""
-    return heads.settings_key(cfg, STAGE, finetune_path)
+    """The settings key of ``svm.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
+    return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
 
 def outcome(svm: ClassSVM) -> SimpleNamespace:
@@ -172,9 +170,9 @@ def run(cfg: DictConfig) -> int:
     """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
     scfg = cfg.svm
     t0 = time.perf_counter()
-    started = heads.start(cfg, STAGE)
-    if started is None:
-        return 0
+    started = heads.start(cfg, KEY)
+    if isinstance(started, declare.Skipped):
+        return started
     model, device, artifact, key = started
     settings = SVMSettings.from_cfg(scfg)
     classes = list(cfg.data.classes)
