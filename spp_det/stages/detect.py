@@ -54,7 +54,7 @@ from spp_det.draw import draw_detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
-from spp_det.proposals import proposals_for_file as cached_proposals
+from spp_det.proposals import cached_proposals
 from spp_det.runtime import command_line_keys, resolve_device, run_dir, search_workers
 from spp_det.settings import DetectSettings, EvalSettings
 from spp_det.stages import declare
