@@ -5,15 +5,14 @@ Boxes are float ``x1, y1, x2, y2``: 0-based, continuous, no "+1" (README "Evalua
 ``(xmin, ymin, xmax, ymax)`` (1-based inclusive pixels) is ``(xmin - 1, ymin - 1, xmax, ymax)``
 here; with this convention the continuous IoU equals the devkit's inclusive "+1" IoU.
 Conversions to and from VOC happen only at the loader and the result writer. numpy arrays on the
-data side; torch tensors (any device) for scaling and deltas, which the network's side uses.
+data side; torch tensors (any device) for scaling and deltas (the network's side).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-# log-size deltas above this are clamped when applied so exp() cannot overflow (torchvision's
-# BoxCoder uses log(1000 / 16) for the same reason)
+# log-size deltas are clamped here so exp() cannot overflow (as torchvision's BoxCoder does)
 MAX_LOG_DELTA = float(np.log(1000.0 / 16))
 
 
@@ -71,11 +70,7 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 def random_windows(height: int, width: int, count: int, rng: np.random.Generator, min_side: float = 16.0) -> np.ndarray:
     """``float32 [count, 4]`` windows inside a ``height x width`` image: side lengths log-uniform
     between ``min_side`` and the image side (like selective-search boxes: many small, some large)."""
-    def sides(limit: int) -> np.ndarray:
-        lo = min(min_side, limit)
-        return np.exp(rng.uniform(np.log(lo), np.log(limit), count))
-
-    w, h = sides(width), sides(height)
+    w, h = (np.exp(rng.uniform(np.log(min(min_side, n)), np.log(n), count)) for n in (width, height))
     x1 = rng.uniform(0, 1, count) * (width - w)
     y1 = rng.uniform(0, 1, count) * (height - h)
     return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)

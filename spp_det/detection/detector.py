@@ -5,10 +5,9 @@
           └─ pool5 x bbox scale ─► per-class box deltas [N, K, 4] ─► boxes (clipped)
           ─► scores > thresh, per-class NMS 0.3, top 100            (postprocess)
 
-One test procedure (``WindowDetector``) over two engines that differ only in how they compute the
-conv5 maps, the pooled vectors and the head's outputs: ``Detector`` in PyTorch (an ``SPPNet`` with
-its SVMs and regressors), ``spp_det.detection.onnx_detector.OnnxDetector`` in onnxruntime (an
-``spp-det export`` folder). Both take every rule around the network from one ``Geometry``.
+One test procedure (``WindowDetector``) over two engines that differ only in how they compute conv5
+maps, pooled vectors and head outputs: ``Detector`` (PyTorch, model.pt) and ``OnnxDetector``
+(``spp_det.detection.onnx_detector``: onnxruntime, an export folder), both ruled by one ``Geometry``.
 
 ``Detector.load(model.pt)`` rebuilds the network from the stored model config with
 ``weights=None`` (nothing is downloaded) and loads every weight from the file.
@@ -25,6 +24,7 @@ import torch
 from spp_det import artifact as model_artifact
 from spp_det.boxes import apply_deltas_in_image
 from spp_det.errors import UserError
+from spp_det.features.scales import ScaledSize
 from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
 from spp_det.model import build_model
@@ -41,30 +41,23 @@ Step = Callable[[str], ContextManager]  # step("fc"): a context adding its secon
 class WindowDetector:
     """The test procedure, shared by both engines: windows -> conv5 at the test scales -> pooled at
     each window's best scale -> head (scores, box deltas) per ``window_batch`` windows -> boxes moved
-    and clipped -> threshold, per-class NMS, top-k; timed by step.
-
-    An engine (a subclass) sets ``classes``, ``scorer``, ``window_batch`` (through ``__init__``),
-    ``geometry`` and ``has_bbox_reg`` and computes the three network steps: ``conv5``, ``pool5``,
-    ``head``."""
+    and clipped -> threshold, per-class NMS, top-k; timed by step. An engine (a subclass) sets
+    ``geometry`` and ``has_bbox_reg`` and computes the network's steps ``conv5_at``, ``pool5``, ``head``."""
 
     geometry: Geometry
     has_bbox_reg: bool  # whether it holds box regressors (detect_pair then scores both)
+    device = torch.device("cpu")  # where the windows, scores and boxes are
 
     def __init__(self, *, classes: Sequence[str], scorer: str, window_batch: int, scorers: Sequence[str],
-                 holder: str):
-        """``scorers``: the scorers the engine holds; ``holder`` names it in the error when ``scorer`` is not one."""
+                 holder: str):  # scorers: those the engine holds; holder names it in the error
         if scorer not in SCORERS:
             raise UserError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
         if scorer not in scorers:
             raise UserError(f"scorer={scorer} needs the fine-tuned fc8, which {holder} does not hold")
         self.classes, self.scorer, self.window_batch = list(classes), scorer, int(window_batch)
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def conv5(self, image: np.ndarray) -> list:
-        """RGB ``uint8 [H, W, 3]`` -> one conv5 map ``[1, C, h_s, w_s]`` per test scale."""
+    def conv5_at(self, image: np.ndarray, size: ScaledSize):
+        """RGB ``uint8 [H, W, 3]`` resized to ``size`` -> its conv5 map ``[1, C, h, w]``."""
         raise NotImplementedError
 
     def pool5(self, maps: list, image_hw: tuple[int, int], windows: torch.Tensor) -> torch.Tensor:
@@ -93,7 +86,7 @@ class WindowDetector:
             return windows.new_zeros(0, k), windows.new_zeros(0, k, 4) if use_reg else windows
         step = functools.partial(self._timed, timings)
         with step("conv5"):
-            maps = self.conv5(image)
+            maps = self.geometry.conv5_per_scale(image, self.conv5_at)  # [1, C, h_s, w_s] per scale
         with step("pool"):
             pool5 = self.pool5(maps, (height, width), windows)
         scores, boxes = [], []
@@ -150,29 +143,17 @@ class Detector(WindowDetector):
                          scorers=SCORERS if fc8 is not None else ("svm",), holder="this model")
         self.model = compress_fc(model.eval(), fc_rank)
         self.autocast = set_precision(self.model, precision)
-        self.precision = precision
-        device = model.device
+        self.device = device = model.device
         self.svm_weight = svm_weight.float().to(device)
         self.svm_bias = svm_bias.float().to(device)
         self.svm_scale = float(svm_scale)
         self.bbox_weight = None if bbox_weight is None else bbox_weight.float().to(device)
+        self.geometry, self.has_bbox_reg = self.model.geometry, bbox_weight is not None
         self.bbox_scale = float(bbox_scale)
         self.fc8 = None if fc8 is None else {k: v.float().to(device) for k, v in fc8.items()}
         if self.svm_weight.shape != (len(self.classes), model.head.out_dim):
             raise UserError(f"SVM weights {tuple(self.svm_weight.shape)} do not fit {len(self.classes)} classes x "
                             f"{model.head.out_dim}-d fc7")
-
-    @property
-    def geometry(self) -> Geometry:
-        return self.model.geometry
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def has_bbox_reg(self) -> bool:
-        return self.bbox_weight is not None
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", *, test_scales=None, test_max_size=None,
@@ -195,9 +176,9 @@ class Detector(WindowDetector):
                    svm_scale=svm["feature_scale"], bbox_weight=None if reg is None else reg["weight"],
                    bbox_scale=1.0 if reg is None else reg["feature_scale"], fc8=art.get("fc8"), **kwargs)
 
-    def conv5(self, image: np.ndarray) -> list[torch.Tensor]:
+    def conv5_at(self, image: np.ndarray, size: ScaledSize) -> torch.Tensor:
         with self.autocast():
-            return self.model.conv5(image)
+            return self.model.conv5_at(image, size)
 
     def pool5(self, maps: list, image_hw: tuple[int, int], windows: torch.Tensor) -> torch.Tensor:
         return self.model.pool5(maps, image_hw, windows)

@@ -1,17 +1,12 @@
 """The exported detector (``spp-det export``) run by onnxruntime: ``detect.runtime=onnxruntime``.
 
-    image ─► resize per scale ─► normalise, pad ─► conv5.onnx ─► conv5 map per scale
-    window ─► best scale ─► project onto conv5 ─► pyramid pooling (numpy) ─► pool5
-    pool5 ─► head.onnx ─► SVM scores [N, K] (softmax [N, K]) and box deltas [N, K, 4]
-          ─► boxes moved and clipped ─► threshold, per-class NMS, top 100      (WindowDetector)
-
-The onnxruntime engine of ``spp_det.detection.detector.WindowDetector``'s test procedure: only the
-two graphs run in onnxruntime; around them every rule is the PyTorch engine's own function, with
-the constants of ``spp_det_onnx.json`` (its ``model`` part read as a ``Geometry``): the sizes, best
-scale, projection and the per-scale loops (``Geometry``), ``normalize_image`` and ``pad_to_minimum``
-(``Backbone.forward``'s), the pyramid's bins (``bin_edges``, through ``spatial_pyramid_pool_numpy``),
-so the two engines cannot drift apart. ``spp_det_onnx.json`` names every constant, for a port to
-another language.
+The onnxruntime engine of the one test procedure (``spp_det.detection.detector.WindowDetector``):
+``conv5.onnx`` once per scale and ``head.onnx`` (fc6, fc7, SVM / softmax scores, box deltas) run in
+onnxruntime, the pyramid pooling in numpy. Every rule around them is the PyTorch engine's own code
+with the constants of ``spp_det_onnx.json`` (its ``model``, a ``Geometry``): sizes, best scale,
+projection, ``normalize_image``, ``pad_to_minimum``, the pyramid's ``bin_edges``
+(``spatial_pyramid_pool_numpy``), so the two engines cannot drift apart. The manifest names every
+constant, for a port to another language.
 """
 from __future__ import annotations
 
@@ -51,6 +46,7 @@ class OnnxDetector(WindowDetector):
         folder = Path(folder)
         manifest = artifact.load_export(folder)
         self.outputs = manifest["head"]["outputs"]  # scorer / "deltas" -> output name
+        self.has_bbox_reg = "deltas" in self.outputs
         super().__init__(classes=manifest["classes"], scorer=scorer, window_batch=window_batch,
                          scorers=[s for s in SCORERS if s in self.outputs], holder=f"the export in {folder}")
         self.geometry = Geometry.of(manifest["model"], test_scales, test_max_size)
@@ -68,16 +64,9 @@ class OnnxDetector(WindowDetector):
             ort.InferenceSession(str(folder / manifest["graphs"][name]), options, providers=providers)
             for name in ("conv5", "head"))
 
-    @property
-    def has_bbox_reg(self) -> bool:
-        return "deltas" in self.outputs
-
-    def conv5(self, image: np.ndarray) -> list[np.ndarray]:
-        """One ``float32 [1, C, h_s, w_s]`` conv5 map per scale (``Geometry.conv5_per_scale``)."""
-        return self.geometry.conv5_per_scale(image, self.conv5_at)
-
     def conv5_at(self, image: np.ndarray, size: ScaledSize) -> np.ndarray:
-        """conv5.onnx of ``image`` resized to ``size``, normalised and padded as ``Backbone`` does."""
+        """conv5.onnx of ``image`` resized to ``size``, normalised and padded as ``Backbone`` does:
+        ``float32 [1, C, h, w]``."""
         x = normalize_image(resize_image(image, size), self.pixel_mean, self.pixel_std)
         x = pad_to_minimum(x, self.geometry.min_input).contiguous()
         return self.conv5_graph.run(None, {"image": x.numpy()})[0]

@@ -113,10 +113,6 @@ class Backbone(nn.Module):
         """RGB ``uint8 [H, W, 3]`` -> ``float32 [1, 3, H, W]`` on the backbone's device, normalised."""
         return normalize_image(image, self.pixel_mean, self.pixel_std)
 
-    def pad_to_minimum(self, x: Tensor) -> Tensor:
-        """``pad_to_minimum`` at this backbone's ``min_input``."""
-        return pad_to_minimum(x, self.min_input)
-
     def body_input(self, x: Tensor) -> Tensor:
         """``x`` padded to ``min_input`` and in channels-last (NHWC) memory: oneDNN's convolutions take
         it without reordering, 1.2-2.9x faster for the whole conv5 on the 2-core EPYC (480 x 640, fp32
@@ -124,7 +120,7 @@ class Backbone(nn.Module):
         704 -> 601 ms; scripts/bench_conv5_layout.py); the values differ only by float rounding
         (max 2e-5). Every forward returns its map in the usual contiguous NCHW layout (the pooling
         op's)."""
-        return self.pad_to_minimum(x).contiguous(memory_format=torch.channels_last)
+        return pad_to_minimum(x, self.min_input).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(self.body_input(x)).contiguous()

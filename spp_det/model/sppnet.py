@@ -4,6 +4,9 @@
     window ─► best scale ─► project onto conv5 ─► pyramid pooling      (SPPNet.pool5; one scale: pool5_at)
     pool5 ─► fc6 ─► ReLU ─► Dropout ─► fc7 ─► ReLU ─► Dropout           (SPPNet.fc7)
 
+The classifiers trained on the way share its modules: ``SPPClassifier`` (crop pretraining) and
+``FCClassifier`` (fine-tuning).
+
 ``conv5_at`` and ``pool5_at`` are the single-scale steps, differentiable (window pretraining trains
 the conv layers through them); ``conv5`` / ``pool5`` run them over every scale. The rules around the
 network (which sizes, which scale per window, projection, pyramid, normalisation constants) are one
@@ -25,7 +28,7 @@ from spp_det.features.backbones import Backbone
 from spp_det.features.projection import RULES, project_windows
 from spp_det.boxes import scale_boxes
 from spp_det.features.scales import ScaledSize, best_scale, resize_image, scaled_sizes
-from spp_det.ops import SpatialPyramidPool
+from spp_det.ops import SpatialPyramidPool, spatial_pyramid_pool
 
 
 class FCHead(nn.Module):
@@ -88,10 +91,6 @@ class Geometry:
         return cls(**{**fields, "scales": tuple(int(s) for s in (scales or fields["scales"])),
                       "max_size": max_size or fields["max_size"]})
 
-    def sizes(self, height: int, width: int) -> list[ScaledSize]:
-        """One ``ScaledSize`` per scale of an image ``height x width``."""
-        return scaled_sizes(int(height), int(width), self.scales, self.max_size)
-
     def cells(self, windows: Tensor, size: ScaledSize | None, map_hw: tuple[int, int]) -> Tensor:
         """Image-pixel ``windows`` ``float Tensor[K, 4]``, scaled by ``size`` (None: already in the input's
         pixels) -> their conv5 cells ``Tensor[K, 4]`` (0-based, inclusive) on a map of ``map_hw`` cells."""
@@ -100,10 +99,9 @@ class Geometry:
         return project_windows(windows, map_hw, self.stride, self.centre0, self.projection, self.release_shrink)
 
     def conv5_per_scale(self, image: np.ndarray, conv5_at: Callable[[np.ndarray, ScaledSize], object]) -> list:
-        """``conv5_at(image, size)`` (RGB ``uint8 [H, W, 3]`` -> a conv5 map) for each scale's size; sizes
-        that ``max_size`` caps alike share one map (computed once)."""
+        """``conv5_at(image, size)`` (a conv5 map) per scale of RGB ``uint8 [H, W, 3]``, once per distinct size."""
         maps: dict[tuple[int, int], object] = {}
-        sizes = self.sizes(image.shape[0], image.shape[1])
+        sizes = scaled_sizes(image.shape[0], image.shape[1], self.scales, self.max_size)
         for size in sizes:
             if (size.height, size.width) not in maps:
                 maps[size.height, size.width] = conv5_at(image, size)
@@ -111,10 +109,9 @@ class Geometry:
 
     def pool5_per_scale(self, maps: Sequence, image_hw: tuple[int, int], windows: Tensor, out: Tensor,
                         pool_at: Callable[[object, Tensor, ScaledSize], Tensor]) -> Tensor:
-        """``out`` ``Tensor[K, D]`` filled with the pyramid vector of each image-pixel window of ``windows``
-        ``float Tensor[K, 4]`` at its best scale (scaled area closest to ``best_scale_area``):
-        ``pool_at(map, windows, size)`` pools some windows on one scale's conv5 map (one per scale in ``maps``)."""
-        sizes = self.sizes(*image_hw)
+        """``out`` ``Tensor[K, D]`` filled with the pyramid vectors of image-pixel ``windows`` ``float Tensor[K, 4]``,
+        each pooled at its best scale by ``pool_at(map, windows, size)`` on that scale's map of ``maps``."""
+        sizes = scaled_sizes(int(image_hw[0]), int(image_hw[1]), self.scales, self.max_size)
         if len(maps) != len(sizes):
             raise ValueError(f"got {len(maps)} conv5 maps for {len(sizes)} scales")
         scale_of = best_scale(windows, sizes, self.best_scale_area)  # [K]
@@ -224,3 +221,52 @@ class SPPNet(nn.Module):
         finally:
             self.train(was_training)
         return pool5, fc7
+
+
+def whole_map_pyramid(conv5: torch.Tensor, levels) -> torch.Tensor:
+    """Spatial pyramid pooling of each *whole* map: ``Tensor[B, C, h, w]`` -> ``Tensor[B, C * sum(n*n)]``.
+
+    One window per image covering every conv5 cell, pooled by the same op detection uses
+    (``spp_det.ops.spatial_pyramid_pool``), so fc6 sees the same vector layout here as on
+    projected windows later.
+    """
+    b, _, h, w = conv5.shape
+    cells = torch.zeros(b, 5, dtype=torch.float32, device=conv5.device)
+    cells[:, 0] = torch.arange(b, dtype=torch.float32, device=conv5.device)
+    cells[:, 3], cells[:, 4] = w - 1, h - 1  # inclusive last cell indices
+    return spatial_pyramid_pool(conv5, cells, levels=tuple(int(n) for n in levels))
+
+
+class SPPClassifier(nn.Module):
+    """``backbone`` -> ``pool`` (whole-map pyramid) -> ``head`` (fc6, fc7) -> ``classifier``.
+
+    ``forward(images float Tensor[B, 3, S, S], backbone-normalised)`` -> logits ``Tensor[B, classes]``;
+    any ``S`` works (that is the point of the pyramid). With ``windows`` ``float Tensor[B, 4]``
+    (input pixels) and a ``window_pool``, each image's window is pooled instead of its whole map.
+    """
+
+    def __init__(self, backbone: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor], head: nn.Module, *,
+                 num_classes: int, fc_dim: int, classifier_std: float = 0.01,
+                 window_pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        self.window_pool = window_pool
+        self.head = head
+        self.classifier = new_fc8(fc_dim, num_classes, classifier_std)
+
+    def forward(self, images: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
+        conv5 = self.backbone(images)
+        pooled = self.pool(conv5) if windows is None or self.window_pool is None else self.window_pool(conv5, windows)
+        return self.classifier(self.head(pooled))
+
+
+class FCClassifier(nn.Module):
+    """``head`` (fc6 -> ReLU -> Dropout -> fc7 -> ReLU -> Dropout) followed by ``fc8``."""
+
+    def __init__(self, head: nn.Module, fc8: nn.Linear):
+        super().__init__()
+        self.head, self.fc8 = head, fc8
+
+    def forward(self, pool5: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.head(pool5))

@@ -58,8 +58,7 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
 from spp_det.features.cache import FeatureCache
-from spp_det.model import new_fc8
-from spp_det.model.classifiers import FCClassifier
+from spp_det.model import FCClassifier, new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings, FinetuneSettings

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from spp_det import distributed, io
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
-from spp_det.model import build_model, init_from_scratch
-from spp_det.model.classifiers import SPPClassifier, whole_map_pyramid
+from spp_det.model import SPPClassifier, build_model, init_from_scratch
+from spp_det.model.sppnet import whole_map_pyramid
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings, PretrainSettings
 from spp_det.stages.curves import record_history
