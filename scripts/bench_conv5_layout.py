@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from spp_det.features.backbones import pad_to_minimum
 from spp_det.model import build_model
 from spp_det.config import compose_config
 
@@ -29,7 +30,7 @@ def ms(fn, repeat: int) -> float:
 
 def nchw(backbone, x):
     """conv5 the plain way: the conv layers on NCHW input, without ``Backbone.body_input``'s layout."""
-    out = backbone.body(backbone.pad_to_minimum(x))
+    out = backbone.body(pad_to_minimum(x, backbone.min_input))
     return out[-1] if isinstance(out, (list, tuple)) else out  # timm's features_only body: one map per level
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from spp_det.heads.bboxreg import apply, encode, fit_regressor, predict, ridge
+from spp_det.boxes import apply_deltas, encode_deltas
+from spp_det.heads.bboxreg import fit_regressor, predict, ridge
 
 
 def test_encode_apply_round_trip():
@@ -14,12 +15,12 @@ def test_encode_apply_round_trip():
     proposals = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 80], dim=1)
     gt = proposals + torch.randn(50, 4, generator=g) * 3
     gt[:, 2:] = torch.maximum(gt[:, 2:], gt[:, :2] + 1)
-    assert torch.allclose(apply(proposals, encode(proposals, gt)), gt, atol=1e-3)
+    assert torch.allclose(apply_deltas(proposals, encode_deltas(proposals, gt)), gt, atol=1e-3)
     # centre/size of continuous boxes: a box shifted by its own width has dx = 1, same size -> dw = 0
-    t = encode(torch.tensor([[0.0, 0.0, 10.0, 20.0]]), torch.tensor([[10.0, 0.0, 20.0, 20.0]]))
+    t = encode_deltas(torch.tensor([[0.0, 0.0, 10.0, 20.0]]), torch.tensor([[10.0, 0.0, 20.0, 20.0]]))
     assert torch.allclose(t, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     # [N, K, 4] deltas broadcast each window over the classes
-    assert apply(proposals, torch.zeros(50, 3, 4)).shape == (50, 3, 4)
+    assert apply_deltas(proposals, torch.zeros(50, 3, 4)).shape == (50, 3, 4)
 
 
 def test_ridge_primal_and_dual_agree_and_shrink_with_lambda():
@@ -41,8 +42,8 @@ def test_box_regression_lowers_the_mean_box_error_on_a_toy_set():
         wh = 40 + torch.rand(n, 2, generator=g) * 60
         gt = torch.cat([xy, xy + wh], 1)
         offsets = torch.randn(n, 4, generator=g) * torch.tensor([0.08, 0.08, 0.1, 0.1])
-        proposals = apply(gt, offsets)  # proposals off their objects
-        true = encode(proposals, gt)
+        proposals = apply_deltas(gt, offsets)  # proposals off their objects
+        true = encode_deltas(proposals, gt)
         mix = torch.randn(4, 64, generator=g)
         feats = torch.relu(true @ mix * 10 + 5) + torch.rand(n, 64, generator=g) * 0.1
         return feats, proposals, gt
@@ -50,7 +51,7 @@ def test_box_regression_lowers_the_mean_box_error_on_a_toy_set():
     feats, proposals, gt = toy(2000)
     w = fit_regressor(feats, proposals, gt, lam=1.0)
     assert w.shape == (65, 4)
-    moved = apply(proposals, predict(feats, w[None])[:, 0])
+    moved = apply_deltas(proposals, predict(feats, w[None])[:, 0])
     err_before = (proposals - gt).abs().mean()
     err_after = (moved - gt).abs().mean()
     assert err_after < 0.5 * err_before, (float(err_before), float(err_after))

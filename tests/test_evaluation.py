@@ -318,7 +318,7 @@ class FakeDetector:
         self.classes = classes
         self.records = records
         self.calls = 0
-        self.model = SimpleNamespace(scales=[160, 320], max_size=640)
+        self.geometry = SimpleNamespace(scales=(160, 320), max_size=640)
 
     def detect(self, image, proposals, score_thresh, nms_iou, max_per_image, bbox_reg=True, timings=None):
         r = self.records[self.calls]

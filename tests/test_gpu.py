@@ -160,8 +160,9 @@ def random_detector(model, classes: int, seed: int = 0):
     from spp_det.detection.detector import Detector
 
     gen = torch.Generator().manual_seed(seed)
-    return Detector(model, [f"c{i}" for i in range(classes)], torch.randn(classes, model.head.out_dim, generator=gen) * 0.01,
-                    torch.zeros(classes), 1.0, torch.randn(classes, model.pool5_dim + 1, 4, generator=gen) * 1e-5, 1.0)
+    return Detector(model=model, classes=[f"c{i}" for i in range(classes)],
+                    svm_weight=torch.randn(classes, model.head.out_dim, generator=gen) * 0.01, svm_bias=torch.zeros(classes),
+                    svm_scale=1.0, bbox_weight=torch.randn(classes, model.pool5_dim + 1, 4, generator=gen) * 1e-5)
 
 
 @pytest.mark.gpu

@@ -59,8 +59,9 @@ def test_compress_fc_replaces_fc6_and_fc7_and_rejects_useless_ranks():
 def detector(model, **kwargs):
     k = 3
     gen = torch.Generator().manual_seed(0)
-    return Detector(model, ["a", "b", "c"], torch.randn(k, model.head.out_dim, generator=gen), torch.zeros(k), 1.0,
-                    torch.randn(k, model.pool5_dim + 1, 4, generator=gen) * 1e-3, 1.0, **kwargs)
+    return Detector(model=model, classes=["a", "b", "c"], svm_weight=torch.randn(k, model.head.out_dim, generator=gen),
+                    svm_bias=torch.zeros(k), svm_scale=1.0,
+                    bbox_weight=torch.randn(k, model.pool5_dim + 1, 4, generator=gen) * 1e-3, **kwargs)
 
 
 def image_and_windows():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spp_det.errors import UserError
+from spp_det.features.backbones import pad_to_minimum
 from spp_det.features.scales import resize_image, scaled_sizes
 from spp_det.features.rcnn import context_windows, rcnn_features
 from spp_det.io import save_torch
@@ -45,7 +46,7 @@ def test_conv5_in_channels_last_equals_the_plain_nchw_network(model):
     size = scaled_sizes(90, 120, [64], 200)[0]
     with torch.no_grad():
         x = model.backbone.normalize(resize_image(img, size))
-        plain = model.backbone.body(model.backbone.pad_to_minimum(x))
+        plain = model.backbone.body(pad_to_minimum(x, model.backbone.min_input))
         fast = model.conv5_at(img, size)
     assert fast.is_contiguous() and fast.shape == plain.shape
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

@@ -83,7 +83,8 @@ def tiny_classifier(num_classes: int) -> pretrain_crops.SPPClassifier:
     torch.manual_seed(0)
     levels = (3, 2, 1)
     head = nn.Sequential(nn.Linear(8 * 14, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.5))
-    return pretrain_crops.SPPClassifier(TinyBackbone(), lambda x: pretrain_crops.whole_map_pyramid(x, levels), head, num_classes, 32)
+    return pretrain_crops.SPPClassifier(TinyBackbone(), lambda x: pretrain_crops.whole_map_pyramid(x, levels), head,
+                                        num_classes=num_classes, fc_dim=32)
 
 
 def normalise(x):

@@ -16,9 +16,9 @@ from spp_det.errors import UserError
 from spp_det.proposals import (
     ProposalFileError,
     ProposalImageError,
+    cached_proposals,
     compute_proposals,
     load_proposals,
-    proposals_for_file,
     read_mat,
     read_schema,
     write_schema,
@@ -280,13 +280,13 @@ def test_cache_hit_miss_and_invalidation(tmp_path, counting_backend):
     assert len(entries) == 7 and all(np.load(p, allow_pickle=False).dtype == np.float32 for p in entries)
 
 
-def test_proposals_for_file_is_cached_by_content(tmp_path, counting_backend):
+def test_cached_proposals_are_cached_by_content(tmp_path, counting_backend):
     image, _ = shapes_image(64)
     a, b = tmp_path / "a.png", tmp_path / "copy_of_a.png"
     Image.fromarray(image).save(a)
     b.write_bytes(a.read_bytes())
-    first = proposals_for_file(a, image, OPENCV, tmp_path / "cache")
-    second = proposals_for_file(b, image, OPENCV, tmp_path / "cache")  # same bytes, other name: a hit
+    first = cached_proposals(a, image, OPENCV, tmp_path / "cache")
+    second = cached_proposals(b, image, OPENCV, tmp_path / "cache")  # same bytes, other name: a hit
     assert len(counting_backend) == 1 and np.array_equal(first, second)
 
 
@@ -298,7 +298,7 @@ def test_worker_processes_fill_the_cache(tmp_path):
         np.testing.assert_array_equal(parallel[r.image_id], compute_proposals(r.load_image(), OPENCV))
 
 
-def test_prefetcher_searches_ahead_in_workers_and_gives_what_proposals_for_file_gives(tmp_path):
+def test_prefetcher_searches_ahead_in_workers_and_gives_what_cached_proposals_gives(tmp_path):
     from spp_det.proposals import ProposalPrefetcher
 
     paths = []
@@ -316,7 +316,7 @@ def test_prefetcher_searches_ahead_in_workers_and_gives_what_proposals_for_file_
     for path, boxes in zip(paths, got):
         image = np.asarray(Image.open(path))
         np.testing.assert_array_equal(boxes, compute_proposals(image, OPENCV))
-        np.testing.assert_array_equal(boxes, proposals_for_file(path, image, OPENCV, cache))  # cached by the workers
+        np.testing.assert_array_equal(boxes, cached_proposals(path, image, OPENCV, cache))  # cached by the workers
     assert len(list(cache.glob("proposals/*/*/*.npy"))) == 3  # 3 distinct images (im3, im4 repeat im0, im1)
     assert torch.get_num_threads() == threads  # given back on close
     with ProposalPrefetcher(paths, OPENCV, cache, workers=2) as prefetch:  # all cached: no processes
@@ -356,7 +356,7 @@ def test_rcnn_mat_import_converts_coordinates(tmp_path):
     records = [type("R", (), {"image_id": "000005", "width": 500, "height": 375, "path": "x"})()]
     assert np.array_equal(load_proposals(records, cfg, tmp_path / "cache")["000005"], table["000005"])
     with pytest.raises(UserError, match="000009"):
-        proposals_for_file(tmp_path / "000009.jpg", np.zeros((10, 10, 3), np.uint8), cfg, tmp_path / "cache")
+        cached_proposals(tmp_path / "000009.jpg", np.zeros((10, 10, 3), np.uint8), cfg, tmp_path / "cache")
 
 
 def test_mat_with_wrong_order_or_shape_says_what_was_expected(tmp_path):

@@ -1,4 +1,4 @@
-"""Drawing the synthetic images of ``spp-det synth`` (written to disk by ``spp_det.data.synth``).
+"""The settings of ``spp-det synth`` and drawing its images (written to disk by ``spp_det.data.synth``).
 
 Classes differ by **shape** only (circle, triangle, square, star, cross, ring; colours are random
 per instance), drawn at random rotations and sizes on textured backgrounds (gradients, stripes,
@@ -16,18 +16,96 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from spp_det.boxes import box_iou
+from spp_det.errors import UserError
 
-if TYPE_CHECKING:  # only for annotations: spp_det.data.synth imports this module
-    from spp_det.data.synth import SynthSettings
-
+SPLITS = ("train", "val", "test")
 DISTRACTORS = ("ellipse", "line", "arc", "zigzag")
 AA_SHIFT = 4  # cv2 sub-pixel bits: vertices at 1/16 px, so small rotated shapes stay exact
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthSettings:
+    """The ``synth`` config group as plain values (see configs/synth/default.yaml for units)."""
+
+    seed: int = 0
+    num_images: int = 300
+    pretrain_images: int = 1000   # configs/synth/default.yaml (tests/test_settings.py keeps them equal)
+    fractions: tuple[tuple[str, float], ...] = (("train", 0.5), ("val", 0.1), ("test", 0.4))
+    min_side: int = 200
+    max_side: int = 640
+    max_aspect: float = 2.0
+    objects_per_image: tuple[int, int] = (1, 5)
+    min_object: float = 16
+    max_object_frac: float = 0.6
+    difficult_below: float = 24
+    small_fraction: float = 0.12
+    truncated_fraction: float = 0.15
+    min_inside: float = 0.5
+    max_overlap_iou: float = 0.35
+    max_occlusion: float = 0.6
+    distractors: tuple[int, int] = (2, 6)
+    min_contrast: float = 90
+    outline_fraction: float = 0.4
+    noise_sigma: tuple[float, float] = (2, 8)
+    jpeg_quality: int = 90
+    overwrite: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "SynthSettings":
+        """From a DictConfig or dict (unknown keys other than ``classes`` are an error)."""
+        from omegaconf import DictConfig, OmegaConf
+
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        raw.pop("classes", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise UserError(f"synth: unknown setting(s) {unknown}; known: {sorted(names)}")
+        if "fractions" in raw:
+            fr = raw["fractions"]
+            if not isinstance(fr, dict) or set(fr) - set(SPLITS):
+                raise UserError(f"synth.fractions must map {list(SPLITS)} to fractions, got {fr!r}")
+            raw["fractions"] = tuple((s, float(fr.get(s, 0.0))) for s in SPLITS)
+        for key in ("objects_per_image", "distractors", "noise_sigma"):
+            if key in raw:
+                value = raw[key]
+                if not isinstance(value, (list, tuple)) or len(value) != 2 or value[0] > value[1]:
+                    raise UserError(f"synth.{key} must be a [low, high] pair, got {value!r}")
+                raw[key] = tuple(value)
+        s = cls(**raw)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        checks = [
+            (self.num_images >= 1, "synth.num_images must be >= 1"),
+            (self.pretrain_images >= 0, "synth.pretrain_images must be >= 0"),
+            (all(f >= 0 for _, f in self.fractions) and sum(f for _, f in self.fractions) > 0,
+             "synth.fractions must be non-negative and not all zero"),
+            (16 <= self.min_side <= self.max_side, "synth.min_side must be >= 16 and <= synth.max_side"),
+            (self.max_aspect >= 1, "synth.max_aspect must be >= 1"),
+            (self.objects_per_image[0] >= 1, "synth.objects_per_image must start at >= 1"),
+            (4 <= self.min_object <= self.max_object_frac * self.min_side,
+             "synth.min_object must be >= 4 px and <= max_object_frac * min_side"),
+            (0 < self.max_object_frac <= 1, "synth.max_object_frac must be in (0, 1]"),
+            (self.min_object <= self.difficult_below, "synth.difficult_below must be >= synth.min_object"),
+            (0 <= self.small_fraction <= 1 and 0 <= self.truncated_fraction <= 1 and 0 <= self.outline_fraction <= 1,
+             "synth.*_fraction must be in [0, 1]"),
+            (0 < self.min_inside <= 1 and 0 <= self.max_occlusion < 1, "synth.min_inside / max_occlusion out of range"),
+            (1 <= self.jpeg_quality <= 100, "synth.jpeg_quality must be in 1..100"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message} (got {self})")
+
 
 # --------------------------------------------------------------------------------------------
 # Shapes (unit polygons, centred; the generator rotates and scales them)

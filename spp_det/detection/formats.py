@@ -165,7 +165,7 @@ class LabelStudioWriter:
     the labelling config atomically. ``url_prefix``: the images' URL prefix, or None for Label
     Studio's local files under ``local_root`` (the folder ``file_name`` is relative to: ``base``)."""
 
-    def __init__(self, output: Path, classes, base: Path, url_prefix: str | None, local_root: str | None,
+    def __init__(self, output: Path, classes, base: Path, *, url_prefix: str | None, local_root: str | None,
                  model_version: str = "spp-det"):
         self.output, self.classes, self.model_version = Path(output), list(classes), model_version
         self.base, self.url_prefix = Path(base).resolve(), url_prefix
@@ -295,6 +295,7 @@ def open_writers(formats, output: Path, classes, base: Path, labelstudio_url: st
     """The writers of ``formats`` besides jsonl (``parse_formats``), made before any work so a bad
     setting stops the run first."""
     makers = {"coco": lambda: CocoWriter(output, classes), "voc": lambda: VocWriter(output, classes),
-              "labelstudio": lambda: LabelStudioWriter(output, classes, base, labelstudio_url, labelstudio_root),
+              "labelstudio": lambda: LabelStudioWriter(output, classes, base, url_prefix=labelstudio_url,
+                                                       local_root=labelstudio_root),
               "yolo": lambda: YoloWriter(output, classes)}
     return [makers[name]() for name in formats if name in makers]

@@ -71,6 +71,24 @@ def minimum_input(layers: Sequence[LayerSpec]) -> int:
     return size
 
 
+def normalize_image(image: np.ndarray | Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """RGB ``uint8 [H, W, 3]`` -> ``float32 [1, 3, H, W]`` on ``mean``'s device: ``(x - mean) / std``
+    with ``mean``, ``std`` ``float32 [1, 3, 1, 1]`` on the 0..255 pixel scale (both detector engines)."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image  # copy: may be read-only
+    if x.dim() != 3 or x.shape[2] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3], got shape {tuple(x.shape)}")
+    x = x.to(mean.device).permute(2, 0, 1)[None].float()
+    return (x - mean) / std
+
+
+def pad_to_minimum(x: Tensor, min_input: int) -> Tensor:
+    """Zero-pad (bottom/right) an input ``[N, C, h, w]`` smaller than ``min_input`` so conv5 has >= 1 cell."""
+    h, w = x.shape[-2:]
+    if h >= min_input and w >= min_input:
+        return x
+    return F.pad(x, (0, max(0, min_input - w), 0, max(0, min_input - h)))
+
+
 class Backbone(nn.Module):
     """Common part: normalisation, small-input padding, the projection constants."""
 
@@ -93,18 +111,7 @@ class Backbone(nn.Module):
 
     def normalize(self, image: np.ndarray | Tensor) -> Tensor:
         """RGB ``uint8 [H, W, 3]`` -> ``float32 [1, 3, H, W]`` on the backbone's device, normalised."""
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image  # copy: may be read-only
-        if x.dim() != 3 or x.shape[2] != 3:
-            raise ValueError(f"image must be uint8 [H, W, 3], got shape {tuple(x.shape)}")
-        x = x.to(self.pixel_mean.device).permute(2, 0, 1)[None].float()
-        return (x - self.pixel_mean) / self.pixel_std
-
-    def pad_to_minimum(self, x: Tensor) -> Tensor:
-        """Zero-pad (bottom/right) an input smaller than ``min_input`` so conv5 has >= 1 cell."""
-        h, w = x.shape[-2:]
-        if h >= self.min_input and w >= self.min_input:
-            return x
-        return F.pad(x, (0, max(0, self.min_input - w), 0, max(0, self.min_input - h)))
+        return normalize_image(image, self.pixel_mean, self.pixel_std)
 
     def body_input(self, x: Tensor) -> Tensor:
         """``x`` padded to ``min_input`` and in channels-last (NHWC) memory: oneDNN's convolutions take
@@ -113,7 +120,7 @@ class Backbone(nn.Module):
         704 -> 601 ms; scripts/bench_conv5_layout.py); the values differ only by float rounding
         (max 2e-5). Every forward returns its map in the usual contiguous NCHW layout (the pooling
         op's)."""
-        return self.pad_to_minimum(x).contiguous(memory_format=torch.channels_last)
+        return pad_to_minimum(x, self.min_input).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(self.body_input(x)).contiguous()

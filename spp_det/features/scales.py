@@ -47,12 +47,6 @@ def resize_image(image: np.ndarray, size: ScaledSize) -> np.ndarray:
     return cv2.resize(image, (size.width, size.height), interpolation=cv2.INTER_LINEAR)
 
 
-def scale_windows(windows: Tensor, size: ScaledSize) -> Tensor:
-    """Image-pixel windows ``Tensor[K, 4]`` -> the same windows in the resized image's pixels."""
-    factors = windows.new_tensor([size.fx, size.fy, size.fx, size.fy])
-    return windows * factors
-
-
 def best_scale(windows: Tensor, sizes: Sequence[ScaledSize], target_area: float) -> Tensor:
     """Index of the scale whose scaled window area is closest to ``target_area`` (224^2).
 

@@ -1,7 +1,7 @@
 """Per-class box regression on pool5 features (R-CNN appendix C, ``rcnn_train_bbox_regressor.m``).
 
-A proposal ``P`` and its ground-truth box ``G`` are parameterised by centre and size, with the
-internal continuous boxes (no "+1"): ``w = x2 - x1``, ``cx = x1 + w / 2`` (same for y). Targets::
+The targets are ``spp_det.boxes.encode_deltas`` of a proposal ``P`` and its ground-truth box ``G``
+(centre and size, internal continuous boxes), ``apply_deltas`` their inverse::
 
     t = ((Gx - Px) / Pw, (Gy - Py) / Ph, log(Gw / Pw), log(Gh / Ph))
 
@@ -16,53 +16,12 @@ Here that back-mapping is folded into the stored weights, so a regressor is one 
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from spp_det.boxes import encode_deltas
 
 # R-CNN whitens the targets with eigenvalues + 0.001 (rcnn_train_bbox_regressor.m)
 WHITEN_EPS = 1e-3
-# log-size deltas above this are clamped at test time so exp() cannot overflow (torchvision's
-# BoxCoder uses log(1000 / 16) for the same reason)
-MAX_LOG_DELTA = float(np.log(1000.0 / 16))
-
-
-def _size_centre(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    return w, h, boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h
-
-
-def encode(proposals: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Targets of ``gt`` ``[N, 4]`` relative to ``proposals`` ``[N, 4]`` -> ``[N, 4]`` (dx, dy, dw, dh)."""
-    pw, ph, px, py = _size_centre(proposals.double())
-    gw, gh, gx, gy = _size_centre(gt.double())
-    pw, ph = pw.clamp(min=eps), ph.clamp(min=eps)
-    return torch.stack([(gx - px) / pw, (gy - py) / ph,
-                        torch.log(gw.clamp(min=eps) / pw), torch.log(gh.clamp(min=eps) / ph)], dim=1).to(proposals.dtype)
-
-
-def apply(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """Move ``boxes`` ``[N, 4]`` by ``deltas`` ``[N, 4]`` or ``[N, K, 4]`` -> boxes of the same shape
-    as ``deltas`` (the inverse of ``encode``)."""
-    dtype = boxes.dtype
-    boxes, deltas = boxes.double(), deltas.double()
-    pw, ph, px, py = _size_centre(boxes)
-    if deltas.dim() == 3:  # [N, K, 4]: broadcast the windows over the classes
-        pw, ph, px, py = (v[:, None] for v in (pw, ph, px, py))
-    dx, dy = deltas[..., 0], deltas[..., 1]
-    dw, dh = deltas[..., 2].clamp(max=MAX_LOG_DELTA), deltas[..., 3].clamp(max=MAX_LOG_DELTA)
-    cx, cy = px + dx * pw, py + dy * ph
-    w, h = pw * torch.exp(dw), ph * torch.exp(dh)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1).to(dtype)
-
-
-def apply_in_image(boxes: torch.Tensor, deltas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``apply`` then clipped to the image ``width x height`` (R-CNN clips too): test time's boxes
-    ``[N, K, 4]``, the same for both runtimes (``spp_det.detection``)."""
-    moved = apply(boxes, deltas)
-    moved[..., 0::2] = moved[..., 0::2].clamp(0, width)
-    moved[..., 1::2] = moved[..., 1::2].clamp(0, height)
-    return moved
 
 
 def ridge(features: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
@@ -95,7 +54,7 @@ def fit_regressor(features: torch.Tensor, proposals: torch.Tensor, gt: torch.Ten
     Targets are centred and whitened as in R-CNN before the ridge solve; the inverse whitening
     and the mean are folded into ``W``.
     """
-    y = encode(proposals, gt).double()  # [N, 4]
+    y = encode_deltas(proposals, gt).double()  # [N, 4]
     mu = y.mean(dim=0)
     yc = y - mu
     cov = yc.T @ yc / max(len(y) - 1, 1)  # [4, 4], MATLAB's cov (N - 1)

@@ -52,8 +52,9 @@ def build_model(model_cfg, pretrained: bool = True) -> SPPNet:
 
 def at_scales(model: SPPNet, scales) -> SPPNet:
     """The same network at other ``scales``: its modules (so its weights) shared, nothing loaded or copied."""
-    return SPPNet(model.backbone, model.pyramid, model.head, scales=list(scales), max_size=model.max_size,
-                  best_scale_area=model.best_scale_area, projection=model.projection)
+    g = model.geometry
+    return SPPNet(model.backbone, model.pyramid, model.head, scales=list(scales), max_size=g.max_size,
+                  best_scale_area=g.best_scale_area, projection=g.projection)
 
 
 def init_from_scratch(backbone: nn.Module) -> None:

@@ -4,23 +4,23 @@ Public API (docs/CONTRACTS.md "Proposals"):
 
 - ``compute_proposals(image uint8 [H, W, 3], proposals_cfg) -> float32 [N, 4]``
 - ``load_proposals(records, proposals_cfg, cache_dir, workers=0, progress=True) -> {image_id: float32 [N, 4]}``
-- ``proposals_for_file(path, image, proposals_cfg, cache_dir) -> float32 [N, 4]``
+- ``cached_proposals(path, image, proposals_cfg, cache_dir) -> float32 [N, 4]``
 - ``record_proposals(record, proposals) -> float32 [N, 4]`` (mirrored for a flipped record)
 - ``ProposalPrefetcher(paths, proposals_cfg, cache_dir, workers)``: ``get(path, image)`` as
-  ``proposals_for_file``, with the next images searched in worker processes meanwhile
+  ``cached_proposals``, with the next images searched in worker processes meanwhile
 """
 from spp_det.proposals.cache import (
     ProposalImageError,
     ProposalPrefetcher,
+    cached_proposals,
     compute_proposals,
     load_proposals,
-    proposals_for_file,
     proposals_for_paths,
     record_proposals,
 )
 from spp_det.proposals.precomputed import ProposalFileError, read_mat, read_schema, write_schema
 
 __all__ = [
-    "ProposalFileError", "ProposalImageError", "ProposalPrefetcher", "compute_proposals", "load_proposals", "proposals_for_file",
+    "ProposalFileError", "ProposalImageError", "ProposalPrefetcher", "cached_proposals", "compute_proposals", "load_proposals",
     "proposals_for_paths", "read_mat", "read_schema", "record_proposals", "write_schema",
 ]

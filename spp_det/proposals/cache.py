@@ -64,7 +64,7 @@ def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
     backend = str(cfg["backend"])
     if backend == "precomputed":
         raise UserError("proposals.backend=precomputed reads boxes by image id: use load_proposals / "
-                        "proposals_for_file, not compute_proposals")
+                        "cached_proposals, not compute_proposals")
     if backend not in BACKENDS:
         raise UserError(f"proposals.backend must be one of {', '.join([*BACKENDS, 'precomputed'])}, not {backend!r}")
     image = np.asarray(image)
@@ -232,7 +232,7 @@ def record_proposals(record, proposals: dict[str, np.ndarray]) -> np.ndarray:
     return flip_boxes(boxes, record.width) if record.flipped else boxes
 
 
-def proposals_for_file(path: str | Path, image: np.ndarray, proposals_cfg, cache_dir: str | Path) -> np.ndarray:
+def cached_proposals(path: str | Path, image: np.ndarray, proposals_cfg, cache_dir: str | Path) -> np.ndarray:
     """``float32 [N, 4]`` proposals of the image file ``path`` whose pixels are ``image``
     (RGB ``uint8 [H, W, 3]``), cached by the file's content + settings. With the precomputed
     backend the file's stem is its image id."""
@@ -274,15 +274,15 @@ class ProposalPrefetcher:
     on the current one, so a folder costs the larger of the two, not their sum (``detect``, ``eval``).
 
     ``paths`` is the order the caller will ask in; ``get(path, image)`` returns ``float32 [N, 4]``
-    exactly as ``proposals_for_file`` would (same cache entries), waiting for a worker when one is
+    exactly as ``cached_proposals`` would (same cache entries), waiting for a worker when one is
     computing that image. At most ``lookahead`` images are in flight, so memory stays bounded and
     nothing is computed far ahead of a run that stops early. ``workers=0``, a precomputed backend or
-    every box already cached: no processes, ``get`` is ``proposals_for_file``. While the workers run,
+    every box already cached: no processes, ``get`` is ``cached_proposals``. While the workers run,
     torch in this process uses the other cores (``cores - workers`` threads, at least 1). Worker processes read images with ``max_pixels``
     (the caller's limit), so an oversized file is refused there as it is by the caller.
     """
 
-    def __init__(self, paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0,
+    def __init__(self, paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0, *,
                  lookahead: int | None = None, max_pixels: int | None = None):
         from concurrent.futures import ProcessPoolExecutor
 
@@ -330,7 +330,7 @@ class ProposalPrefetcher:
                 _, boxes, error = future.result()
                 if error is None:
                     return boxes
-        return proposals_for_file(path, image, self.cfg, self.cache_dir)  # cached, precomputed, or the worker failed
+        return cached_proposals(path, image, self.cfg, self.cache_dir)  # cached, precomputed, or the worker failed
 
     def close(self) -> None:
         if self.pool is not None:

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
-from spp_det.heads.bboxreg import encode, fit_regressor, predict
+from spp_det.boxes import encode_deltas
+from spp_det.heads.bboxreg import fit_regressor, predict
 from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
@@ -140,9 +141,9 @@ def run(cfg: DictConfig) -> int:
         start = time.perf_counter()
         weight[k] = fit_regressor(f.float().to(device) * scale, b.to(device), t.to(device), float(bcfg.lam))
         # training error of the deltas, and without regression (all deltas 0): one row per class
-        error = predict(f.float() * scale, weight[k : k + 1])[:, 0] - encode(b, t)  # [n, 4]
+        error = predict(f.float() * scale, weight[k : k + 1])[:, 0] - encode_deltas(b, t)  # [n, 4]
         rows.append({"step": k + 1, "class": name, "loss": float(error.square().mean()),
-                     "loss_without": float(encode(b, t).square().mean()), "examples": res.seen,
+                     "loss_without": float(encode_deltas(b, t).square().mean()), "examples": res.seen,
                      "seconds": time.perf_counter() - start})
         log.info("bboxreg: %-12s %6d examples (%d used)", name, res.seen, len(f))
     parts = distributed.gather(({k: weight[k] for k in mine}, rows))  # every class's regressor on rank 0

@@ -24,8 +24,10 @@ there is one, as ``profile_<n>scale.txt`` beside ``bench.json`` and in it under 
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
+import tempfile
 from pathlib import Path
 import time
 from typing import Callable, Sequence
@@ -34,32 +36,21 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from spp_det.boxes import random_windows
 from spp_det.data.voc import load_voc
-from spp_det.detection.postprocess import postprocess
+from spp_det.detection.detector import Detector
+from spp_det.detection.onnx_detector import OnnxDetector
 from spp_det.errors import UserError
 from spp_det.features.rcnn import rcnn_features
-from spp_det.heads import bboxreg
 from spp_det.inference import compress_fc, set_precision
 from spp_det.io import write_json
 from spp_det.model import SPPNet, at_scales, build_model
 from spp_det.proposals import compute_proposals
 from spp_det.runtime import resolve_device, run_dir
 from spp_det.settings import BenchSettings, ModelSettings
+from spp_det.stages.export import export_detector, require_onnx
 
 log = logging.getLogger(__name__)
-
-
-def random_windows(height: int, width: int, count: int, rng: np.random.Generator, min_side: float = 16.0) -> np.ndarray:
-    """``float32 [count, 4]`` windows inside the image: side lengths log-uniform between
-    ``min_side`` and the image side (like selective-search boxes: many small, some large)."""
-    def sides(limit: int) -> np.ndarray:
-        lo = min(min_side, limit)
-        return np.exp(rng.uniform(np.log(lo), np.log(limit), count))
-
-    w, h = sides(width), sides(height)
-    x1 = rng.uniform(0, 1, count) * (width - w)
-    y1 = rng.uniform(0, 1, count) * (height - h)
-    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
 
 
 def _timed(fn: Callable, sync: Callable[[], None]):
@@ -106,27 +97,23 @@ def time_rcnn(model: SPPNet, image: np.ndarray, windows: np.ndarray, batch_size:
     return {"total": t, "per_window": t / max(1, len(windows))}
 
 
-@torch.inference_mode()
-def time_heads(model: SPPNet, image: np.ndarray, windows: np.ndarray, num_classes: int,
-               score_thresh: float = -1.5, nms_iou: float = 0.3, max_per_image: int = 100) -> dict:
-    """Seconds for the test-time steps after fc7 on one image: per-class SVM scores, box
-    regression of every window for every class, and post-processing (threshold, per-class NMS,
-    top-k). Random SVM and regressor weights of the real shapes (cost does not depend on values;
-    random scores keep many windows above the threshold, a pessimistic NMS load)."""
-    model.eval()
-    sync = _sync_for(model)
-    maps = model.conv5(image)
-    boxes = torch.as_tensor(windows, device=model.device)
-    pool5 = model.pool5(maps, image.shape[:2], boxes)
-    fc7 = model.fc7(pool5)
-    gen = torch.Generator().manual_seed(0)
-    svm_w = (torch.randn(num_classes, fc7.shape[1], generator=gen) * 0.01).to(fc7.device)
-    reg_w = (torch.randn(num_classes, pool5.shape[1] + 1, 4, generator=gen) * 1e-4).to(fc7.device)
-    scores, t_svm = _timed(lambda: fc7 @ svm_w.T, sync)
-    moved, t_reg = _timed(lambda: bboxreg.apply(boxes, bboxreg.predict(pool5, reg_w)), sync)
-    # NMS where the scores are, as Detector.detect runs it
-    _, t_nms = _timed(lambda: postprocess(moved, scores, score_thresh, nms_iou, max_per_image), sync)
-    return {"svm": t_svm, "bboxreg": t_reg, "nms": t_nms}
+def random_detector(model: SPPNet, classes: Sequence[str]) -> Detector:
+    """``model`` with random SVMs and box regressors of the real shapes for ``classes`` (cost does not
+    depend on the values; random scores keep many windows above the threshold, a pessimistic NMS load)."""
+    gen, k = torch.Generator().manual_seed(0), len(classes)
+    return Detector(model=model, classes=classes, svm_weight=torch.randn(k, model.head.out_dim, generator=gen) * 0.01,
+                    svm_bias=torch.zeros(k), svm_scale=1.0,
+                    bbox_weight=torch.randn(k, model.pool5_dim + 1, 4, generator=gen) * 1e-4)
+
+
+def time_heads(detector: Detector, image: np.ndarray, windows: np.ndarray, score_thresh: float = -1.5,
+               nms_iou: float = 0.3, max_per_image: int = 100) -> dict:
+    """Seconds for the test-time steps after fc7 on one image, as ``detector.detect`` times them:
+    per-class SVM scores, box regression of every window for every class, and post-processing
+    (threshold, per-class NMS, top-k)."""
+    timings: dict[str, float] = {}
+    detector.detect(image, windows, score_thresh, nms_iou, max_per_image, True, timings)
+    return {k: timings[k] for k in ("svm", "bboxreg", "nms")}
 
 
 def time_proposals(images: Sequence[np.ndarray], proposals_cfg) -> dict:
@@ -199,8 +186,6 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
     (``spp_det.inference``): ``{"fp32": {"spp": ..., "rcnn": ..., "speedup": x}, "fp32+svd": ...}``.
     Both sides run the same modified copy of ``model`` under the same autocast, so each ratio
     compares like with like."""
-    import copy
-
     table = {}
     for precision in precisions:
         for rank in ([None, fc_rank] if fc_rank else [None]):
@@ -240,8 +225,9 @@ def run(cfg) -> int | None:
                           rcnn_batch=int(b.rcnn_batch), rcnn_warp=rcnn_warp)
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
-    heads = [time_heads(one, im, w, len(cfg.data.classes), cfg.eval.score_thresh, cfg.eval.nms_iou,
-                        cfg.eval.max_per_image) for im, w in zip(images, windows)]
+    detector = random_detector(one, cfg.data.classes)
+    heads = [time_heads(detector, im, w, cfg.eval.score_thresh, cfg.eval.nms_iou, cfg.eval.max_per_image)
+             for im, w in zip(images, windows)]
     steps = {k: float(np.mean([h[k] for h in heads])) for k in ("svm", "bboxreg", "nms")}
     proposals = time_proposals(images, cfg.proposals) if b.proposals else None
     pipeline = {  # one image through the whole detector, one scale, as `spp-det eval` runs it
@@ -256,8 +242,6 @@ def run(cfg) -> int | None:
     runtimes = None
     if b.onnxruntime:  # the exported detector beside PyTorch (spp_det/stages/export.py)
         try:
-            from spp_det.stages.export import time_runtimes
-
             runtimes = time_runtimes(one, images, windows, list(cfg.data.classes), cfg.eval.score_thresh,
                                      cfg.eval.nms_iou, cfg.eval.max_per_image)
         except UserError as exc:  # the onnx extra is not installed: said, not silently left out
@@ -349,3 +333,27 @@ def format_table(result: dict) -> str:
         lines += [f"  {row['name'][:48]:<50}{row['self_s']:>9.4f} s{100 * row['share']:>6.1f}%{row['calls']:>7} calls"
                   for row in prof["top"][:8]]
     return "\n".join(lines)
+
+
+def time_runtimes(model, images, windows, classes, score_thresh: float, nms_iou: float, max_per_image: int) -> dict:
+    """The whole detector on ``images`` and their ``windows`` (one image at a time),
+    PyTorch and onnxruntime side by side on the CPU: ``{"torch" | "onnxruntime": {conv5, pool, fc, svm, bboxreg,
+    nms, total: seconds per image; images_per_second}}`` (onnxruntime's ``fc`` holds its SVMs and box
+    deltas: one graph). ``model`` (an ``SPPNet`` in eval mode) gets random SVMs and regressors of the real
+    shapes (``random_detector``); both runtimes run the same weights and threads."""
+    require_onnx()
+    if model.device.type != "cpu":  # onnxruntime's CPU build: both runtimes on the CPU
+        model = copy.deepcopy(model).cpu()
+    detector, out = random_detector(model, classes), {}
+    with tempfile.TemporaryDirectory(prefix="spp_det_bench_") as folder:
+        export_detector(detector, Path(folder), 18, {}, {"checkpoint": "spp-det bench: random weights"})
+        for name, runner in (("torch", detector), ("onnxruntime", OnnxDetector(folder))):
+            runner.detect(images[0][:200, :200], windows[0][:50], score_thresh, nms_iou, max_per_image)  # warm-up
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            for image, wins in zip(images, windows):
+                runner.detect(image, wins, score_thresh, nms_iou, max_per_image, True, timings)
+            seconds = time.perf_counter() - start
+            out[name] = {**{step: t / len(images) for step, t in timings.items()}, "total": seconds / len(images),
+                         "images_per_second": len(images) / seconds}
+    return out

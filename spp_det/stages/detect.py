@@ -54,7 +54,7 @@ from spp_det.draw import draw_detections
 from spp_det.errors import UserError
 from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
-from spp_det.proposals import proposals_for_file as cached_proposals
+from spp_det.proposals import cached_proposals
 from spp_det.runtime import resolve_device, run_dir, search_workers
 from spp_det.settings import DetectSettings, EvalSettings, RunSettings
 from spp_det.timing import timed
@@ -93,12 +93,14 @@ def load_detector(cfg, group: str):
     if settings.runtime == "onnxruntime":
         from spp_det.detection.onnx_detector import OnnxDetector
 
-        detector = OnnxDetector.load(checkpoint, settings.scales, settings.max_size, scorer=settings.scorer)
+        detector = OnnxDetector(checkpoint, test_scales=settings.scales, test_max_size=settings.max_size,
+                                scorer=settings.scorer)
     else:
-        detector = Detector.load(checkpoint, resolve_device(cfg.device), settings.scales, settings.max_size,
-                                 scorer=settings.scorer, precision=settings.precision, fc_rank=settings.fc_rank)
+        detector = Detector.load(checkpoint, resolve_device(cfg.device), test_scales=settings.scales,
+                                 test_max_size=settings.max_size, scorer=settings.scorer, precision=settings.precision,
+                                 fc_rank=settings.fc_rank)
     log.info("%s: loaded %s (classes %s); runtime %s, scales %s, max_size %s", group, checkpoint,
-             ", ".join(detector.classes), settings.runtime, detector.model.scales, detector.model.max_size)
+             ", ".join(detector.classes), settings.runtime, list(detector.geometry.scales), detector.geometry.max_size)
     return detector
 
 

@@ -147,8 +147,8 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
         detections = {i: merged[0][i] for i in order if i in merged[0]}
         plain = {i: merged[1][i] for i in order if i in merged[1]} if compare else None
         seconds = {k: sum(p[2].get(k, 0.0) * p[3] for p in parts) / max(len(records), 1) for k in parts[0][2]}
-    extra: dict = {"seconds_per_image": seconds, "scales": list(detector.model.scales),
-                   "max_size": detector.model.max_size, "processes": len(parts)}
+    extra: dict = {"seconds_per_image": seconds, "scales": list(detector.geometry.scales),
+                   "max_size": detector.geometry.max_size, "processes": len(parts)}
     if compare:  # the paper's two rows: SVM scores alone, then with box regression
         before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}

@@ -27,6 +27,7 @@ than 1 px (the parity tolerances of README "Use the model elsewhere").
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from spp_det import artifact
+from spp_det.boxes import random_windows
 from spp_det.detection.detector import Detector
 from spp_det.detection.onnx_detector import OnnxDetector, import_onnxruntime
 from spp_det.errors import UserError
@@ -56,7 +58,7 @@ BOX_TOLERANCE = 1.0      # and boxes within this many pixels
 
 class HeadGraph(nn.Module):
     """pool5 ``[N, D]`` -> ``svm_scores [N, K]`` (+ ``softmax_scores [N, K]``, ``box_deltas [N, K, 4]``): the
-    detector's fc6 -> fc7 -> SVMs (and fc8, box regression), the steps of ``Detector._score_on_device``."""
+    detector's fc6 -> fc7 -> SVMs (and fc8, box regression), the steps of ``Detector.head``."""
 
     def __init__(self, detector: Detector):
         super().__init__()
@@ -109,7 +111,7 @@ def _require_dynamic(path: Path, axes: tuple[int, ...], what: str) -> None:
 
 
 def manifest(detector: Detector, opset: int, test: dict, source: dict) -> dict:
-    """The ``spp_det_onnx.json`` of ``detector`` (module docstring; ``ExportedModel`` reads ``model``)."""
+    """The ``spp_det_onnx.json`` of ``detector`` (module docstring; ``model`` is its ``Geometry``)."""
     m, backbone = detector.model, detector.model.backbone
     outputs = {"svm": "svm_scores", **({"softmax": "softmax_scores"} if detector.fc8 is not None else {}),
                **({"deltas": "box_deltas"} if detector.bbox_weight is not None else {})}
@@ -117,13 +119,7 @@ def manifest(detector: Detector, opset: int, test: dict, source: dict) -> dict:
         "format": artifact.EXPORT_FORMAT, "version": artifact.EXPORT_VERSION,
         "classes": list(detector.classes),
         "graphs": {"conv5": artifact.EXPORT_CONV5, "head": artifact.EXPORT_HEAD},
-        "model": {
-            "scales": list(m.scales), "max_size": m.max_size, "best_scale_area": m.best_scale_area,
-            "projection": m.projection, "stride": int(backbone.stride), "centre0": float(backbone.centre0),
-            "release_shrink": float(backbone.release_shrink), "pyramid_levels": list(m.pyramid.levels),
-            "pixel_mean": backbone.pixel_mean.flatten().tolist(), "pixel_std": backbone.pixel_std.flatten().tolist(),
-            "min_input": int(backbone.min_input),
-        },
+        "model": dataclasses.asdict(m.geometry),
         "conv5": {"input": "image", "output": "conv5", "channels": int(backbone.out_channels)},
         "head": {"input": "pool5", "pool5_dim": int(m.pool5_dim), "fc_dim": int(m.head.out_dim), "outputs": outputs},
         "steps": ["resize: shorter side to each scale (longer side at most max_size), OpenCV bilinear",
@@ -190,8 +186,6 @@ def export_detector(detector: Detector, output: Path, opset: int, test: dict, so
 def verify(detector: Detector, folder: Path, seed: int = 0) -> dict:
     """Max differences between the PyTorch ``detector`` and its export in ``folder`` on a random
     image (240 x 320) and 300 random windows: ``{"scores": ..., "boxes": ...}`` (every scorer output)."""
-    from spp_det.stages.bench import random_windows
-
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     windows = random_windows(240, 320, 300, rng)
@@ -235,33 +229,3 @@ def run(cfg) -> int:
     print(f"export: {checkpoint} -> {output}/ ({', '.join(p.name for p in paths)}); run it with "
           f"spp-det detect detect.runtime=onnxruntime detect.checkpoint={output} detect.source=PATH")
     return 0
-
-
-def time_runtimes(model, images, windows, classes, score_thresh: float, nms_iou: float, max_per_image: int) -> dict:
-    """``spp-det bench``: the whole detector on ``images`` and their ``windows`` (one image at a time),
-    PyTorch and onnxruntime side by side on the CPU: ``{"torch" | "onnxruntime": {conv5, pool, fc, svm, bboxreg,
-    nms, total: seconds per image; images_per_second}}`` (onnxruntime's ``fc`` holds its SVMs and box
-    deltas: one graph). ``model`` (an ``SPPNet`` in eval mode) gets random SVMs and regressors of the real
-    shapes, as ``bench.time_heads``; both runtimes run the same weights and threads."""
-    import copy
-
-    require_onnx()
-    if model.device.type != "cpu":  # onnxruntime's CPU build: both runtimes on the CPU
-        model = copy.deepcopy(model).cpu()
-    gen = torch.Generator().manual_seed(0)
-    k = len(classes)
-    detector = Detector(model, list(classes), torch.randn(k, model.head.out_dim, generator=gen) * 0.01, torch.zeros(k),
-                        1.0, torch.randn(k, model.pool5_dim + 1, 4, generator=gen) * 1e-4, 1.0)
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="spp_det_bench_") as folder:
-        export_detector(detector, Path(folder), 18, {}, {"checkpoint": "spp-det bench: random weights"})
-        for name, runner in (("torch", detector), ("onnxruntime", OnnxDetector(folder))):
-            runner.detect(images[0][:200, :200], windows[0][:50], score_thresh, nms_iou, max_per_image)  # warm-up
-            timings: dict[str, float] = {}
-            start = time.perf_counter()
-            for image, wins in zip(images, windows):
-                runner.detect(image, wins, score_thresh, nms_iou, max_per_image, True, timings)
-            seconds = time.perf_counter() - start
-            out[name] = {**{step: t / len(images) for step, t in timings.items()}, "total": seconds / len(images),
-                         "images_per_second": len(images) / seconds}
-    return out

@@ -58,7 +58,7 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
 from spp_det.features.cache import FeatureCache
-from spp_det.model import new_fc8
+from spp_det.model import FCClassifier, new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings, FinetuneSettings
@@ -201,17 +201,6 @@ def validation_set(pool: WindowPool, fg_fraction: float, seed: int) -> np.ndarra
 # --------------------------------------------------------------------------------------------
 # The fc layers and the training loop
 # --------------------------------------------------------------------------------------------
-
-
-class FCClassifier(nn.Module):
-    """``head`` (fc6 -> ReLU -> Dropout -> fc7 -> ReLU -> Dropout) followed by ``fc8``."""
-
-    def __init__(self, head: nn.Module, fc8: nn.Linear):
-        super().__init__()
-        self.head, self.fc8 = head, fc8
-
-    def forward(self, pool5: torch.Tensor) -> torch.Tensor:
-        return self.fc8(self.head(pool5))
 
 
 @torch.no_grad()

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
 from tqdm import tqdm
 
 from spp_det import distributed, io
 from spp_det.data.voc import train_val_split
 from spp_det.errors import UserError
-from spp_det.model import build_model, init_from_scratch, new_fc8
-from spp_det.ops import spatial_pyramid_pool
+from spp_det.model import SPPClassifier, build_model, init_from_scratch
+from spp_det.model.sppnet import whole_map_pyramid
 from spp_det.runtime import resolve_device
 from spp_det.settings import DataSettings, PretrainSettings
 from spp_det.stages.curves import record_history
@@ -47,44 +46,6 @@ log = logging.getLogger(__name__)
 SEED_STRIDE = 100_003
 
 
-def whole_map_pyramid(conv5: torch.Tensor, levels) -> torch.Tensor:
-    """Spatial pyramid pooling of each *whole* map: ``Tensor[B, C, h, w]`` -> ``Tensor[B, C * sum(n*n)]``.
-
-    One window per image covering every conv5 cell, pooled by the same op detection uses
-    (``spp_det.ops.spatial_pyramid_pool``), so fc6 sees the same vector layout here as on
-    projected windows later.
-    """
-    b, _, h, w = conv5.shape
-    cells = torch.zeros(b, 5, dtype=torch.float32, device=conv5.device)
-    cells[:, 0] = torch.arange(b, dtype=torch.float32, device=conv5.device)
-    cells[:, 3], cells[:, 4] = w - 1, h - 1  # inclusive last cell indices
-    return spatial_pyramid_pool(conv5, cells, levels=tuple(int(n) for n in levels))
-
-
-class SPPClassifier(nn.Module):
-    """``backbone`` -> ``pool`` (whole-map pyramid) -> ``head`` (fc6, fc7) -> ``classifier``.
-
-    ``forward(images float Tensor[B, 3, S, S], backbone-normalised)`` -> logits ``Tensor[B, classes]``;
-    any ``S`` works (that is the point of the pyramid). With ``windows`` ``float Tensor[B, 4]``
-    (input pixels) and a ``window_pool``, each image's window is pooled instead of its whole map.
-    """
-
-    def __init__(self, backbone: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor], head: nn.Module,
-                 num_classes: int, fc_dim: int, classifier_std: float = 0.01,
-                 window_pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.pool = pool
-        self.window_pool = window_pool
-        self.head = head
-        self.classifier = new_fc8(fc_dim, num_classes, classifier_std)
-
-    def forward(self, images: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
-        conv5 = self.backbone(images)
-        pooled = self.pool(conv5) if windows is None or self.window_pool is None else self.window_pool(conv5, windows)
-        return self.classifier(self.head(pooled))
-
-
 def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, Callable[[torch.Tensor], torch.Tensor]]:
     """The SPP classifier from ``cfg.model`` (fresh weights: pretraining starts from scratch) and
     the function that turns uint8 ``[B, 3, S, S]`` batches into the backbone's input. Its
@@ -95,7 +56,8 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, 
         init_from_scratch(model.backbone)
     levels = tuple(int(n) for n in cfg.model.pyramid_levels)
     classifier = SPPClassifier(
-        model.backbone, lambda x: whole_map_pyramid(x, levels), model.head, num_classes, model.head.out_dim,
+        model.backbone, lambda x: whole_map_pyramid(x, levels), model.head, num_classes=num_classes,
+        fc_dim=model.head.out_dim,
         window_pool=lambda x, w: model.pool5_at(x, w, batch_index=torch.arange(len(w), device=x.device)))
     return classifier, _normaliser(model)
 

@@ -61,7 +61,7 @@ class WindowTrainer:
 
     def scale_of(self, rec) -> Callable[[np.ndarray], np.ndarray]:
         sizes = self.scale_sizes(rec)
-        return lambda boxes: best_scale(torch.from_numpy(boxes), sizes, self.model.best_scale_area).numpy()
+        return lambda boxes: best_scale(torch.from_numpy(boxes), sizes, self.model.geometry.best_scale_area).numpy()
 
     def sample(self, rec, pcfg, rng: np.random.Generator, use_difficult: bool,
                proposals: dict[str, np.ndarray] | None) -> tuple[int, np.ndarray, np.ndarray]:
