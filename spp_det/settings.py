@@ -175,12 +175,19 @@ class BboxregSettings(GroupSettings):
 
 @dataclasses.dataclass(frozen=True)
 class ProposalsSettings(GroupSettings):
-    """``configs/proposals/*.yaml`` (every option extends opencv_fast.yaml). Checked at the start; the
-    backends read the group as a mapping (``proposals.passes`` overrides it key by key)."""
+    """``configs/proposals/*.yaml`` (every option extends opencv_fast.yaml); ``runs()``: one settings per
+    run of ``proposals.passes`` (each pass overrides these settings key by key)."""
 
     GROUP: ClassVar[str] = "proposals"
     OPTION_KEYS: ClassVar[tuple[str, ...]] = ("scales",                       # configs/proposals/selectivesearch.yaml
                                               "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag")  # edgeboxes.yaml
+    # the backends that compute boxes (``backend=precomputed`` reads ``file``) and the keys that change
+    # each one's boxes: the cache key hashes exactly these, plus max_boxes and min_size
+    BOX_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region",
+                   "strategies", "seed"),
+        "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
+        "edgeboxes": ("resize_to", "passes", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag")}
 
     backend: str
     mode: str
@@ -207,10 +214,14 @@ class ProposalsSettings(GroupSettings):
     edge_min_mag: float | None
 
     def validate(self) -> None:
-        self.choice("backend", ("opencv", "selectivesearch", "edgeboxes", "precomputed"))
+        self.choice("backend", (*self.BOX_KEYS, "precomputed"))
         self.choice("mode", ("fast", "quality", "single", "custom"))
         if self.backend == "selectivesearch" and not self.scales:
             raise UserError("proposals.backend=selectivesearch needs proposals.scales (Felzenszwalb k values)")
+
+    def runs(self) -> list["ProposalsSettings"]:
+        """The settings of each pass (these without ``passes`` when there are none), checked."""
+        return [type(self).from_cfg({**vars(self), "passes": None, **p}) for p in self.passes or [{}]]
 
 
 @dataclasses.dataclass(frozen=True)
