@@ -372,10 +372,42 @@ class BenchSettings(GroupSettings):
     onnxruntime: bool
 
 
+class _Group:
+    """A ``RunSettings`` attribute named after a config group: that group's typed settings, read on first
+    use (``load``: the settings class, or a function that imports it: svm's and synth's live with their code)."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, run, owner=None):
+        if self.name not in run.__dict__:
+            cls = self.load if isinstance(self.load, type) else self.load()
+            run.__dict__[self.name] = cls.from_cfg(run.cfg[self.name])
+        return run.__dict__[self.name]
+
+
+def _svm():
+    from spp_det.heads.svm import SVMSettings
+    return SVMSettings
+
+
+def _synth():
+    from spp_det.data.synth import SynthSettings
+    return SynthSettings
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """A run's settings: the top-level keys of ``configs/config.yaml``, typed; ``cfg``: the composed
-    config itself (what settings keys hash, ``spp_det.stages.declare``)."""
+    """A run's settings: the top-level keys of ``configs/config.yaml``, typed, and each group's settings
+    (``run.data``, ``run.proposals``, ...: read once, on first use); ``cfg``: the composed config itself
+    (what settings keys hash, ``spp_det.stages.declare``; what model.pt stores)."""
+
+    data, model, proposals, pretrain, finetune, bboxreg, eval, detect, export, bench, svm, synth = map(_Group, (
+        DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings,
+        EvalSettings, DetectSettings, ExportSettings, BenchSettings, _svm, _synth))
 
     cfg: Any
     stage: str
