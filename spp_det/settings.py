@@ -10,6 +10,7 @@ the functions below the stages accept either.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, ClassVar
 
@@ -373,30 +374,21 @@ class BenchSettings(GroupSettings):
 
 
 class _Group:
-    """A ``RunSettings`` attribute named after a config group: that group's typed settings, read on first
-    use (``load``: the settings class, or a function that imports it: svm's and synth's live with their code)."""
+    """A ``RunSettings`` attribute named after a config group: its typed settings, read on first use
+    (``cls``: the settings class, or ``"module:Class"`` for svm's and synth's, which live with their code)."""
 
-    def __init__(self, load):
-        self.load = load
+    def __init__(self, cls):
+        self.cls = cls
 
     def __set_name__(self, owner, name):
         self.name = name
 
     def __get__(self, run, owner=None):
         if self.name not in run.__dict__:
-            cls = self.load if isinstance(self.load, type) else self.load()
+            module, _, name = str(self.cls).partition(":")
+            cls = getattr(importlib.import_module(module), name) if name else self.cls
             run.__dict__[self.name] = cls.from_cfg(run.cfg[self.name])
         return run.__dict__[self.name]
-
-
-def _svm():
-    from spp_det.heads.svm import SVMSettings
-    return SVMSettings
-
-
-def _synth():
-    from spp_det.data.synth import SynthSettings
-    return SynthSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +399,8 @@ class RunSettings:
 
     data, model, proposals, pretrain, finetune, bboxreg, eval, detect, export, bench, svm, synth = map(_Group, (
         DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings,
-        EvalSettings, DetectSettings, ExportSettings, BenchSettings, _svm, _synth))
+        EvalSettings, DetectSettings, ExportSettings, BenchSettings, "spp_det.heads.svm:SVMSettings",
+        "spp_det.data.synth:SynthSettings"))
 
     cfg: Any
     stage: str
