@@ -10,6 +10,7 @@ the functions below the stages accept either.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, ClassVar
 
@@ -175,12 +176,19 @@ class BboxregSettings(GroupSettings):
 
 @dataclasses.dataclass(frozen=True)
 class ProposalsSettings(GroupSettings):
-    """``configs/proposals/*.yaml`` (every option extends opencv_fast.yaml). Checked at the start; the
-    backends read the group as a mapping (``proposals.passes`` overrides it key by key)."""
+    """``configs/proposals/*.yaml`` (every option extends opencv_fast.yaml); ``runs()``: one settings per
+    run of ``proposals.passes`` (each pass overrides these settings key by key)."""
 
     GROUP: ClassVar[str] = "proposals"
     OPTION_KEYS: ClassVar[tuple[str, ...]] = ("scales",                       # configs/proposals/selectivesearch.yaml
                                               "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag")  # edgeboxes.yaml
+    # the backends that compute boxes (``backend=precomputed`` reads ``file``) and the keys that change
+    # each one's boxes: the cache key hashes exactly these, plus max_boxes and min_size
+    BOX_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region",
+                   "strategies", "seed"),
+        "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
+        "edgeboxes": ("resize_to", "passes", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag")}
 
     backend: str
     mode: str
@@ -207,10 +215,14 @@ class ProposalsSettings(GroupSettings):
     edge_min_mag: float | None
 
     def validate(self) -> None:
-        self.choice("backend", ("opencv", "selectivesearch", "edgeboxes", "precomputed"))
+        self.choice("backend", (*self.BOX_KEYS, "precomputed"))
         self.choice("mode", ("fast", "quality", "single", "custom"))
         if self.backend == "selectivesearch" and not self.scales:
             raise UserError("proposals.backend=selectivesearch needs proposals.scales (Felzenszwalb k values)")
+
+    def runs(self) -> list["ProposalsSettings"]:
+        """The settings of each pass (these without ``passes`` when there are none), checked."""
+        return [type(self).from_cfg({**vars(self), "passes": None, **p}) for p in self.passes or [{}]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,10 +373,34 @@ class BenchSettings(GroupSettings):
     onnxruntime: bool
 
 
+class _Group:
+    """A ``RunSettings`` attribute named after a config group: its typed settings, read on first use
+    (``cls``: the settings class, or ``"module:Class"`` for svm's and synth's, which live with their code)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, run, owner=None):
+        if self.name not in run.__dict__:
+            module, _, name = str(self.cls).partition(":")
+            cls = getattr(importlib.import_module(module), name) if name else self.cls
+            run.__dict__[self.name] = cls.from_cfg(run.cfg[self.name])
+        return run.__dict__[self.name]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """A run's settings: the top-level keys of ``configs/config.yaml``, typed; ``cfg``: the composed
-    config itself (what settings keys hash, ``spp_det.stages.declare``)."""
+    """A run's settings: the top-level keys of ``configs/config.yaml``, typed, and each group's settings
+    (``run.data``, ``run.proposals``, ...: read once, on first use); ``cfg``: the composed config itself
+    (what settings keys hash, ``spp_det.stages.declare``; what model.pt stores)."""
+
+    data, model, proposals, pretrain, finetune, bboxreg, eval, detect, export, bench, svm, synth = map(_Group, (
+        DataSettings, ModelSettings, ProposalsSettings, PretrainSettings, FinetuneSettings, BboxregSettings,
+        EvalSettings, DetectSettings, ExportSettings, BenchSettings, "spp_det.heads.svm:SVMSettings",
+        "spp_det.data.synth:SynthSettings"))
 
     cfg: Any
     stage: str

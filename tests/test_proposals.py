@@ -168,7 +168,7 @@ def test_edgeboxes_settings_key_the_cache():
 
 def test_selectivesearch_package_finds_every_solid_shape():
     image, gt = shapes_image(96)
-    cfg = {"backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],
+    cfg = {**OPENCV, "backend": "selectivesearch", "resize_to": None, "color_spaces": ["hsv"], "scales": [100],
            "sigma": 0.8, "min_region": 20, "seed": 0, "max_boxes": 2000, "min_size": 2, "passes": None}
     assert recall(gt, compute_proposals(image, cfg), 0.7) == 1.0
 
@@ -352,7 +352,7 @@ def test_rcnn_mat_import_converts_coordinates(tmp_path):
     np.testing.assert_array_equal(table["000005"], [[19, 9, 80, 50], [0, 0, 500, 375]])
     np.testing.assert_array_equal(table["000007"], [[5, 4, 8, 7]])
 
-    cfg = {"backend": "precomputed", "file": str(path), "max_boxes": 2000, "min_size": 2}
+    cfg = {**OPENCV, "backend": "precomputed", "file": str(path), "max_boxes": 2000, "min_size": 2}
     records = [type("R", (), {"image_id": "000005", "width": 500, "height": 375, "path": "x"})()]
     assert np.array_equal(load_proposals(records, cfg, tmp_path / "cache")["000005"], table["000005"])
     with pytest.raises(UserError, match="000009"):

@@ -59,6 +59,14 @@ class SVMSettings:
     solver: str = "liblinear"
     tol: float = 0.1           # dual maximal violation (liblinear -e; its default for -s 3, as R-CNN ran it)
     max_iter: int = 10000
+    # the stage's (spp_det.stages.svm): feature scale, mining passes and negatives, flips, batch
+    feature_norm: float = 20.0
+    scale_images: int = 200
+    scale_windows: int = 200
+    neg_iou: float = 0.3
+    epochs: int = 1
+    flip: bool = False
+    window_batch: int = 1000
 
     @classmethod
     def from_cfg(cls, svm_cfg) -> "SVMSettings":

@@ -18,6 +18,7 @@ computed here from image gradients, so no trained edge model file is needed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import warnings
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from spp_det.errors import UserError
 from spp_det.proposals.postprocess import interleave
+from spp_det.settings import ProposalsSettings
 
 # Colour spaces by the names Uijlings et al. use (Sec. 3.2); the image arrives as RGB.
 COLOR_SPACES = {
@@ -102,35 +104,31 @@ def _opencv_strategy(letters: str):
     return multiple
 
 
-def _opencv_once(image: np.ndarray, cfg) -> np.ndarray:
+def _opencv_once(image: np.ndarray, s: ProposalsSettings) -> np.ndarray:
     """One OpenCV selective-search run on RGB ``image`` -> ranked ``float32 [N, 4]`` boxes."""
     if not hasattr(cv2, "ximgproc"):
         raise UserError("proposals.backend=opencv needs OpenCV's contrib modules (cv2.ximgproc): install "
                         "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
     seg = cv2.ximgproc.segmentation
     ss = seg.createSelectiveSearchSegmentation()
-    mode = str(cfg["mode"])
-    sigma = float(cfg["sigma"])
-    if mode in ("fast", "quality", "single"):
+    sigma = float(s.sigma)
+    if s.mode == "custom":  # else one of OpenCV's presets (ProposalsSettings checks the mode)
+        for space in s.color_spaces:
+            ss.addImage(_convert(image, space))
+        for k in s.k:
+            ss.addGraphSegmentation(seg.createGraphSegmentation(sigma, float(k), int(s.min_region)))
+        for letters in s.strategies:
+            ss.addStrategy(_opencv_strategy(letters))
+    else:
         ss.setBaseImage(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))  # OpenCV's presets convert from BGR
-        base_k, inc_k = int(cfg["base_k"]), int(cfg["inc_k"])
-        if mode == "fast":
+        base_k, inc_k = int(s.base_k), int(s.inc_k)
+        if s.mode == "fast":
             ss.switchToSelectiveSearchFast(base_k, inc_k, sigma)
-        elif mode == "quality":
+        elif s.mode == "quality":
             ss.switchToSelectiveSearchQuality(base_k, inc_k, sigma)
         else:
             ss.switchToSingleStrategy(base_k, sigma)
-    elif mode == "custom":
-        for space in cfg["color_spaces"]:
-            ss.addImage(_convert(image, space))
-        min_region = int(cfg["min_region"])
-        for k in cfg["k"]:
-            ss.addGraphSegmentation(seg.createGraphSegmentation(sigma, float(k), min_region))
-        for letters in cfg["strategies"]:
-            ss.addStrategy(_opencv_strategy(letters))
-    else:
-        raise UserError(f"proposals.mode must be fast, quality, single or custom, not {mode!r}")
-    _seed_c_rand(int(cfg["seed"]))
+    _seed_c_rand(int(s.seed))
     rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h in pixels
     return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
@@ -142,7 +140,7 @@ def _uijlings_rank(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.random(n) * position
 
 
-def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
+def selectivesearch_boxes(image: np.ndarray, s: ProposalsSettings) -> np.ndarray:
     """The ``selectivesearch`` package over colour spaces x Felzenszwalb k values, merged by rank.
 
     ``float32 [N, 4]`` ranked. The package returns regions in creation order; its rects are
@@ -151,24 +149,24 @@ def selectivesearch_boxes(image: np.ndarray, cfg) -> np.ndarray:
     import selectivesearch
 
     lists = []
-    for shorter_side in _resolutions(cfg["resize_to"]):
+    for shorter_side in _resolutions(s.resize_to):
         small, factor = _shrink(image, shorter_side)
-        for space in cfg["color_spaces"]:
+        for space in s.color_spaces:
             converted = _convert(small, space)
             if converted.ndim == 2:
                 converted = np.repeat(converted[:, :, None], 3, axis=2)
-            for k in cfg["scales"]:
+            for k in s.scales:
                 with warnings.catch_warnings():
                     # the package runs scikit-image's LBP on float images; its warning repeats per call
                     warnings.filterwarnings("ignore", message=".*local_binary_pattern.*", category=UserWarning)
                     _, regions = selectivesearch.selective_search(
-                        converted, scale=float(k), sigma=float(cfg["sigma"]), min_size=int(cfg["min_region"]))
+                        converted, scale=float(k), sigma=float(s.sigma), min_size=int(s.min_region))
                 rects = np.array([r["rect"] for r in regions], dtype=np.float32).reshape(-1, 4)
                 boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] + 1.0], axis=1) / factor
                 lists.append(boxes)
     if not lists:
         return np.zeros((0, 4), np.float32)
-    rng = np.random.default_rng(int(cfg["seed"]))
+    rng = np.random.default_rng(int(s.seed))
     ranks = np.concatenate([_uijlings_rank(len(b), rng) for b in lists])
     return np.concatenate(lists)[np.argsort(ranks, kind="stable")].astype(np.float32)
 
@@ -201,16 +199,15 @@ def gradient_edges(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndar
     return edges, orientation
 
 
-def _edgeboxes_once(image: np.ndarray, cfg) -> np.ndarray:
+def _edgeboxes_once(image: np.ndarray, s: ProposalsSettings) -> np.ndarray:
     """One EdgeBoxes run (OpenCV ``cv2.ximgproc.EdgeBoxes``) on ``gradient_edges`` of RGB ``image``
     -> ``float32 [N, 4]``, best score first."""
     if not hasattr(cv2, "ximgproc"):
         raise UserError("proposals.backend=edgeboxes needs OpenCV's contrib modules (cv2.ximgproc): install "
                         "opencv-contrib-python-headless instead of opencv-python(-headless), not beside it")
-    edges, orientation = gradient_edges(image, cfg["edge_sigma"])
-    finder = cv2.ximgproc.createEdgeBoxes(alpha=float(cfg["alpha"]), beta=float(cfg["beta"]),
-                                          minScore=float(cfg["min_score"]), edgeMinMag=float(cfg["edge_min_mag"]),
-                                          maxBoxes=int(cfg["max_boxes"] or 10000))
+    edges, orientation = gradient_edges(image, s.edge_sigma)
+    finder = cv2.ximgproc.createEdgeBoxes(alpha=float(s.alpha), beta=float(s.beta), minScore=float(s.min_score),
+                                          edgeMinMag=float(s.edge_min_mag), maxBoxes=int(s.max_boxes or 10000))
     rects, _ = finder.getBoundingBoxes(edges, orientation)  # x, y, w, h, sorted by score
     rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
     return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
@@ -225,7 +222,7 @@ BACKENDS = {
 }
 
 
-def ranked_boxes(image: np.ndarray, cfg) -> np.ndarray:
+def ranked_boxes(image: np.ndarray, settings: ProposalsSettings) -> np.ndarray:
     """The backend once per pass and ``resize_to`` resolution, boxes scaled back to ``image``'s
     pixels and interleaved -> ``float32 [N, 4]``, ranked.
 
@@ -234,28 +231,15 @@ def ranked_boxes(image: np.ndarray, cfg) -> np.ndarray:
     a coarse selective search); without it there is one pass with the settings as they are.
     """
     lists, done = [], set()
-    base = {k: v for k, v in dict(cfg).items() if k != "passes"}
-    for overrides in cfg["passes"] or [{}]:
-        settings = {**base, **dict(overrides)}
-        backend = str(settings["backend"])
-        if backend not in BACKENDS:
-            raise UserError(f"proposals.backend must be one of {', '.join([*BACKENDS, 'precomputed'])}, not {backend!r}")
-        if backend == "selectivesearch":
-            lists.append(selectivesearch_boxes(image, settings))
+    for run in settings.runs():
+        if run.backend == "selectivesearch":
+            lists.append(selectivesearch_boxes(image, run))
             continue
-        for shorter_side in _resolutions(settings["resize_to"]):
+        for shorter_side in _resolutions(run.resize_to):
             small, factor = _shrink(image, shorter_side)
-            run_key = (small.shape, repr(sorted((k, str(v)) for k, v in settings.items() if k != "resize_to")))
+            run_key = (small.shape, repr(dataclasses.replace(run, resize_to=None)))
             if run_key in done:  # image already smaller than this resolution: the same run again
                 continue
             done.add(run_key)
-            lists.append(BACKENDS[backend](small, settings) / factor)
+            lists.append(BACKENDS[run.backend](small, run) / factor)
     return interleave(lists)
-
-# Settings that change the boxes, per backend (the cache key hashes exactly these, plus the
-# post-processing settings). `export`, `split` and `file` only say where boxes go or come from.
-BACKEND_SETTINGS = {
-    "opencv": ("mode", "resize_to", "passes", "base_k", "inc_k", "sigma", "color_spaces", "k", "min_region", "strategies", "seed"),
-    "selectivesearch": ("resize_to", "color_spaces", "scales", "sigma", "min_region", "seed"),
-    "edgeboxes": ("resize_to", "passes", "edge_sigma", "alpha", "beta", "min_score", "edge_min_mag"),
-}

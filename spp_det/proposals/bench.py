@@ -19,6 +19,7 @@ from spp_det.boxes import box_iou
 from spp_det.data.images import read_image
 from spp_det.io import write_json
 from spp_det.proposals.cache import compute_proposals
+from spp_det.settings import ProposalsSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ def proposal_quality(records, boxes_by_id: dict[str, np.ndarray]) -> dict:
 
 
 def _timed(task):
-    """Worker: (path, cfg) -> (boxes, wall seconds, CPU seconds) for one image (reading excluded)."""
-    path, cfg = task
+    """Worker: (path, settings) -> (boxes, wall seconds, CPU seconds) for one image (reading excluded)."""
+    path, settings = task
     image = read_image(path, max_pixels=None)
     wall, cpu = time.perf_counter(), time.process_time()
-    boxes = compute_proposals(image, cfg)
+    boxes = compute_proposals(image, settings)
     return boxes, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -64,21 +65,20 @@ def _init_worker():
     cv2.setNumThreads(1)
 
 
-def bench_setting(records, proposals_cfg, workers: int, progress: bool = True) -> dict:
+def bench_setting(records, settings: ProposalsSettings, workers: int, progress: bool = True) -> dict:
     """Quality and speed of one setting on ``records``.
 
     ``sec_per_image`` / ``cpu_sec_per_image``: one process, one image at a time (reading excluded).
     ``images_per_s``: ``workers`` processes on the same images (wall clock, reading included,
     process start excluded). Both are pessimistic on a machine shared with other jobs.
     """
-    from omegaconf import DictConfig, OmegaConf
     from tqdm import tqdm
 
-    cfg = OmegaConf.to_container(proposals_cfg, resolve=True) if isinstance(proposals_cfg, DictConfig) else dict(proposals_cfg)
+    s = ProposalsSettings.of(settings)
     _init_worker()
     boxes, walls, cpus = {}, [], []
-    for r in tqdm(records, desc=f"{cfg['backend']} 1 process", unit="img", disable=not progress):
-        b, wall, cpu = _timed((str(r.path), cfg))
+    for r in tqdm(records, desc=f"{s.backend} 1 process", unit="img", disable=not progress):
+        b, wall, cpu = _timed((str(r.path), s))
         boxes[r.image_id] = b
         walls.append(wall)
         cpus.append(cpu)
@@ -88,8 +88,8 @@ def bench_setting(records, proposals_cfg, workers: int, progress: bool = True) -
         with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             pool.map(int, range(workers))  # wait until every process has started
             start = time.perf_counter()
-            list(tqdm(pool.imap_unordered(_timed, [(str(r.path), cfg) for r in records], chunksize=1),
-                      total=len(records), desc=f"{cfg['backend']} {workers} processes", unit="img", disable=not progress))
+            list(tqdm(pool.imap_unordered(_timed, [(str(r.path), s) for r in records], chunksize=1),
+                      total=len(records), desc=f"{s.backend} {workers} processes", unit="img", disable=not progress))
             row["images_per_s"] = len(records) / (time.perf_counter() - start)
     else:
         row["images_per_s"] = 1.0 / max(row["sec_per_image"], 1e-9)
@@ -109,18 +109,17 @@ def format_table(rows: list[dict]) -> str:
 
 def run_benchmark(settings: dict[str, dict], datasets: dict[str, list], workers: int, output: str | Path | None,
                   progress: bool = True) -> list[dict]:
-    """Every setting on every dataset -> rows (printed as a table, written as JSON to ``output``)."""
+    """Every setting (a proposals group; ``_max_images``: its image limit) on every dataset -> rows (printed
+    as a table, written as JSON to ``output``)."""
     rows = []
     for dataset, records in datasets.items():
-        for name, cfg in settings.items():
-            limit = cfg.pop("_max_images", None) if isinstance(cfg, dict) else None
-            recs = records[:limit] if limit else records
-            row = {"dataset": dataset, "setting": name, **bench_setting(recs, cfg, workers, progress)}
+        for name, group in settings.items():
+            limit = group.get("_max_images")
+            row = {"dataset": dataset, "setting": name, **bench_setting(
+                records[:limit] if limit else records, {k: v for k, v in group.items() if k != "_max_images"}, workers, progress)}
             log.info("%s", json.dumps(row))
             print(format_table([row]).splitlines()[-1], flush=True)
             rows.append(row)
-            if limit:
-                cfg["_max_images"] = limit
     print(format_table(rows))
     if output:
         write_json({"rows": rows}, output)

@@ -26,9 +26,10 @@ from spp_det.boxes import flip_boxes
 from spp_det.data.images import ImageError, read_image
 from spp_det.errors import UserError
 from spp_det.io import atomic_path, hash_file, hash_settings, write_json
-from spp_det.proposals.backends import BACKEND_SETTINGS, BACKENDS, ranked_boxes
+from spp_det.proposals.backends import ranked_boxes
 from spp_det.proposals.postprocess import postprocess_boxes
 from spp_det.proposals.precomputed import precomputed_boxes
+from spp_det.settings import ProposalsSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,60 +47,43 @@ class ProposalImageError(UserError):
                          f"are cached):\n{lines}")
 
 
-def _plain(cfg) -> dict:
-    """A DictConfig or dict -> plain dict (picklable for worker processes)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def compute_proposals(image: np.ndarray, proposals_cfg) -> np.ndarray:
+def compute_proposals(image: np.ndarray, settings: ProposalsSettings) -> np.ndarray:
     """RGB ``uint8 [H, W, 3]`` -> ``float32 [N, 4]`` proposals (backend + post-processing, no cache).
 
     Boxes are 0-based continuous ``x1, y1, x2, y2`` in ``image``'s pixels, clipped, without
     duplicates or boxes with a side under ``proposals.min_size``, at most ``proposals.max_boxes``,
     in the backend's ranking order.
     """
-    cfg = proposals_cfg
-    backend = str(cfg["backend"])
-    if backend == "precomputed":
+    s = ProposalsSettings.of(settings)
+    if s.backend == "precomputed":
         raise UserError("proposals.backend=precomputed reads boxes by image id: use load_proposals / "
                         "cached_proposals, not compute_proposals")
-    if backend not in BACKENDS:
-        raise UserError(f"proposals.backend must be one of {', '.join([*BACKENDS, 'precomputed'])}, not {backend!r}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"compute_proposals expects an RGB uint8 [H, W, 3] image, got {image.dtype} {list(image.shape)}")
     h, w = image.shape[:2]
-    boxes = ranked_boxes(np.ascontiguousarray(image), cfg)
-    return postprocess_boxes(boxes, w, h, float(cfg["min_size"]), cfg["max_boxes"])
+    boxes = ranked_boxes(np.ascontiguousarray(image), s)
+    return postprocess_boxes(boxes, w, h, float(s.min_size), s.max_boxes)
 
 
-def box_settings(proposals_cfg, with_file: bool = False) -> dict:
+def box_settings(settings: ProposalsSettings, with_file: bool = False) -> dict:
     """Every setting that changes the boxes (and nothing that only says where they go); ``with_file``:
     with ``backend=precomputed``, the boxes file's SHA-1 too (the settings key of what trains on them)."""
-    cfg = _plain(proposals_cfg)
-    backend = str(cfg["backend"])
-    key = {
-        "backend": backend,
-        "algorithm_version": ALGORITHM_VERSION,
-        "max_boxes": cfg["max_boxes"],
-        "min_size": cfg["min_size"],
-    }
-    key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(backend, ())})
-    others = sorted({str(p.get("backend", backend)) for p in cfg["passes"] or ()} - {backend})
-    for other in others:  # passes run other backends: their settings change the boxes too
-        key.update({name: cfg.get(name) for name in BACKEND_SETTINGS.get(other, ())})
-    if {backend, *others} & {"opencv", "edgeboxes"}:
+    s = ProposalsSettings.of(settings)
+    key = {"backend": s.backend, "algorithm_version": ALGORITHM_VERSION, "max_boxes": s.max_boxes, "min_size": s.min_size}
+    others = sorted({str(p.get("backend", s.backend)) for p in s.passes or ()} - {s.backend})
+    for backend in (s.backend, *others):  # passes run other backends: their settings change the boxes too
+        key.update({name: getattr(s, name) for name in s.BOX_KEYS.get(backend, ())})
+    if {s.backend, *others} & {"opencv", "edgeboxes"}:
         key["opencv"] = cv2.__version__  # OpenCV's selective search has changed between releases
-    if with_file and backend == "precomputed" and cfg["file"] and Path(cfg["file"]).is_file():
-        key["file"] = hash_file(cfg["file"])
+    if with_file and s.backend == "precomputed" and s.file and Path(s.file).is_file():
+        key["file"] = hash_file(s.file)
     return key
 
 
-def settings_dir(cache_dir: str | Path, proposals_cfg) -> Path:
+def settings_dir(cache_dir: str | Path, settings: ProposalsSettings) -> Path:
     """``<cache_dir>/proposals/<backend>-<settings hash>``."""
-    key = box_settings(proposals_cfg)
+    key = box_settings(settings)
     return cache_folder(cache_dir, PROPOSALS_CACHE) / f"{key['backend']}-{hash_settings(key)}"
 
 
@@ -127,20 +111,20 @@ def write_entry(path: Path, boxes: np.ndarray) -> None:
         np.save(f, np.asarray(boxes, dtype=np.float32), allow_pickle=False)
 
 
-def _write_settings(folder: Path, proposals_cfg) -> None:
+def _write_settings(folder: Path, settings: ProposalsSettings) -> None:
     if not (folder / "settings.json").is_file():
-        write_json(box_settings(proposals_cfg), folder / "settings.json")
+        write_json(box_settings(settings), folder / "settings.json")
 
 
 def _compute_entry(task: tuple) -> tuple[str, np.ndarray | None, str | None]:
     """Worker: read one image, compute its boxes, write its cache entry -> (path, boxes, error).
-    ``task``: ``(path, content hash, entry, cfg[, max_pixels])``."""
-    path, _, entry, cfg, *limit = task
+    ``task``: ``(path, content hash, entry, settings[, max_pixels])``."""
+    path, _, entry, settings, *limit = task
     try:
         image = read_image(path, max_pixels=limit[0] if limit else None)
     except ImageError as exc:
         return path, None, exc.reason
-    boxes = compute_proposals(image, cfg)
+    boxes = compute_proposals(image, settings)
     write_entry(entry, boxes)
     return path, boxes, None
 
@@ -149,7 +133,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would oversubscribe the cores
 
 
-def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0,
+def proposals_for_paths(paths: Iterable[str | Path], settings: ProposalsSettings, cache_dir: str | Path, workers: int = 0,
                         progress: bool = True, desc: str = "proposals") -> dict[str, np.ndarray]:
     """``{str(path): float32 [N, 4]}`` for image files, from the cache or computed in parallel.
 
@@ -160,8 +144,8 @@ def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: s
 
     from spp_det.runtime import num_workers  # here: runtime imports torch, which each spawned worker would load too
 
-    cfg = _plain(proposals_cfg)
-    folder = settings_dir(cache_dir, cfg)
+    settings = ProposalsSettings.of(settings)
+    folder = settings_dir(cache_dir, settings)
     out: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
     misses = []
@@ -174,11 +158,11 @@ def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: s
         entry = entry_path(folder, content)
         boxes = read_entry(entry)
         if boxes is None:
-            misses.append((path, content, entry, cfg))
+            misses.append((path, content, entry, settings))
         else:
             out[path] = boxes
     if misses:
-        _write_settings(folder, cfg)
+        _write_settings(folder, settings)
         n_proc = min(num_workers(workers), len(misses))
         log.info("proposals: %d cached, computing %d with %d process(es) into %s", len(out), len(misses), n_proc, folder)
         bar = tqdm(total=len(misses), desc=desc, unit="img", disable=not progress)
@@ -206,7 +190,7 @@ def proposals_for_paths(paths: Iterable[str | Path], proposals_cfg, cache_dir: s
     return out
 
 
-def load_proposals(records, proposals_cfg, cache_dir: str | Path, workers: int = 0,
+def load_proposals(records, settings: ProposalsSettings, cache_dir: str | Path, workers: int = 0,
                    progress: bool = True) -> dict[str, np.ndarray]:
     """``{image_id: float32 [N, 4]}``: boxes of the *unflipped* image of each ``ImageRecord``.
 
@@ -215,13 +199,12 @@ def load_proposals(records, proposals_cfg, cache_dir: str | Path, workers: int =
     reads ``proposals.file`` instead (a missing id is a ``UserError`` naming it). Raises
     ``ProposalImageError`` listing every unreadable image after caching all the others.
     """
-    cfg = _plain(proposals_cfg)
+    s = ProposalsSettings.of(settings)
     records = list({r.image_id: r for r in records}.values())
-    if cfg["backend"] == "precomputed":
-        return {r.image_id: postprocess_boxes(precomputed_boxes(cfg["file"], r.image_id), r.width, r.height,
-                                              float(cfg["min_size"]), cfg["max_boxes"])
-                for r in records}
-    by_path = proposals_for_paths([r.path for r in records], cfg, cache_dir, workers, progress)
+    if s.backend == "precomputed":
+        return {r.image_id: postprocess_boxes(precomputed_boxes(s.file, r.image_id), r.width, r.height,
+                                              float(s.min_size), s.max_boxes) for r in records}
+    by_path = proposals_for_paths([r.path for r in records], s, cache_dir, workers, progress)
     return {r.image_id: by_path[str(r.path)] for r in records}
 
 
@@ -232,21 +215,20 @@ def record_proposals(record, proposals: dict[str, np.ndarray]) -> np.ndarray:
     return flip_boxes(boxes, record.width) if record.flipped else boxes
 
 
-def cached_proposals(path: str | Path, image: np.ndarray, proposals_cfg, cache_dir: str | Path) -> np.ndarray:
+def cached_proposals(path: str | Path, image: np.ndarray, settings: ProposalsSettings, cache_dir: str | Path) -> np.ndarray:
     """``float32 [N, 4]`` proposals of the image file ``path`` whose pixels are ``image``
     (RGB ``uint8 [H, W, 3]``), cached by the file's content + settings. With the precomputed
     backend the file's stem is its image id."""
-    cfg = _plain(proposals_cfg)
+    s = ProposalsSettings.of(settings)
     h, w = np.asarray(image).shape[:2]
-    if cfg["backend"] == "precomputed":
-        return postprocess_boxes(precomputed_boxes(cfg["file"], Path(path).stem), w, h,
-                                 float(cfg["min_size"]), cfg["max_boxes"])
-    folder = settings_dir(cache_dir, cfg)
+    if s.backend == "precomputed":
+        return postprocess_boxes(precomputed_boxes(s.file, Path(path).stem), w, h, float(s.min_size), s.max_boxes)
+    folder = settings_dir(cache_dir, s)
     entry = entry_path(folder, hash_file(path))
     boxes = read_entry(entry)
     if boxes is None:
-        boxes = compute_proposals(image, cfg)
-        _write_settings(folder, cfg)
+        boxes = compute_proposals(image, s)
+        _write_settings(folder, s)
         write_entry(entry, boxes)
     return boxes
 
@@ -282,11 +264,11 @@ class ProposalPrefetcher:
     (the caller's limit), so an oversized file is refused there as it is by the caller.
     """
 
-    def __init__(self, paths: Iterable[str | Path], proposals_cfg, cache_dir: str | Path, workers: int = 0, *,
+    def __init__(self, paths: Iterable[str | Path], settings: ProposalsSettings, cache_dir: str | Path, workers: int = 0, *,
                  lookahead: int | None = None, max_pixels: int | None = None):
         from concurrent.futures import ProcessPoolExecutor
 
-        self.cfg, self.cache_dir = _plain(proposals_cfg), cache_dir
+        self.settings, self.cache_dir = ProposalsSettings.of(settings), cache_dir
         self.paths = [str(p) for p in paths]
         self.position = {p: i for i, p in enumerate(self.paths)}
         self.max_pixels = max_pixels
@@ -296,8 +278,8 @@ class ProposalPrefetcher:
         self.pool = None
         self.torch_threads = None
         self.missing: dict[str, Path] = {}  # path -> its cache entry, for the files not cached at the start
-        if workers > 0 and self.cfg["backend"] != "precomputed" and self.paths:
-            self.folder = settings_dir(cache_dir, self.cfg)
+        if workers > 0 and self.settings.backend != "precomputed" and self.paths:
+            self.folder = settings_dir(cache_dir, self.settings)
             self.missing = _missing_entries(self.folder, self.paths)
             if self.missing:
                 # spawn, not fork: the parent holds torch/OpenMP threads that a fork would copy mid-state
@@ -317,8 +299,8 @@ class ProposalPrefetcher:
             self.next += 1
             entry = self.missing.get(path)  # None: cached, or unreadable (the caller reports it)
             if entry is not None and path not in self.futures and not entry.is_file():
-                _write_settings(self.folder, self.cfg)
-                self.futures[path] = self.pool.submit(_compute_entry, (path, "", entry, self.cfg, self.max_pixels))
+                _write_settings(self.folder, self.settings)
+                self.futures[path] = self.pool.submit(_compute_entry, (path, "", entry, self.settings, self.max_pixels))
 
     def get(self, path: str | Path, image: np.ndarray) -> np.ndarray:
         """Proposals of ``path`` (pixels ``image``), starting the search of the images after it."""
@@ -330,7 +312,7 @@ class ProposalPrefetcher:
                 _, boxes, error = future.result()
                 if error is None:
                     return boxes
-        return cached_proposals(path, image, self.cfg, self.cache_dir)  # cached, precomputed, or the worker failed
+        return cached_proposals(path, image, self.settings, self.cache_dir)  # cached, precomputed, or the worker failed
 
     def close(self) -> None:
         if self.pool is not None:

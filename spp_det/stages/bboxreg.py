@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
@@ -33,7 +32,7 @@ from spp_det.heads.svm import NormMeter, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import peak_rss_mb
-from spp_det.settings import BboxregSettings, DataSettings
+from spp_det.settings import RunSettings
 from spp_det.stages.curves import record_history
 from spp_det.stages import declare, heads, stage
 from spp_det.training.windows import bboxreg_windows, training_records, window_features
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 (KEY,) = stage("bboxreg").keys
 
 
-def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+def settings_key(cfg, finetune_path: Path) -> str:
     """The settings key of ``bboxreg.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
     return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
@@ -85,16 +84,14 @@ class Reservoir:
         return self._parts[0]
 
 
-def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) -> tuple[list[Reservoir], float]:
+def collect_examples(rs: RunSettings, model, cache, records, proposals: dict) -> tuple[list[Reservoir], float]:
     """One pass over ``records``: each class's training examples (pool5 features, proposal, target
     box; at most ``bboxreg.max_per_class``, a uniform sample) and the global pool5 feature scale."""
-    bcfg = BboxregSettings.of(cfg.bboxreg)
-    classes = list(cfg.data.classes)
-    use_difficult = DataSettings.of(cfg.data).use_difficult
+    bcfg, classes, use_difficult = rs.bboxreg, list(rs.data.classes), rs.data.use_difficult
     batch = int(bcfg.window_batch)
     cap = int(bcfg.max_per_class) if bcfg.max_per_class else None
-    rng = np.random.default_rng(int(cfg.seed))
-    reservoirs = [Reservoir(cap, np.random.default_rng([int(cfg.seed), k])) for k in range(len(classes))]
+    rng = np.random.default_rng(int(rs.seed))
+    reservoirs = [Reservoir(cap, np.random.default_rng([int(rs.seed), k])) for k in range(len(classes))]
     norms = NormMeter()
     for i, rec in enumerate(tqdm(records, desc="bboxreg: pool5", unit="image")):
         boxes = record_proposals(rec, proposals)
@@ -113,17 +110,18 @@ def collect_examples(cfg: DictConfig, model, cache, records, proposals: dict) ->
     return reservoirs, feature_scale(norms.mean, float(bcfg.feature_norm))
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg) -> int:
     """Train the per-class box regressors (see the module docstring); writes ``work_dir/bboxreg.pt``."""
-    bcfg = BboxregSettings.of(cfg.bboxreg)
+    rs = RunSettings.of(cfg)
+    bcfg = rs.bboxreg
     t0 = time.perf_counter()
-    started = heads.start(cfg, KEY)
+    started = heads.start(rs, KEY)
     if isinstance(started, declare.Skipped):
         return started
     model, device, artifact, key = started
-    classes = list(cfg.data.classes)
-    records, proposals = training_records(cfg, flip=False)  # R-CNN: no flips for the regressors
-    reservoirs, scale = collect_examples(cfg, model, FeatureCache(cfg.cache_dir, model, cfg.conv5_cache), records, proposals)
+    classes = list(rs.data.classes)
+    records, proposals = training_records(rs, flip=False)  # R-CNN: no flips for the regressors
+    reservoirs, scale = collect_examples(rs, model, FeatureCache(rs.cache_dir, model, rs.conv5_cache), records, proposals)
 
     dim = int(model.pool5_dim)
     weight = torch.zeros(len(classes), dim + 1, 4)
@@ -151,8 +149,8 @@ def run(cfg: DictConfig) -> int:
         for solved, _ in parts:
             for k, w in solved.items():
                 weight[k] = w
-        record_history(cfg, "bboxreg", sorted((r for _, part in parts for r in part), key=lambda r: r["step"]))
-        meta = {**io.checkpoint_meta(cfg), "settings": key}
+        record_history(rs, "bboxreg", sorted((r for _, part in parts for r in part), key=lambda r: r["step"]))
+        meta = {**io.checkpoint_meta(rs.cfg), "settings": key}
         io.save_torch({"weight": weight, "feature_scale": float(scale), "counts": counts, "meta": meta}, artifact)
         log.info("bboxreg: wrote %s in %.1f s (pool5 scale %.5f, peak resident memory %.0f MiB)", artifact,
                  time.perf_counter() - t0, scale, peak_rss_mb())

@@ -1,6 +1,6 @@
 """Training curves: every training stage's history in ``results.csv`` and a PNG, TensorBoard optional.
 
-``record_history(cfg, stage, rows)`` is called once a stage has its history (one dict per logged
+``record_history(run, stage, rows)`` is called once a stage has its history (one dict per logged
 step). It replaces that stage's rows in ``results.csv`` of the run directory (Hydra's run
 directory; ``work_dir`` when a stage runs as a plain function, as in tests) and keeps the other
 stages' rows, so ``spp-det train`` leaves one file with every stage, and a resumed stage, whose
@@ -29,13 +29,13 @@ RESULTS = "results.csv"
 LEADING = ("stage", "step", "lr", "loss")  # then the stage's own columns, then "seconds"
 
 
-def history_dir(cfg) -> Path:
-    """Hydra's run directory of this job, else ``cfg.work_dir``."""
+def history_dir(run) -> Path:
+    """Hydra's run directory of this job, else ``run.work_dir`` (``run``: the run's settings or config)."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.work_dir)
+    return Path(run.work_dir)
 
 
 def _number(value):
@@ -94,7 +94,7 @@ def curves_figure(stage: str, rows: list[dict]):
     return fig
 
 
-def record_history(cfg, stage: str, rows: list[dict]) -> Path | None:
+def record_history(run, stage: str, rows: list[dict]) -> Path | None:
     """Write ``rows`` (dicts with ``step`` and numbers: ``lr``, ``loss``, ``val_*``, ``seconds``,
     optionally ``class``) of ``stage`` to ``results.csv`` and ``<stage>_curves.png`` in the run
     directory (module docstring), and to TensorBoard when installed. Returns the PNG's path (None
@@ -102,7 +102,7 @@ def record_history(cfg, stage: str, rows: list[dict]) -> Path | None:
     Under ``torchrun`` only rank 0 writes (the others return None)."""
     if not rows or not is_main():
         return None
-    out = history_dir(cfg)
+    out = history_dir(run)
     try:
         write_results_csv(out / RESULTS, stage, rows)
         png = out / f"{stage}_curves.png"

@@ -51,11 +51,12 @@ class Key:
     ignores: tuple[str, ...] = ()
     paper: str = ""  # where the paper describes the step (docs/ARCHITECTURE.md)
 
-    def path(self, cfg: DictConfig) -> Path:
-        """Where a training stage's artifact lies: ``cache_dir/<name>`` (a content-keyed cache) or ``work_dir/<file>``."""
+    def path(self, run) -> Path:
+        """Where a training stage's artifact lies: ``cache_dir/<name>`` (a content-keyed cache) or ``work_dir/<file>``
+        (``run``: the run's settings or config)."""
         if self.artifact.startswith("cache_dir/"):
-            return Path(cfg.cache_dir) / self.artifact.removeprefix("cache_dir/").rstrip("/")
-        return Path(cfg.work_dir) / self.artifact
+            return Path(run.cache_dir) / self.artifact.removeprefix("cache_dir/").rstrip("/")
+        return Path(run.work_dir) / self.artifact
 
 
 def head_key(name: str, artifact: str, paper: str) -> Key:

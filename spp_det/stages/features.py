@@ -15,14 +15,14 @@ from spp_det import distributed
 from spp_det.data.voc import load_split
 from spp_det.features.cache import FeatureCache
 from spp_det.runtime import resolve_device
-from spp_det.settings import DataSettings
+from spp_det.settings import RunSettings
 from spp_det.stages.start import backbone_source, build_finetune_model
 
 log = logging.getLogger(__name__)
 
-def split_records(cfg) -> list:
-    """Unique records of the train split (+ flips) and the val split, in that order."""
-    data = DataSettings.of(cfg.data)
+def split_records(rs: RunSettings) -> list:
+    """Unique records of the train split (+ flips) and the val split, in that order (``rs``: the run's settings or config)."""
+    data = RunSettings.of(rs).data
     splits = [data.train_split, data.val_split]
     records, seen = [], set()
     for i, split in enumerate(s for s in splits if s):
@@ -35,15 +35,16 @@ def split_records(cfg) -> list:
 
 
 def run(cfg) -> int | None:
-    if not cfg.conv5_cache:  # finetune, svm and bboxreg compute conv5 when they need it
+    rs = RunSettings.of(cfg)
+    if not rs.conv5_cache:  # finetune, svm and bboxreg compute conv5 when they need it
         log.info("conv5_cache=false: no conv5 cache to fill")
         return None
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(int(rs.seed))
     # the backbone finetune will use (model.backbone_checkpoint, else work_dir/pretrain.pt), so the
     # cache it fills is the one finetune, svm and bboxreg read
-    model = build_finetune_model(cfg, backbone_source(cfg)).to(resolve_device(cfg.device)).eval()
-    cache = FeatureCache(cfg.cache_dir, model)
-    records = distributed.shard(split_records(cfg))
+    model = build_finetune_model(rs, backbone_source(rs)).to(resolve_device(rs.device)).eval()
+    cache = FeatureCache(rs.cache_dir, model)
+    records = distributed.shard(split_records(rs))
     for record in tqdm(records, desc="conv5 features", unit="image"):
         cache.conv5(record)
     counts = distributed.all_gather((len(records), cache.stats["misses"], cache.stats["hits"], cache.stats["bytes"]))

@@ -48,7 +48,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
@@ -61,7 +60,7 @@ from spp_det.features.cache import FeatureCache
 from spp_det.model import FCClassifier, new_fc8
 from spp_det.proposals import load_proposals
 from spp_det.runtime import resolve_device
-from spp_det.settings import DataSettings, FinetuneSettings
+from spp_det.settings import RunSettings
 from spp_det.stages import declare, stage
 from spp_det.stages.curves import record_history
 from spp_det.stages.start import backbone_source, build_finetune_model, describe_backbone, require_trained_backbone
@@ -345,67 +344,70 @@ def keep_best(net: FCClassifier, best: dict, iterations: int, history: list[dict
 (KEY,) = stage("finetune").keys
 
 
-def settings_key(cfg: DictConfig, source: Path | None) -> str:
+def settings_key(cfg, source: Path | None) -> str:
     """Fine-tuning's settings key (``spp_det.stages.declare``); ``source``: the backbone file or None."""
-    return declare.settings_key(cfg, KEY, {"backbone": source, "proposals": declare.proposals_cache(cfg.proposals)})
+    proposals = declare.proposals_cache(RunSettings.of(cfg).proposals)
+    return declare.settings_key(cfg, KEY, {"backbone": source, "proposals": proposals})
 
 
-def split_pools(cfg: DictConfig, model, key: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
+def split_pools(rs: RunSettings, model, key: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
     """The pooled windows of the training split (with its mirrors when ``data.flip``) and of the
     validation split, from the conv5 cache the features stage fills (``build_pool``)."""
-    data = DataSettings.of(cfg.data)
+    rs = RunSettings.of(rs)
+    data = rs.data
     train, val = train_val_split(data)
-    proposals = load_proposals(train + val, cfg.proposals, cfg.cache_dir,  # shared with the proposals stage
-                               workers=int(cfg.num_workers), progress=True)
+    proposals = load_proposals(train + val, rs.proposals, rs.cache_dir,  # shared with the proposals stage
+                               workers=int(rs.num_workers), progress=True)
     if data.flip:  # horizontal flips (paper: yes); their conv5 comes from the mirrored image
         train = train + [r.flip() for r in train]
-    cache = FeatureCache(cfg.cache_dir, model, cfg.conv5_cache)
-    use_difficult, seed, fcfg = data.use_difficult, int(cfg.seed), FinetuneSettings.of(cfg.finetune)
-    store = cache_folder(cfg.cache_dir, FINETUNE_POOL5_CACHE)
+    cache = FeatureCache(rs.cache_dir, model, rs.conv5_cache)
+    use_difficult, seed, fcfg = data.use_difficult, int(rs.seed), rs.finetune
+    store = cache_folder(rs.cache_dir, FINETUNE_POOL5_CACHE)
     return (build_pool(model, cache, train, proposals, fcfg, use_difficult, seed, device, store,
                        io.hash_settings([key, "train"]), "training"),
             build_pool(model, cache, val, proposals, fcfg, use_difficult, seed, device, store,
                        io.hash_settings([key, "val"]), "validation"))
 
 
-def run(cfg: DictConfig, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
+def run(cfg, on_iteration: Callable[[int, FCClassifier], None] | None = None) -> int:
     """Fine-tune fc6, fc7 and fc8 (see the module docstring); writes ``work_dir/finetune.pt``."""
-    fcfg = FinetuneSettings.of(cfg.finetune)
-    work_dir = Path(cfg.work_dir)
+    rs = RunSettings.of(cfg)
+    fcfg = rs.finetune
+    work_dir = Path(rs.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
-    source = backbone_source(cfg)
+    source = backbone_source(rs)
     key = settings_key(cfg, source)
     if io.artifact_is_current(artifact, key):
         return declare.current("finetune", artifact)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    seed = int(cfg.seed)
+    device = resolve_device(rs.device)
+    seed = int(rs.seed)
     torch.manual_seed(seed)
-    require_trained_backbone(cfg)
+    require_trained_backbone(rs)
     if source is not None:
         log.info("finetune: backbone from %s", source)
-    elif cfg.model.weights:
-        log.info("finetune: backbone from model.weights=%s", cfg.model.weights)
+    elif rs.model.weights:
+        log.info("finetune: backbone from model.weights=%s", rs.model.weights)
     else:
         log.warning("finetune: allow_random_backbone=true: the conv layers keep their random initialisation")
-    model = build_finetune_model(cfg, source).to(device)
+    model = build_finetune_model(rs, source).to(device)
     model.eval()
 
-    train_pool, val_pool = split_pools(cfg, model, key, device)
-    num_classes = len(cfg.data.classes) + 1
+    train_pool, val_pool = split_pools(rs, model, key, device)
+    num_classes = len(rs.data.classes) + 1
     net = FCClassifier(copy.deepcopy(model.head), new_fc8(model.head.out_dim, num_classes, float(fcfg.fc8_std)))
     seconds: list[float] = []
     val_result = train_fc(net, train_pool, val_pool, fcfg, seed, device, state_path, key, on_iteration,
                           seconds=seconds)
     history = val_result["history"]
     seconds = [None] * (len(history) - len(seconds)) + seconds  # entries from before a resume: not timed here
-    record_history(cfg, "finetune", [
+    record_history(rs, "finetune", [
         {"step": h["iteration"], "lr": h["lr"], "loss": h["train_loss"], "val_loss": h["loss"],
          "val_accuracy": h["accuracy"], "seconds": t} for h, t in zip(history, seconds)])
 
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         model.head.load_state_dict(net.head.state_dict())
-        meta = {**io.checkpoint_meta(cfg), "settings": key, "backbone_source": describe_backbone(cfg, source)}
+        meta = {**io.checkpoint_meta(cfg), "settings": key, "backbone_source": describe_backbone(rs, source)}
         io.save_torch({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                        "fc8": {k: v.cpu() for k, v in net.fc8.state_dict().items()},
                        "meta": meta, "val": val_result}, artifact)

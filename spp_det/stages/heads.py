@@ -7,33 +7,33 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from spp_det import io
 from spp_det.model import SPPNet
 from spp_det.artifact import FINETUNE
 from spp_det.runtime import resolve_device
+from spp_det.settings import RunSettings
 from spp_det.stages import declare
 from spp_det.stages.start import load_finetuned_model
 
 log = logging.getLogger(__name__)
 
 
-def consumed(cfg: DictConfig, finetune_path: Path) -> dict:
+def consumed(rs: RunSettings, finetune_path: Path) -> dict:
     """What a head's key consumes (``spp_det.stages.declare.head_key``): the fine-tuned
     ``finetune_path`` and the proposals cache."""
-    return {"finetune": Path(finetune_path), "proposals": declare.proposals_cache(cfg.proposals)}
+    return {"finetune": Path(finetune_path), "proposals": declare.proposals_cache(RunSettings.of(rs).proposals)}
 
 
-def start(cfg: DictConfig, declared: declare.Key) -> tuple[SPPNet, torch.device, Path, str] | declare.Skipped:
-    """``(fine-tuned net in eval mode on cfg.device, that device, work_dir/<artifact>, settings key)``,
+def start(rs: RunSettings, declared: declare.Key) -> tuple[SPPNet, torch.device, Path, str] | declare.Skipped:
+    """``(fine-tuned net in eval mode on the run's device, that device, work_dir/<artifact>, settings key)``,
     or ``Skipped`` when that artifact is current (logged; the net is then not loaded: the key
     already covers the fine-tuned file's bytes)."""
-    artifact = declared.path(cfg)
-    finetune_path = Path(cfg.work_dir) / FINETUNE
-    key = declare.settings_key(cfg, declared, consumed(cfg, finetune_path)) if finetune_path.is_file() else None
+    artifact = declared.path(rs)
+    finetune_path = Path(rs.work_dir) / FINETUNE
+    key = declare.settings_key(rs.cfg, declared, consumed(rs, finetune_path)) if finetune_path.is_file() else None
     if key is not None and io.artifact_is_current(artifact, key):
         return declare.current(declared.name, artifact)
-    device = resolve_device(cfg.device)
-    model, _ = load_finetuned_model(cfg, device)  # a missing or unreadable finetune.pt is its clear error
+    device = resolve_device(rs.device)
+    model, _ = load_finetuned_model(rs, device)  # a missing or unreadable finetune.pt is its clear error
     return model, device, artifact, key

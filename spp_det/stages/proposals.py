@@ -16,41 +16,42 @@ from spp_det.data.voc import load_split
 from spp_det.proposals.cache import ProposalImageError, load_proposals
 from spp_det.proposals.precomputed import write_schema
 from spp_det.runtime import num_workers
+from spp_det.settings import RunSettings
 from spp_det.stages import BY_NAME, stage
 
 log = logging.getLogger(__name__)
 
-def splits_to_fill(cfg) -> list[str]:
-    """``proposals.split``, or the splits the stage being run reads (``cfg.stage``'s declaration:
+def splits_to_fill(rs: RunSettings) -> list[str]:
+    """``proposals.split``, or the splits the stage being run reads (``stage``'s declaration:
     ``spp-det train`` reads no test image, and eval computes their proposals in workers beside the
     network; ``spp-det proposals``, and a config of no stage, fill train, val (when set) and test),
     without repeats."""
-    if cfg.proposals.split:
-        return [str(cfg.proposals.split)]
-    roles = BY_NAME.get(str(cfg.stage), stage("proposals")).splits
-    names = [cfg.data[f"{role}_split"] for role in roles]
+    if rs.proposals.split:
+        return [str(rs.proposals.split)]
+    roles = BY_NAME.get(str(rs.stage), stage("proposals")).splits
+    names = [getattr(rs.data, f"{role}_split") for role in roles]
     return list(dict.fromkeys(str(n) for n in names if n))
 
 
 def run(cfg) -> int:
     """Fill the cache for ``splits_to_fill``."""
-    splits = splits_to_fill(cfg)
-    export = cfg.proposals.export
-    workers = num_workers(cfg.num_workers)
+    rs = RunSettings.of(cfg)
+    splits, export = splits_to_fill(rs), rs.proposals.export
+    workers = num_workers(rs.num_workers)
     exported: dict = {}
     bad: dict[str, str] = {}
     order: list[str] = []  # image ids in split order: the export's order whatever the number of ranks
     for split in splits:
-        records = load_split(cfg.data, split)
+        records = load_split(rs.data, split)
         order += [r.image_id for r in records]
         try:
-            boxes = load_proposals(distributed.shard(records), cfg.proposals, cfg.cache_dir, workers=workers, progress=True)
+            boxes = load_proposals(distributed.shard(records), rs.proposals, rs.cache_dir, workers=workers, progress=True)
         except ProposalImageError as exc:
             bad.update(exc.bad)
             continue
         n = [len(b) for b in boxes.values()]
         log.info("proposals %s: %d images, %.0f boxes per image (min %d, max %d), backend %s",
-                 split, len(n), sum(n) / max(len(n), 1), min(n, default=0), max(n, default=0), cfg.proposals.backend)
+                 split, len(n), sum(n) / max(len(n), 1), min(n, default=0), max(n, default=0), rs.proposals.backend)
         if export:
             exported.update(boxes)
     parts = distributed.gather((exported, bad))

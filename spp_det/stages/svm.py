@@ -38,7 +38,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
@@ -47,7 +46,7 @@ from spp_det.heads.svm import ClassSVM, NormMeter, SVMSettings, feature_scale
 from spp_det.features.cache import FeatureCache
 from spp_det.proposals import record_proposals
 from spp_det.runtime import num_workers, peak_rss_mb
-from spp_det.settings import DataSettings
+from spp_det.settings import RunSettings
 from spp_det.stages import declare, heads, stage
 from spp_det.stages.curves import record_history
 from spp_det.training.windows import svm_windows, training_records, window_features
@@ -67,7 +66,7 @@ def trivial_objective(positives: int, settings: SVMSettings) -> float:
 (KEY,) = stage("svm").keys
 
 
-def settings_key(cfg: DictConfig, finetune_path: Path) -> str:
+def settings_key(cfg, finetune_path: Path) -> str:
     """The settings key of ``svm.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
     return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
@@ -80,11 +79,11 @@ def outcome(svm: ClassSVM) -> SimpleNamespace:
                            total_evicted=svm.total_evicted, retrains=svm.retrains)
 
 
-def positives_and_scale(cfg: DictConfig, model, cache, records, windows_of) -> tuple[list[torch.Tensor], float]:
+def positives_and_scale(rs: RunSettings, model, cache, records, windows_of) -> tuple[list[torch.Tensor], float]:
     """Pass 1: the unscaled fc7 features ``[P_k, D]`` of each class's positives (its ground-truth
     boxes) and the global feature scale (mean norm of a sample of windows -> ``svm.feature_norm``)."""
-    scfg, classes = cfg.svm, list(cfg.data.classes)
-    rng = np.random.default_rng(int(cfg.seed))
+    scfg, classes = rs.svm, list(rs.data.classes)
+    rng = np.random.default_rng(int(rs.seed))
     positives: list[list[torch.Tensor]] = [[] for _ in classes]
     norms = NormMeter()
     scale_images, scale_windows = int(scfg.scale_images), int(scfg.scale_windows)
@@ -102,7 +101,7 @@ def positives_and_scale(cfg: DictConfig, model, cache, records, windows_of) -> t
     missing = [name for name, p in zip(classes, positives) if not p]
     if missing:
         raise UserError(f"svm: no positive example (non-difficult ground-truth box) of class(es) "
-                        f"{', '.join(missing)} in {cfg.data.root} split {cfg.data.train_split!r}; "
+                        f"{', '.join(missing)} in {rs.data.root} split {rs.data.train_split!r}; "
                         "every class in data.classes needs at least one")
     scale = feature_scale(norms.mean, float(scfg.feature_norm))
     log.info("svm: fc7 mean norm %.3f over %d windows -> feature scale %.5f; positives per class: %s",
@@ -110,7 +109,7 @@ def positives_and_scale(cfg: DictConfig, model, cache, records, windows_of) -> t
     return [torch.cat(p) for p in positives], scale
 
 
-def mine_hard_negatives(scfg, model, cache, records, windows_of, svms: list[ClassSVM], mine: list[int],
+def mine_hard_negatives(scfg: SVMSettings, model, cache, records, windows_of, svms: list[ClassSVM], mine: list[int],
                         num_classes: int, scale: float, threads: int = 1) -> None:
     """Pass 2: ``svm.epochs`` passes over ``records`` offering each class's SVM (this rank's classes
     ``mine``) the negatives it scores above the hard threshold; an SVM retrains when enough were
@@ -166,45 +165,44 @@ def log_outcome(svms: list[SimpleNamespace], settings: SVMSettings) -> dict:
     return stats
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg) -> int:
     """Train the per-class SVMs (see the module docstring); writes ``work_dir/svm.pt``."""
-    scfg = cfg.svm
+    rs = RunSettings.of(cfg)
+    settings = rs.svm
     t0 = time.perf_counter()
-    started = heads.start(cfg, KEY)
+    started = heads.start(rs, KEY)
     if isinstance(started, declare.Skipped):
         return started
     model, device, artifact, key = started
-    settings = SVMSettings.from_cfg(scfg)
-    classes = list(cfg.data.classes)
+    classes = list(rs.data.classes)
     num_classes = len(classes)
-    use_difficult = DataSettings.of(cfg.data).use_difficult
-    records, proposals = training_records(cfg, bool(scfg.flip))
-    cache = FeatureCache(cfg.cache_dir, model, cfg.conv5_cache)
+    records, proposals = training_records(rs, settings.flip)
+    cache = FeatureCache(rs.cache_dir, model, rs.conv5_cache)
 
     def windows_of(rec):
-        return svm_windows(rec, record_proposals(rec, proposals), num_classes, use_difficult)
+        return svm_windows(rec, record_proposals(rec, proposals), num_classes, rs.data.use_difficult)
 
-    positives, scale = positives_and_scale(cfg, model, cache, records, windows_of)
+    positives, scale = positives_and_scale(rs, model, cache, records, windows_of)
     mine = distributed.shard(range(num_classes))  # this rank's classes (all of them in one process)
     svms = [ClassSVM(classes[k], positives[k] * scale, settings, device) for k in mine]
     del positives
-    mine_hard_negatives(scfg, model, cache, records, windows_of, svms, mine, num_classes, scale,
-                        threads=num_workers(cfg.num_workers))
+    mine_hard_negatives(settings, model, cache, records, windows_of, svms, mine, num_classes, scale,
+                        threads=num_workers(rs.num_workers))
     # every class's outcome on every rank, in class order (under torchrun each rank trained its own)
     done = dict(kv for part in distributed.all_gather({k: outcome(s) for k, s in zip(mine, svms)}) for kv in part.items())
     svms = [done[k] for k in range(num_classes)]
     untrained = [s.name for s in svms if not s.trained]
     if untrained:
         raise UserError(f"svm: no negative window for class(es) {', '.join(untrained)} in split "
-                        f"{cfg.data.train_split!r}; need images with proposals away from those objects")
+                        f"{rs.data.train_split!r}; need images with proposals away from those objects")
 
-    record_history(cfg, "svm", [  # one row per retraining of each class's SVM during the mining
+    record_history(rs, "svm", [  # one row per retraining of each class's SVM during the mining
         {"step": j, "class": s.name, "loss": h["objective"], "pos_loss": h["pos_loss"], "neg_loss": h["neg_loss"],
          "reg_loss": h["reg_loss"], "negatives": h["negatives"], "evicted": h["evicted"], "seconds": h["seconds"]}
         for s in svms for j, h in enumerate(s.history, start=1)])
     stats = log_outcome(svms, settings)
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
-        meta = {**io.checkpoint_meta(cfg), "settings": key}
+        meta = {**io.checkpoint_meta(rs.cfg), "settings": key}
         io.save_torch({"weight": torch.stack([s.w for s in svms]).float(),
                        "bias": torch.tensor([s.b for s in svms]).float(),
                        "feature_scale": float(scale), "meta": meta, "stats": stats}, artifact)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from spp_det.boxes import box_iou
 from spp_det.data.voc import load_split
@@ -23,11 +22,10 @@ from spp_det.proposals import load_proposals
 from spp_det.training.sampling import fg_bg_indices, label_windows, subsample, trained_objects
 
 
-def training_records(cfg: DictConfig, flip: bool):
-    """Records of ``data.train_split`` (plus mirrors when ``flip``) and their proposals."""
-    records = load_split(cfg.data, cfg.data.train_split)
-    proposals = load_proposals(records, cfg.proposals, cfg.cache_dir,
-                               workers=int(cfg.num_workers), progress=True)
+def training_records(rs, flip: bool):
+    """Records of ``data.train_split`` (plus mirrors when ``flip``) and their proposals (``rs``: a ``RunSettings``)."""
+    records = load_split(rs.data, rs.data.train_split)
+    proposals = load_proposals(records, rs.proposals, rs.cache_dir, workers=int(rs.num_workers), progress=True)
     if flip:
         records = records + [r.flip() for r in records]
     return records, proposals
