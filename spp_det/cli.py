@@ -142,7 +142,7 @@ def preflight(stage: Stage, cfg) -> None:
     (none when ``eval.results_dir`` scores existing result files)."""
     from omegaconf import OmegaConf
 
-    from spp_det.settings import check_groups
+    from spp_det.settings import RunSettings, check_groups
 
     check_groups(cfg, stage.groups)
     if stage.split_check:
@@ -152,7 +152,7 @@ def preflight(stage: Stage, cfg) -> None:
     if stage.needs_model and not OmegaConf.select(cfg, f"{stage.name}.results_dir", default=None):
         from spp_det.stages.detect import checkpoint_path
 
-        checkpoint_path(cfg, stage.name)
+        checkpoint_path(RunSettings.of(cfg), stage.name)
 
 
 def output_locations(stage: Stage, cfg) -> list[tuple[str, str, bool]]:

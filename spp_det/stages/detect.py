@@ -56,7 +56,7 @@ from spp_det.io import atomic_path
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.proposals import cached_proposals
 from spp_det.runtime import resolve_device, run_dir, search_workers
-from spp_det.settings import DetectSettings, EvalSettings, RunSettings
+from spp_det.settings import RunSettings
 from spp_det.timing import timed
 
 log = logging.getLogger(__name__)
@@ -64,39 +64,40 @@ log = logging.getLogger(__name__)
 MAX_NAME_CHARS = 100  # stem length of output names, well below file-system limits (255 bytes)
 
 
-def checkpoint_path(cfg, group: str) -> Path:
-    """The model file of the ``group`` (``detect`` or ``eval``) that names it (``detect.checkpoint`` /
-    ``eval.checkpoint``): by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the
+def checkpoint_path(rs: RunSettings, group: str) -> Path:
+    """The model file of the ``group`` (``detect``, ``eval`` or ``export``) that names it (``detect.checkpoint``,
+    ...; ``rs``: the run's settings): by default ``work_dir/model.pt``, the file ``spp-det train`` wrote for the
     same ``name``; a clear error naming the key and the run when it is not there. With
     ``runtime=onnxruntime`` the folder ``spp-det export`` wrote."""
-    checkpoint = cfg[group].checkpoint
-    if group != "export" and cfg[group].runtime == "onnxruntime":  # a `spp-det export` folder
+    settings = getattr(rs, group)
+    checkpoint = settings.checkpoint
+    if group != "export" and settings.runtime == "onnxruntime":  # a `spp-det export` folder
         load_export(Path(str(checkpoint)))  # a clear error when it is not one
         return Path(str(checkpoint))
     if not checkpoint:
         raise UserError(f"spp-det {group} needs {group}.checkpoint=PATH (a model.pt written by `spp-det train`)")
     if not Path(checkpoint).is_file():
         raise UserError(f"{checkpoint}: no model file there ({group}.checkpoint; by default work_dir/model.pt of "
-                        f"name={cfg.name}): run `spp-det train` with the same name first, or give "
+                        f"name={rs.name}): run `spp-det train` with the same name first, or give "
                         f"name=NAME or {group}.checkpoint=FILE")
     return Path(checkpoint)
 
 
-def load_detector(cfg, group: str):
+def load_detector(rs: RunSettings, group: str):
     """``Detector.load(checkpoint, ...)`` with the test-time settings of ``group``: ``eval`` (spp-det
     eval) or ``detect`` (spp-det detect, whose keys default to eval's in configs/detect/default.yaml):
     its ``scales`` / ``max_size`` when set, ``scorer``, ``precision`` and ``fc_rank``; a clear error
     when there is no checkpoint. ``runtime=onnxruntime``: the exported graphs of a ``spp-det export``
-    folder (``spp_det.detection.onnx_detector``)."""
-    settings = {"eval": EvalSettings, "detect": DetectSettings}[group].of(cfg[group])
-    checkpoint = checkpoint_path(cfg, group)
+    folder (``spp_det.detection.onnx_detector``). ``rs``: the run's settings (or its config)."""
+    rs = RunSettings.of(rs)
+    settings, checkpoint = getattr(rs, group), checkpoint_path(rs, group)
     if settings.runtime == "onnxruntime":
         from spp_det.detection.onnx_detector import OnnxDetector
 
         detector = OnnxDetector(checkpoint, test_scales=settings.scales, test_max_size=settings.max_size,
                                 scorer=settings.scorer)
     else:
-        detector = Detector.load(checkpoint, resolve_device(cfg.device), test_scales=settings.scales,
+        detector = Detector.load(checkpoint, resolve_device(rs.device), test_scales=settings.scales,
                                  test_max_size=settings.max_size, scorer=settings.scorer, precision=settings.precision,
                                  fc_rank=settings.fc_rank)
     log.info("%s: loaded %s (classes %s); runtime %s, scales %s, max_size %s", group, checkpoint,
@@ -104,10 +105,10 @@ def load_detector(cfg, group: str):
     return detector
 
 
-def proposals_for_file(path: Path, image: np.ndarray, cfg, prefetch=None) -> np.ndarray:
+def proposals_for_file(path: Path, image: np.ndarray, rs: RunSettings, prefetch=None) -> np.ndarray:
     """Selective-search boxes ``f32 [N, 4]`` of one file (cached by content + settings), from
     ``prefetch`` (a ``ProposalPrefetcher`` searching the next files meanwhile) when given."""
-    return prefetch.get(path, image) if prefetch is not None else cached_proposals(path, image, cfg.proposals, cfg.cache_dir)
+    return prefetch.get(path, image) if prefetch is not None else cached_proposals(path, image, rs.proposals, rs.cache_dir)
 
 
 def _safe_part(text: str) -> str:
@@ -177,7 +178,7 @@ def _inputs(source: Path, output: Path) -> tuple[list[Path], Path]:
     return paths, base
 
 
-def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used_names: set[str], annotated_dir: Path,
+def detect_files(rs: RunSettings, detector, paths: list[Path], base: Path, names: dict, used_names: set[str], annotated_dir: Path,
                  input_set: set, keep_labels) -> tuple[list[tuple], Counter]:
     """Detect on this rank's share of ``paths`` and draw each annotated image (named ``names[path]``,
     or a new name beside ``used_names`` when that would overwrite an input); returns
@@ -185,7 +186,7 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     name)`` per file done, and the count of skipped files by reason."""
     from tqdm import tqdm
 
-    d, classes = DetectSettings.of(cfg.detect), list(detector.classes)
+    d, classes = rs.detect, list(detector.classes)
     skipped: Counter = Counter()
     found: list[tuple] = []
     timings: dict[str, float] = {}
@@ -197,7 +198,7 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
     index = {path: i for i, path in enumerate(paths)}
     paths = distributed.shard(paths)  # this rank's files (all of them in one process)
     # proposals of the next files in worker processes (half the cores) while the network runs on the rest
-    prefetch = ProposalPrefetcher(paths, cfg.proposals, cfg.cache_dir, search_workers(cfg.num_workers),
+    prefetch = ProposalPrefetcher(paths, rs.proposals, rs.cache_dir, search_workers(rs.num_workers),
                                   max_pixels=d.max_pixels)
     with prefetch:
         for path in tqdm(paths, desc="detect", unit="image"):
@@ -210,7 +211,7 @@ def detect_files(cfg, detector, paths: list[Path], base: Path, names: dict, used
                 continue
             try:
                 with timed(timings, "proposals"):
-                    boxes = proposals_for_file(path, image, cfg, prefetch)
+                    boxes = proposals_for_file(path, image, rs, prefetch)
                 dets = detector.detect(image, boxes, d.score_thresh, d.nms_iou, d.max_per_image, d.bbox_reg, timings)
             except Exception as exc:  # one image's failure must not stop a folder run; it is reported
                 log.debug("detection failed on %s", path, exc_info=True)
@@ -252,9 +253,10 @@ def write_detections(found: list[tuple], classes: list[str], jsonl_path: Path, w
 def run(cfg) -> int:
     from omegaconf import OmegaConf
 
-    if OmegaConf.is_missing(cfg.detect, "source"):
+    rs = RunSettings.of(cfg)
+    if OmegaConf.is_missing(rs.cfg.detect, "source"):
         raise UserError("spp-det detect needs detect.source=PATH (a folder of images or one image)")
-    d = DetectSettings.of(cfg.detect)
+    d = rs.detect
     source = Path(str(d.source))
     formats = parse_formats(d.format)
     output = Path(d.output) if d.output else run_dir()
@@ -263,9 +265,9 @@ def run(cfg) -> int:
         raise UserError(f"detect.source={source}: no image files found (looked for common image suffixes)")
     input_set = {p.resolve() for p in paths}
 
-    detector = load_detector(cfg, "detect")
+    detector = load_detector(rs, "detect")
     classes = list(detector.classes)
-    unread = sorted(k for k in RunSettings.of(cfg).command_line or () if k == "data" or k.startswith("data."))
+    unread = sorted(k for k in rs.command_line or () if k == "data" or k.startswith("data."))
     if unread:  # said, not silently ignored: the classes and everything else come from the model
         log.warning("spp-det detect does not read %s: it detects the classes of the model (%s); "
                     "detect.classes=[...] keeps some of them", ", ".join(unread), ", ".join(classes))
@@ -281,7 +283,7 @@ def run(cfg) -> int:
     used_names: set[str] = set()
     # every file's output name, in input order (the same on every rank under torchrun)
     names = {path: safe_output_name(path.relative_to(base), used_names) for path in paths}
-    found, skipped = detect_files(cfg, detector, paths, base, names, used_names, annotated_dir, input_set,
+    found, skipped = detect_files(rs, detector, paths, base, names, used_names, annotated_dir, input_set,
                                   keep_labels)
     parts = distributed.gather((found, skipped))  # rank 0 writes every file's detections, in input order
     if parts is None:
