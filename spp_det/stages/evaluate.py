@@ -33,7 +33,7 @@ from spp_det.evaluation.voc_ap import VOCEvaluator
 from spp_det.io import write_json
 from spp_det.proposals import ProposalPrefetcher
 from spp_det.runtime import run_dir, search_workers
-from spp_det.settings import EvalSettings, RunSettings
+from spp_det.settings import RunSettings
 from spp_det.structures import Detections
 from spp_det.timing import timed
 
@@ -77,13 +77,13 @@ def score_detections(
     return metrics
 
 
-def proposal_stream(records, cfg):
+def proposal_stream(records, rs: RunSettings):
     """Selective search of ``records`` (cached) that runs ahead of the network in worker processes:
     ``.get(path, image) -> f32 [N, 4]`` (``spp_det.proposals.ProposalPrefetcher``)."""
-    return ProposalPrefetcher([r.path for r in records], cfg.proposals, cfg.cache_dir, search_workers(cfg.num_workers))
+    return ProposalPrefetcher([r.path for r in records], rs.proposals, rs.cache_dir, search_workers(rs.num_workers))
 
 
-def run_detector(detector, records, cfg, proposals: dict | None = None,
+def run_detector(detector, records, rs: RunSettings, proposals: dict | None = None,
                  without_bbox_reg: dict | None = None) -> tuple[dict[str, Detections], dict]:
     """Detections of every record (image id -> ``Detections``) and seconds per image by step.
 
@@ -95,9 +95,9 @@ def run_detector(detector, records, cfg, proposals: dict | None = None,
     """
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
-    e = cfg.eval
+    e = rs.eval
     detections = {}
-    stream = proposal_stream(records, cfg) if proposals is None else None
+    stream = proposal_stream(records, rs) if proposals is None else None
     try:
         for r in tqdm(records, desc="detect", unit="image"):
             with timed(timings, "load_image"):
@@ -127,17 +127,18 @@ def check_classes(detector_classes, data_classes, source: str) -> None:
                         f"{list(data_classes)}; evaluate with the data config the model was trained with")
 
 
-def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
+def evaluate_detector(detector, records, rs: RunSettings, out_dir: str | Path | None = None,
                       proposals: dict | None = None, run_info: dict | None = None) -> dict | None:
     """Run ``detector`` over ``records`` and score it (see ``score_detections``); ``metrics`` gains
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
     bboxreg, nms) and in all (``total``). Under ``torchrun`` each rank detects its share of the
     images and rank 0 gathers and scores them (``seconds_per_image``: per process, averaged over all
-    images); the other ranks return None."""
-    compare = bool(cfg.eval.bbox_reg and cfg.eval.compare_bbox_reg and getattr(detector, "has_bbox_reg", False))
+    images); the other ranks return None. ``rs``: the run's settings (or its config)."""
+    rs = RunSettings.of(rs)
+    compare = bool(rs.eval.bbox_reg and rs.eval.compare_bbox_reg and getattr(detector, "has_bbox_reg", False))
     plain: dict | None = {} if compare else None
     mine = distributed.shard(records)  # every record in one process
-    detections, seconds = run_detector(detector, mine, cfg, proposals, plain)
+    detections, seconds = run_detector(detector, mine, rs, proposals, plain)
     parts = distributed.gather((detections, plain, seconds, len(mine)))
     if parts is None:
         return None
@@ -150,10 +151,10 @@ def evaluate_detector(detector, records, cfg, out_dir: str | Path | None = None,
     extra: dict = {"seconds_per_image": seconds, "scales": list(detector.geometry.scales),
                    "max_size": detector.geometry.max_size, "processes": len(parts)}
     if compare:  # the paper's two rows: SVM scores alone, then with box regression
-        before = score_detections(records, list(detector.classes), plain, cfg.data.test_split, coco=False)
+        before = score_detections(records, list(detector.classes), plain, rs.data.test_split, coco=False)
         extra["without_bbox_reg"] = {k: before[k] for k in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10")}
-    return score_detections(records, list(detector.classes), detections, cfg.data.test_split, out_dir,
-                            coco=cfg.eval.coco, extra=extra, run_info=run_info)
+    return score_detections(records, list(detector.classes), detections, rs.data.test_split, out_dir,
+                            coco=rs.eval.coco, extra=extra, run_info=run_info)
 
 
 def format_table(metrics: dict) -> str:
@@ -182,45 +183,49 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def model_classes(cfg, detector_classes) -> None:
+def model_classes(rs: RunSettings, detector_classes) -> RunSettings:
     """Score the classes the model detects. The rule: ``data.classes`` need not repeat what model.pt
     records, but classes given on the command line (``data.classes``, or ``synth.classes``, which
     data=synth reads) must match it. The run's own settings say what its command line set
     (``RunSettings.command_line``, filled by the CLI); a config passed whole (scripts, tests) gives
-    every key, so its classes must match."""
-    if list(detector_classes) != list(cfg.data.classes) and not RunSettings.of(cfg).given("data.classes", "synth.classes"):
-        log.info("eval: the classes of %s: %s", cfg.eval.checkpoint, ", ".join(detector_classes))
-        cfg.data.classes = list(detector_classes)
-    check_classes(detector_classes, cfg.data.classes, str(cfg.eval.checkpoint))
+    every key, so its classes must match. Returns the run's settings with the classes scored (``rs``:
+    the run's settings or its config; the config's ``data.classes`` is replaced in place)."""
+    rs = RunSettings.of(rs)
+    if list(detector_classes) != list(rs.data.classes) and not rs.given("data.classes", "synth.classes"):
+        log.info("eval: the classes of %s: %s", rs.eval.checkpoint, ", ".join(detector_classes))
+        rs.cfg.data.classes = list(detector_classes)  # what eval_data.json's config records
+        rs = RunSettings.of(rs.cfg)
+    check_classes(detector_classes, rs.data.classes, str(rs.eval.checkpoint))
+    return rs
 
 
 def run(cfg) -> int:
-    EvalSettings.of(cfg.eval)  # every key there and valid, before any work
+    rs = RunSettings.of(cfg)
+    e = rs.eval  # every key there and valid, before any work
     out_dir = run_dir()
     detector = None
-    if not cfg.eval.results_dir:  # the model first: it names the classes to load the split with
+    if not e.results_dir:  # the model first: it names the classes to load the split with
         # here only: the detector brings the model and torchvision (+1 s start-up), which scoring result files never needs
         from spp_det.stages import detect as detection_stage
 
-        detector = detection_stage.load_detector(cfg, "eval")
-        model_classes(cfg, detector.classes)
-    records = load_split(cfg.data, cfg.data.test_split)
-    classes = list(cfg.data.classes)
-    similar = cfg.eval.similar_classes
-    run_info = {"config": OmegaConf.to_container(cfg, resolve=True),
-                "checkpoint": None if cfg.eval.results_dir else checkpoint_info(cfg.eval.checkpoint),
-                "results_dir": str(cfg.eval.results_dir) if cfg.eval.results_dir else None,
-                "similar_classes": None if similar is None else [list(g) for g in similar]}
-    if cfg.eval.results_dir:
+        detector = detection_stage.load_detector(rs, "eval")
+        rs = model_classes(rs, detector.classes)
+    records = load_split(rs.data, rs.data.test_split)
+    classes = list(rs.data.classes)
+    run_info = {"config": OmegaConf.to_container(rs.cfg, resolve=True),
+                "checkpoint": None if e.results_dir else checkpoint_info(e.checkpoint),
+                "results_dir": str(e.results_dir) if e.results_dir else None,
+                "similar_classes": None if e.similar_classes is None else [list(g) for g in e.similar_classes]}
+    if e.results_dir:
         if not distributed.is_main():  # no model to run: rank 0 scores the files alone
             return 0
-        detections = read_results(cfg.eval.results_dir, cfg.data.test_split, classes, [r.image_id for r in records])
+        detections = read_results(e.results_dir, rs.data.test_split, classes, [r.image_id for r in records])
         # the result files are the input here: never rewrite them
-        metrics = score_detections(records, classes, detections, cfg.data.test_split, out_dir,
-                                   write_result_files=False, coco=cfg.eval.coco,
-                                   extra={"results_dir": str(cfg.eval.results_dir)}, run_info=run_info)
+        metrics = score_detections(records, classes, detections, rs.data.test_split, out_dir,
+                                   write_result_files=False, coco=e.coco,
+                                   extra={"results_dir": str(e.results_dir)}, run_info=run_info)
     else:
-        metrics = evaluate_detector(detector, records, cfg, out_dir, run_info=run_info)
+        metrics = evaluate_detector(detector, records, rs, out_dir, run_info=run_info)
         if metrics is None:  # not rank 0 under torchrun: its detections went to rank 0
             return 0
     print(format_table(metrics))
