@@ -47,7 +47,7 @@ from spp_det.io import write_json
 from spp_det.model import SPPNet, at_scales, build_model
 from spp_det.proposals import compute_proposals
 from spp_det.runtime import resolve_device, run_dir
-from spp_det.settings import BenchSettings, ModelSettings
+from spp_det.settings import RunSettings
 from spp_det.stages.export import export_detector, require_onnx
 
 log = logging.getLogger(__name__)
@@ -204,32 +204,31 @@ def time_precisions(model: SPPNet, images: Sequence[np.ndarray], windows: Sequen
 def run(cfg) -> int | None:
     # Over 60 lines because half of it is the bench.json literal below, one key per line: kept in
     # one piece, it reads as the file's schema.
-    b, model = BenchSettings.of(cfg.bench), ModelSettings.of(cfg.model)
-    device = resolve_device(cfg.device)
-    records, _ = load_voc(b.root, b.split, list(cfg.data.classes), b.year, unknown_classes="skip",
-                          max_images=int(b.num_images))
-    rng = np.random.default_rng(int(cfg.seed))
+    rs = RunSettings.of(cfg)
+    b, model, classes, e = rs.bench, rs.model, list(rs.data.classes), rs.eval
+    device = resolve_device(rs.device)
+    records, _ = load_voc(b.root, b.split, classes, b.year, unknown_classes="skip", max_images=int(b.num_images))
+    rng = np.random.default_rng(rs.seed)
     images = [r.load_image() for r in records]
     windows = [random_windows(im.shape[0], im.shape[1], int(b.windows), rng) for im in images]
 
-    torch.manual_seed(int(cfg.seed))
-    one = at_scales(build_model(cfg.model), b.scales_one).to(device).eval()
+    torch.manual_seed(rs.seed)
+    one = at_scales(build_model(model), b.scales_one).to(device).eval()
     five = at_scales(one, b.scales_five)  # the same network (weights) at five scales
     # warm-up (first-call allocations, kernel selection) on a small image, not timed
     time_spp(one, images[0][:200, :200], windows[0][:50])
 
     log.info("bench: %d images, %d windows each, %s, device %s, %d threads", len(images), int(b.windows),
-             cfg.model.backbone, device, torch.get_num_threads())
+             model.backbone, device, torch.get_num_threads())
     rcnn_warp = (float(b.rcnn_context), int(b.rcnn_input))
     res_one = time_engine(one, images, windows, rcnn_windows=int(b.rcnn_windows),
                           rcnn_batch=int(b.rcnn_batch), rcnn_warp=rcnn_warp)
     res_five = time_engine(five, images, windows, rcnn_windows=None)
     rcnn = res_one["rcnn"]
-    detector = random_detector(one, cfg.data.classes)
-    heads = [time_heads(detector, im, w, cfg.eval.score_thresh, cfg.eval.nms_iou, cfg.eval.max_per_image)
-             for im, w in zip(images, windows)]
+    detector = random_detector(one, classes)
+    heads = [time_heads(detector, im, w, e.score_thresh, e.nms_iou, e.max_per_image) for im, w in zip(images, windows)]
     steps = {k: float(np.mean([h[k] for h in heads])) for k in ("svm", "bboxreg", "nms")}
-    proposals = time_proposals(images, cfg.proposals) if b.proposals else None
+    proposals = time_proposals(images, rs.proposals) if b.proposals else None
     pipeline = {  # one image through the whole detector, one scale, as `spp-det eval` runs it
         **({"proposals": proposals["seconds"]} if proposals else {}),
         "conv5": res_one["spp"]["conv5"], "pool": res_one["spp"]["pool"], "fc": res_one["spp"]["fc"], **steps,
@@ -242,8 +241,7 @@ def run(cfg) -> int | None:
     runtimes = None
     if b.onnxruntime:  # the exported detector beside PyTorch (spp_det/stages/export.py)
         try:
-            runtimes = time_runtimes(one, images, windows, list(cfg.data.classes), cfg.eval.score_thresh,
-                                     cfg.eval.nms_iou, cfg.eval.max_per_image)
+            runtimes = time_runtimes(one, images, windows, classes, e.score_thresh, e.nms_iou, e.max_per_image)
         except UserError as exc:  # the onnx extra is not installed: said, not silently left out
             log.warning("bench: onnxruntime not timed: %s", exc)
     profiled = None
@@ -256,8 +254,8 @@ def run(cfg) -> int | None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "backbone": str(model.backbone) + (f":{model.timm_name}" if model.timm_name else ""),
-        "width": float(cfg.model.width),
-        "fc_dim": int(cfg.model.fc_dim),
+        "width": float(model.width),
+        "fc_dim": int(model.fc_dim),
         "images": [r.image_id for r in records],
         "windows_per_image": int(b.windows),
         "windows": "random, log-uniform sides from 16 px to the image side",
@@ -274,9 +272,9 @@ def run(cfg) -> int | None:
         "note": (f"R-CNN mode measured on {int(b.rcnn_windows)} windows per image "
                  f"({int(b.rcnn_batch)} crops per batch) and scaled linearly to {int(b.windows)}"),
         "detection_steps_1scale": pipeline,
-        "proposals": ({"backend": str(cfg.proposals.backend),
-                       "mode": (f"{len(cfg.proposals.passes)} passes" if cfg.proposals.passes
-                                else str(cfg.proposals.mode)),
+        "proposals": ({"backend": str(rs.proposals.backend),
+                       "mode": (f"{len(rs.proposals.passes)} passes" if rs.proposals.passes
+                                else str(rs.proposals.mode)),
                        "boxes_per_image": proposals["boxes"]} if proposals else None),
         "per_image": {"spp_1scale": res_one["per_image"], "spp_5scale": res_five["per_image"]},
         **({"profile": profiled} if profiled else {}),
