@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from spp_det import io
 from spp_det.artifact import PRETRAIN, PRETRAIN_CROPS, PRETRAIN_CROPS_STATE, PRETRAIN_STATE
-from spp_det.settings import PretrainSettings
+from spp_det.settings import RunSettings
 from spp_det.stages import declare, stage
 from spp_det.stages.declare import Skipped
 from spp_det.stages.pretrain_crops import run_crops
-from spp_det.stages.pretrain_windows import run_windows, window_proposals_cfg
+from spp_det.stages.pretrain_windows import run_windows, window_proposals
 from spp_det.stages.start import pretrain_skipped
 
 log = logging.getLogger(__name__)
@@ -45,40 +45,42 @@ CROPS_ARTIFACT, CROPS_STATE = PRETRAIN_CROPS, PRETRAIN_CROPS_STATE  # source=cro
 CROPS, WINDOWS = stage("pretrain").keys  # the two phases' settings keys (spp_det.stages)
 
 
-def settings_key(cfg: DictConfig, phase: declare.Key | None = None) -> str:
+def settings_key(rs: RunSettings, phase: declare.Key | None = None) -> str:
     """The settings key of pretraining's ``phase`` (``CROPS`` or ``WINDOWS``; default: the one
-    ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``)."""
+    ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``);
+    ``rs``: the run's settings (or its config)."""
+    rs = RunSettings.of(rs)
     if phase is None:
-        phase = WINDOWS if PretrainSettings.of(cfg.pretrain).source in ("windows", "crops+windows") else CROPS
+        phase = WINDOWS if rs.pretrain.source in ("windows", "crops+windows") else CROPS
     if phase is CROPS:
-        return declare.settings_key(cfg, CROPS)
-    start = PretrainSettings.of(cfg.pretrain).start_from
-    return declare.settings_key(cfg, WINDOWS, {
+        return declare.settings_key(rs.cfg, CROPS)
+    start = rs.pretrain.start_from
+    return declare.settings_key(rs.cfg, WINDOWS, {
         "start_from": Path(start) if start and Path(start).is_file() else None,
-        "proposals": declare.proposals_cache(window_proposals_cfg(cfg))})  # the boxes change the windows
+        "proposals": declare.proposals_cache(window_proposals(rs))})  # the boxes change the windows
 
 
 def run(cfg: DictConfig, on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """Pretrain the backbone (see the module docstring); ``on_epoch(epoch, entry)`` is called after
     each epoch (tests use it to interrupt a run). Returns 0 (``Skipped`` when it did no work)."""
-    skipped = pretrain_skipped(cfg)
+    rs = RunSettings.of(cfg)
+    skipped = pretrain_skipped(rs)
     if skipped:
         log.info("pretrain: skipped: %s", skipped)
         return Skipped(skipped)
-    pcfg = PretrainSettings.of(cfg.pretrain)
-    work_dir = Path(cfg.work_dir)
+    work_dir = Path(rs.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
-    key = settings_key(cfg)
+    key = settings_key(rs)
     if io.artifact_is_current(artifact, key):
         return declare.current("pretrain", artifact)
-    if pcfg.source == "windows":
-        return run_windows(cfg, artifact, state_path, key, on_epoch)
-    if pcfg.source == "crops+windows":  # crops first, then windows starting from them
-        crops_cfg = OmegaConf.merge(cfg, {"pretrain": {"source": "voc_crops"}})
-        crops_artifact, crops_key = work_dir / CROPS_ARTIFACT, settings_key(crops_cfg, CROPS)
+    if rs.pretrain.source == "windows":
+        return run_windows(rs, artifact, state_path, key, on_epoch)
+    if rs.pretrain.source == "crops+windows":  # crops first, then windows starting from them
+        crops = RunSettings.of(OmegaConf.merge(rs.cfg, {"pretrain": {"source": "voc_crops"}}))
+        crops_artifact, crops_key = work_dir / CROPS_ARTIFACT, settings_key(crops, CROPS)
         if io.artifact_is_current(crops_artifact, crops_key):
             log.info("pretrain: %s is current; window training starts from it", crops_artifact)
         else:
-            run_crops(crops_cfg, crops_artifact, work_dir / CROPS_STATE, crops_key, on_epoch)
-        return run_windows(cfg, artifact, state_path, key, on_epoch, start=crops_artifact)
-    return run_crops(cfg, artifact, state_path, key, on_epoch)
+            run_crops(crops, crops_artifact, work_dir / CROPS_STATE, crops_key, on_epoch)
+        return run_windows(rs, artifact, state_path, key, on_epoch, start=crops_artifact)
+    return run_crops(rs, artifact, state_path, key, on_epoch)

@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from spp_det import distributed, io
@@ -35,7 +34,7 @@ from spp_det.errors import UserError
 from spp_det.model import SPPClassifier, build_model, init_from_scratch
 from spp_det.model.sppnet import whole_map_pyramid
 from spp_det.runtime import resolve_device
-from spp_det.settings import DataSettings, PretrainSettings
+from spp_det.settings import DataSettings, PretrainSettings, RunSettings
 from spp_det.stages.curves import record_history
 from spp_det.training.crops import CropSet, image_folder_sets, make_batch, voc_crop_set
 from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
@@ -46,15 +45,15 @@ log = logging.getLogger(__name__)
 SEED_STRIDE = 100_003
 
 
-def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[SPPClassifier, Callable[[torch.Tensor], torch.Tensor]]:
-    """The SPP classifier from ``cfg.model`` (fresh weights: pretraining starts from scratch) and
+def build_classifier(rs: RunSettings, num_classes: int) -> tuple[SPPClassifier, Callable[[torch.Tensor], torch.Tensor]]:
+    """The SPP classifier from ``rs.model`` (fresh weights: pretraining starts from scratch) and
     the function that turns uint8 ``[B, 3, S, S]`` batches into the backbone's input. Its
     ``window_pool`` (``pretrain.pool=object``) pools each image's object window as detection pools
     a proposal (``SPPNet.pool5_at``)."""
-    model = build_model(cfg.model, pretrained=False)
-    if PretrainSettings.of(cfg.pretrain).init == "kaiming":
+    model = build_model(rs.model, pretrained=False)
+    if rs.pretrain.init == "kaiming":
         init_from_scratch(model.backbone)
-    levels = tuple(int(n) for n in cfg.model.pyramid_levels)
+    levels = rs.model.pyramid_levels
     classifier = SPPClassifier(
         model.backbone, lambda x: whole_map_pyramid(x, levels), model.head, num_classes=num_classes,
         fc_dim=model.head.out_dim,
@@ -154,21 +153,21 @@ def train_classifier(
     return loop.run(epoch, done, history)
 
 
-def pretrain_data(cfg: DictConfig) -> DataSettings:
-    """``cfg.data`` with ``pretrain.train_split`` / ``pretrain.val_split`` in place of the data's
+def pretrain_data(rs: RunSettings) -> DataSettings:
+    """``data`` with ``pretrain.train_split`` / ``pretrain.val_split`` in place of the data's
     splits when set: the backbone may pretrain on a split detection never trains on (the demo's
     ``pretrain`` split of extra synthetic images, standing in for ImageNet)."""
-    pcfg = PretrainSettings.of(cfg.pretrain)
-    return dataclasses.replace(DataSettings.of(cfg.data), **{k: getattr(pcfg, k) for k in ("train_split", "val_split")
-                                                             if getattr(pcfg, k)})
+    pcfg = rs.pretrain
+    return dataclasses.replace(rs.data, **{k: getattr(pcfg, k) for k in ("train_split", "val_split") if getattr(pcfg, k)})
 
 
-def crop_sets(cfg: DictConfig, store_side: int, rng: np.random.Generator) -> tuple[CropSet, CropSet]:
-    """The training and held-out examples of ``pretrain.source`` (crops kept at ``store_side``)."""
-    pcfg = PretrainSettings.of(cfg.pretrain)
+def crop_sets(rs: RunSettings, store_side: int, rng: np.random.Generator) -> tuple[CropSet, CropSet]:
+    """The training and held-out examples of ``pretrain.source`` (``voc_crops`` or ``image_folder``; crops kept
+    at ``store_side``)."""
+    pcfg = rs.pretrain
     if pcfg.source == "voc_crops":
-        classes = list(cfg.data.classes)
-        data = pretrain_data(cfg)
+        classes = list(rs.data.classes)
+        data = pretrain_data(rs)
         train_records, val_records = train_val_split(data)
         use_difficult = data.use_difficult
         train_set = voc_crop_set(train_records, classes, pcfg, store_side, rng, use_difficult, "training crops")
@@ -178,11 +177,9 @@ def crop_sets(cfg: DictConfig, store_side: int, rng: np.random.Generator) -> tup
             raise UserError(f"pretrain: no training object of class {', '.join(missing)} in "
                             f"{data.root} split {data.train_split}")
         return train_set, val_set
-    if pcfg.source == "image_folder":
-        if not pcfg.image_folder:
-            raise UserError("pretrain.source=image_folder needs pretrain.image_folder=DIR (class-per-folder images)")
-        return image_folder_sets(pcfg.image_folder, store_side)
-    raise UserError(f"pretrain.source={pcfg.source!r}: use voc_crops, image_folder, windows or crops+windows")
+    if not pcfg.image_folder:
+        raise UserError("pretrain.source=image_folder needs pretrain.image_folder=DIR (class-per-folder images)")
+    return image_folder_sets(pcfg.image_folder, store_side)
 
 
 def check_crop_settings(pcfg) -> list[int]:
@@ -195,30 +192,30 @@ def check_crop_settings(pcfg) -> list[int]:
     return sizes
 
 
-def run_crops(cfg: DictConfig, artifact: Path, state_path: Path, key: str,
+def run_crops(rs: RunSettings, artifact: Path, state_path: Path, key: str,
               on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """``source=voc_crops`` or ``image_folder``: the multi-size crop classifier; writes ``artifact``."""
-    pcfg = PretrainSettings.of(cfg.pretrain)
+    pcfg = rs.pretrain
     sizes = check_crop_settings(pcfg)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(rs.device)
+    torch.manual_seed(int(rs.seed))
     t0 = time.perf_counter()
     store_side = int(round(max(sizes) * 1.15))  # room for the scale jitter's random crops
-    train_set, val_set = crop_sets(cfg, store_side, np.random.default_rng(int(cfg.seed)))
+    train_set, val_set = crop_sets(rs, store_side, np.random.default_rng(int(rs.seed)))
     counts = np.bincount(train_set.labels, minlength=len(train_set.class_names))
     log.info("pretrain: %d training and %d held-out examples; per class %s",
              len(train_set), len(val_set), dict(zip(train_set.class_names, counts.tolist())))
     if len(train_set) == 0:
         raise UserError(f"pretrain: no training examples (source={pcfg.source})")
 
-    model, normalise = build_classifier(cfg, len(train_set.class_names))
-    history = train_classifier(model, normalise, train_set, val_set, pcfg, device, int(cfg.seed),
+    model, normalise = build_classifier(rs, len(train_set.class_names))
+    history = train_classifier(model, normalise, train_set, val_set, pcfg, device, int(rs.seed),
                                state_path, key, on_epoch)
-    record_history(cfg, "pretrain_crops", [{"step": h["epoch"] + 1, "lr": h["lr"], "loss": h["loss"], "size": h["size"],
+    record_history(rs, "pretrain_crops", [{"step": h["epoch"] + 1, "lr": h["lr"], "loss": h["loss"], "size": h["size"],
                                             "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
     object_pool = pcfg.pool == "object"
     final_acc = {int(s): accuracy(model, normalise, val_set, int(s), device, object_pool=object_pool) for s in sizes}
-    meta = {**io.checkpoint_meta(cfg), "sizes": sizes, "settings": key,
+    meta = {**io.checkpoint_meta(rs.cfg), "sizes": sizes, "settings": key,
             "class_names": train_set.class_names, "source": str(pcfg.source)}
     if distributed.is_main():  # one writer; the others wait below until the artifact is there
         model.cpu()

@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -31,7 +30,7 @@ from spp_det.model import build_model, init_from_scratch, new_fc8
 from spp_det.model.weights import load_state, read_checkpoint
 from spp_det.proposals import load_proposals, record_proposals
 from spp_det.runtime import resolve_device
-from spp_det.settings import DataSettings, PretrainSettings
+from spp_det.settings import ProposalsSettings, RunSettings
 from spp_det.stages.curves import record_history
 from spp_det.stages.pretrain_crops import SEED_STRIDE, pretrain_data
 from spp_det.training.loop import Step, StepLoop, lr_at, make_optimizer, optimizer_step
@@ -190,18 +189,18 @@ def freeze_leading_convs(backbone: nn.Module, n: int) -> list[nn.Module]:
     return fixed
 
 
-def window_proposals_cfg(cfg: DictConfig) -> DictConfig | None:
-    """``proposals`` with ``pretrain.window_proposals``' overrides: how window training's background
-    boxes are computed; None when it is unset."""
-    over = PretrainSettings.of(cfg.pretrain).window_proposals
-    return OmegaConf.merge(cfg.proposals, over) if over else None
+def window_proposals(rs: RunSettings) -> ProposalsSettings | None:
+    """``proposals`` with ``pretrain.window_proposals``' overrides (checked as the group is): how window
+    training's background boxes are computed; None when it is unset."""
+    over = rs.pretrain.window_proposals
+    return ProposalsSettings.from_cfg({**vars(rs.proposals), **over}) if over else None
 
 
-def window_trainer(cfg: DictConfig, num_classes: int, start: Path | None) -> WindowTrainer:
+def window_trainer(rs: RunSettings, num_classes: int, start: Path | None) -> WindowTrainer:
     """The network and its classifier on the device: from ``pretrain.start_from`` or ``start`` (a
     crop-pretrained ``pretrain.pt``) when given, else from scratch; ``pretrain.frozen_convs`` fixed."""
-    pcfg = PretrainSettings.of(cfg.pretrain)
-    model = build_model(cfg.model, pretrained=False).to(resolve_device(cfg.device))
+    pcfg = rs.pretrain
+    model = build_model(rs.model, pretrained=False).to(resolve_device(rs.device))
     classifier = new_fc8(model.head.out_dim, num_classes)
     if pcfg.start_from or start is not None:
         start_from(Path(pcfg.start_from or start), model, classifier)
@@ -215,39 +214,39 @@ def window_trainer(cfg: DictConfig, num_classes: int, start: Path | None) -> Win
     return WindowTrainer(model, classifier, frozen)
 
 
-def run_windows(cfg: DictConfig, artifact: Path, state_path: Path, key: str,
+def run_windows(rs: RunSettings, artifact: Path, state_path: Path, key: str,
                 on_epoch: Callable[[int, dict], None] | None = None, start: Path | None = None) -> int:
     """``source=windows``: train on windows of whole training images and write ``artifact``,
     starting from ``pretrain.start_from`` or ``start`` (a crop-pretrained ``pretrain.pt``) when given."""
-    pcfg = PretrainSettings.of(cfg.pretrain)
+    pcfg = rs.pretrain
     if int(pcfg.iterations) < 1 or not 0 < float(pcfg.fg_fraction) <= 1 or int(pcfg.windows_per_image) < 1:
         raise UserError(f"pretrain: source=windows needs iterations >= 1, windows_per_image >= 1 and 0 < fg_fraction "
                         f"<= 1 (got {pcfg.iterations}, {pcfg.windows_per_image}, {pcfg.fg_fraction})")
     t0 = time.perf_counter()
-    classes = list(cfg.data.classes)
-    data = pretrain_data(cfg)
+    classes = list(rs.data.classes)
+    data = pretrain_data(rs)
     train_records, val_records = train_val_split(data)
     if not train_records:
         raise UserError(f"pretrain: no training images in {data.root} split {data.train_split}")
     if not distributed.is_main():  # window training is not split over ranks: wait for rank 0's artifact
         distributed.barrier()
         return 0
-    trainer = window_trainer(cfg, len(classes) + 1, start)
+    trainer = window_trainer(rs, len(classes) + 1, start)
     model, classifier = trainer.model, trainer.classifier
     log.info("pretrain: windows of %d training images (%d held out), %d iterations of %d windows at scales %s",
              len(train_records), len(val_records), int(pcfg.iterations), int(pcfg.windows_per_image),
              list(model.scales))
-    proposals, proposals_cfg = None, window_proposals_cfg(cfg)
-    if proposals_cfg is not None:  # selective search, cached like detection's
+    proposals, proposals_settings = None, window_proposals(rs)
+    if proposals_settings is not None:  # selective search, cached like detection's
         log.info("pretrain: proposals of the pretraining images with %s",
                  pcfg.window_proposals)
-        proposals = load_proposals(train_records + val_records, proposals_cfg, cfg.cache_dir,
-                                   workers=int(cfg.num_workers), progress=True)
-    history = train_windows(trainer, train_records, val_records, pcfg, int(cfg.seed), state_path, key,
-                            DataSettings.of(cfg.data).use_difficult, on_epoch, proposals)
-    record_history(cfg, "pretrain_windows", [{"step": h["iteration"], "lr": h["lr"], "loss": h["loss"],
+        proposals = load_proposals(train_records + val_records, proposals_settings, rs.cache_dir,
+                                   workers=int(rs.num_workers), progress=True)
+    history = train_windows(trainer, train_records, val_records, pcfg, int(rs.seed), state_path, key,
+                            rs.data.use_difficult, on_epoch, proposals)
+    record_history(rs, "pretrain_windows", [{"step": h["iteration"], "lr": h["lr"], "loss": h["loss"],
                                               "val_accuracy": h["val_acc"], "seconds": h["seconds"]} for h in history])
-    meta = {**io.checkpoint_meta(cfg), "sizes": list(model.scales), "settings": key,
+    meta = {**io.checkpoint_meta(rs.cfg), "sizes": list(model.scales), "settings": key,
             "class_names": ["__background__", *classes], "source": "windows"}
     model.cpu()
     classifier.cpu()
