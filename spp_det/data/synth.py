@@ -207,7 +207,7 @@ def move_into_place(partial: Path, root: Path) -> None:
 def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str, ...], progress: bool = True) -> dict:
     """Write the synthetic dataset into ``root`` (VOC layout, see the module docstring).
 
-    ``synth_cfg``: the ``synth`` config group (DictConfig or dict); ``classes``: shape names
+    ``synth_cfg``: the ``synth`` config group (its ``SynthSettings``, a DictConfig or dict); ``classes``: shape names
     from ``SHAPES`` (the dataset's classes, in label order). Refuses a non-empty ``root`` unless
     ``synth_cfg.overwrite``. Everything is written into ``root/.spp-det-synth-partial-*`` first
     and moved into place at the end (split files last), so an interrupted run never leaves a
@@ -218,7 +218,7 @@ def write_synthetic(root: str | Path, synth_cfg, classes: list[str] | tuple[str,
     "dropped_occluded": n, "per_class": {class: {"objects", "difficult", "truncated"}},
     "seconds": float}``.
     """
-    s = SynthSettings.from_cfg(synth_cfg)
+    s = synth_cfg if isinstance(synth_cfg, SynthSettings) else SynthSettings.from_cfg(synth_cfg)
     classes = list(classes)
     unknown = [c for c in classes if c not in SHAPES]
     if unknown or not classes or len(set(classes)) != len(classes):

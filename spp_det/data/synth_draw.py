@@ -24,6 +24,7 @@ from spp_det.boxes import box_iou
 from spp_det.errors import UserError
 
 SPLITS = ("train", "val", "test")
+SHAPES = ("circle", "triangle", "square", "star", "cross", "ring")
 DISTRACTORS = ("ellipse", "line", "arc", "zigzag")
 AA_SHIFT = 4  # cv2 sub-pixel bits: vertices at 1/16 px, so small rotated shapes stay exact
 
@@ -35,6 +36,7 @@ AA_SHIFT = 4  # cv2 sub-pixel bits: vertices at 1/16 px, so small rotated shapes
 class SynthSettings:
     """The ``synth`` config group as plain values (see configs/synth/default.yaml for units)."""
 
+    classes: tuple[str, ...] = SHAPES   # the dataset's classes, in label order (configs/synth/default.yaml)
     seed: int = 0
     num_images: int = 300
     pretrain_images: int = 1000   # configs/synth/default.yaml (tests/test_settings.py keeps them equal)
@@ -60,11 +62,10 @@ class SynthSettings:
 
     @classmethod
     def from_cfg(cls, cfg) -> "SynthSettings":
-        """From a DictConfig or dict (unknown keys other than ``classes`` are an error)."""
+        """From a DictConfig or dict (unknown keys are an error)."""
         from omegaconf import DictConfig, OmegaConf
 
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-        raw.pop("classes", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
@@ -74,6 +75,8 @@ class SynthSettings:
             if not isinstance(fr, dict) or set(fr) - set(SPLITS):
                 raise UserError(f"synth.fractions must map {list(SPLITS)} to fractions, got {fr!r}")
             raw["fractions"] = tuple((s, float(fr.get(s, 0.0))) for s in SPLITS)
+        if "classes" in raw:
+            raw["classes"] = tuple(raw["classes"])
         for key in ("objects_per_image", "distractors", "noise_sigma"):
             if key in raw:
                 value = raw[key]
@@ -134,7 +137,6 @@ POLYGONS = {
     "star": _star,
     "cross": _cross,
 }
-SHAPES = ("circle", "triangle", "square", "star", "cross", "ring")
 
 
 def _shape_mask(shape: str, size: float, rng: np.random.Generator) -> np.ndarray:
