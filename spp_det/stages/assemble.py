@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from spp_det import artifact, io
 from spp_det.errors import UserError
 from spp_det.model.build import without_weights
+from spp_det.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +31,26 @@ def _stage_file(work_dir: Path, name: str, cfg: DictConfig, required: bool = Tru
     return state
 
 
-def assemble(cfg: DictConfig) -> Path:
+def assemble(rs: RunSettings) -> Path:
     """Write ``work_dir/model.pt`` from ``finetune.pt``, ``svm.pt`` and (optional) ``bboxreg.pt``;
-    returns its path. Each stage artifact is checked against the config's classes and network."""
-    work_dir = Path(cfg.work_dir)
-    finetune = _stage_file(work_dir, artifact.FINETUNE, cfg)
-    svm = _stage_file(work_dir, artifact.SVM, cfg)
-    bboxreg = _stage_file(work_dir, artifact.BBOXREG, cfg, required=False)
+    returns its path. Each stage artifact is checked against the config's classes and network.
+    ``rs``: the run's settings or its config (model.pt stores the config's ``model`` group as composed)."""
+    rs = RunSettings.of(rs)
+    work_dir = Path(rs.work_dir)
+    finetune = _stage_file(work_dir, artifact.FINETUNE, rs.cfg)
+    svm = _stage_file(work_dir, artifact.SVM, rs.cfg)
+    bboxreg = _stage_file(work_dir, artifact.BBOXREG, rs.cfg, required=False)
     if bboxreg is None:
         log.warning("%s: not found; the model has no box regressors (detection runs with bbox_reg off)",
                     work_dir / artifact.BBOXREG)
-    model_cfg = without_weights(cfg.model)  # the artifact holds every weight: rebuilding reads nothing else
+    model_cfg = without_weights(rs.cfg.model)  # the artifact holds every weight: rebuilding reads nothing else
     model = {
         "format": artifact.FORMAT,
         "version": artifact.VERSION,
-        "classes": list(cfg.data.classes),
+        "classes": list(rs.data.classes),
         "config": model_cfg,
-        "scales": [int(s) for s in cfg.model.scales],
-        "meta": io.checkpoint_meta(cfg),
+        "scales": [int(s) for s in rs.model.scales],
+        "meta": io.checkpoint_meta(rs.cfg),
         "backbone_source": finetune.get("meta", {}).get("backbone_source"),  # recorded by finetune
         "state_dict": finetune["state_dict"],
         "fc8": finetune.get("fc8"),

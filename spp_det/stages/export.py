@@ -48,7 +48,7 @@ from spp_det.detection.onnx_detector import OnnxDetector, import_onnxruntime
 from spp_det.errors import UserError
 from spp_det.heads import bboxreg
 from spp_det.io import hash_file, write_json
-from spp_det.settings import DetectSettings, ExportSettings
+from spp_det.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +200,15 @@ def run(cfg) -> int:
 
     from spp_det.stages.detect import checkpoint_path
 
-    if OmegaConf.is_missing(cfg.export, "output"):
+    rs = RunSettings.of(cfg)
+    if OmegaConf.is_missing(rs.cfg.export, "output"):
         raise UserError("spp-det export needs export.output=DIR (the folder to write the graphs into)")
-    e, d = ExportSettings.of(cfg.export), DetectSettings.of(cfg.detect)
+    e, d = rs.export, rs.detect
     require_onnx()
     output = Path(e.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"export.output={output}: a file is there, not a folder; choose another export.output")
-    checkpoint = checkpoint_path(cfg, "export")
+    checkpoint = checkpoint_path(rs, "export")
     detector = Detector.load(checkpoint, "cpu", fc_rank=e.fc_rank)  # the SVD (if asked) is what gets exported and verified
     start = time.perf_counter()
     test = {"score_thresh": d.score_thresh, "nms_iou": d.nms_iou, "max_per_image": d.max_per_image,

@@ -24,6 +24,7 @@ from spp_det import distributed
 from spp_det.artifact import TRAIN_SUMMARY
 from spp_det.io import write_json
 from spp_det.runtime import peak_rss_mb, reset_peak_rss
+from spp_det.settings import RunSettings
 from spp_det.stages import STAGES
 from spp_det.stages.assemble import assemble
 from spp_det.stages.curves import RESULTS, history_dir
@@ -63,14 +64,15 @@ def run_stage(cfg: DictConfig, stage: Stage) -> StageResult:
 
 
 def run(cfg: DictConfig) -> int:
-    require_trained_backbone(cfg)  # before any work
-    work_dir = Path(cfg.work_dir)
+    rs = RunSettings.of(cfg)
+    require_trained_backbone(rs)  # before any work
+    work_dir = Path(rs.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     results = [run_stage(cfg, stage) for stage in STAGES if stage.in_train]
     if not distributed.is_main():  # under torchrun rank 0 assembles model.pt and writes the summary
         return 0
     start = time.perf_counter()
-    model_path = assemble(cfg)
+    model_path = assemble(rs)
     results.append(StageResult("model", "ran", time.perf_counter() - start, peak_rss_mb(), str(model_path)))
     print_summary(results, history_dir(cfg) / RESULTS)
     write_json([r.__dict__ for r in results], work_dir / TRAIN_SUMMARY)
