@@ -270,6 +270,9 @@ class PretrainSettings(GroupSettings):
         self.choice("init", ("kaiming", "default"))
 
 
+SCORERS = ("svm", "softmax")  # what scores a window at test time: the SVMs, or the fine-tuned fc8's softmax
+
+
 @dataclasses.dataclass(frozen=True)
 class TestTimeSettings(GroupSettings):
     """What eval and detect both set: the model file, the test scales and the test procedure."""
@@ -289,7 +292,7 @@ class TestTimeSettings(GroupSettings):
     runtime: str
 
     def validate(self) -> None:
-        self.choice("scorer", ("svm", "softmax"))
+        self.choice("scorer", SCORERS)
         self.choice("precision", ("fp32", "bf16", "int8"))
         self.choice("runtime", ("torch", "onnxruntime"))
         if self.runtime == "onnxruntime" and (self.precision != "fp32" or self.fc_rank):

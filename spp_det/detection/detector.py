@@ -30,11 +30,11 @@ from spp_det.inference import compress_fc, set_precision
 from spp_det.model import build_model
 from spp_det.model.sppnet import Geometry
 from spp_det.model.weights import load_state
+from spp_det.settings import SCORERS
 from spp_det.detection.postprocess import postprocess
 from spp_det.structures import Detections
 from spp_det.timing import timed
 
-SCORERS = ("svm", "softmax")
 Step = Callable[[str], ContextManager]  # step("fc"): a context adding its seconds to that step's timing
 
 

@@ -26,8 +26,7 @@ def pretrain_skipped(rs: RunSettings) -> str | None:
     """Why this config does not pretrain its own backbone (ImageNet ``model.weights`` given, or
     ``pretrain.enabled=false``), None when it does (then ``spp-det pretrain`` writes
     ``work_dir/pretrain.pt`` and finetune starts from it): the one statement of the rule. ``rs``: the
-    run's settings (or its config), as for every function here."""
-    rs = RunSettings.of(rs)
+    run's settings (the functions below also take its config)."""
     if rs.model.weights:
         return "ImageNet weights given"
     return None if rs.pretrain.enabled else "pretrain.enabled=false"
