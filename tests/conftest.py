@@ -98,6 +98,7 @@ def spp_det_cli(*args: str, cwd: Path | None = None) -> CliResult:
     saved = (sys.argv[:], dict(os.environ), os.getcwd(), torch.get_num_threads())
     code = 0
     try:
+        root.handlers[:] = []  # as in a new process: records before Hydra's logging set-up reach stderr (lastResort)
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
