@@ -11,18 +11,7 @@ import torch
 from spp_det.errors import UserError
 
 
-@pytest.fixture
-def trained(tmp_path, monkeypatch):
-    """svm + bboxreg stages run on the tiny set; returns the config."""
-    from test_svm import tiny_setup
-
-    from spp_det.stages import bboxreg as bboxreg_stage
-    from spp_det.stages import svm as svm_stage
-
-    cfg = tiny_setup(tmp_path, monkeypatch)
-    monkeypatch.setattr(bboxreg_stage, "training_records", svm_stage.training_records)
-    assert svm_stage.run(cfg) == 0 and bboxreg_stage.run(cfg) == 0
-    return cfg
+# ``trained`` (tests/conftest.py): the tiny svm + bboxreg artifacts, trained once per session, in tmp_path/work
 
 
 def test_artifact_round_trips_through_weights_only_load(trained, tmp_path):

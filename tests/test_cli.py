@@ -17,11 +17,7 @@ from spp_det.config import compose_config
 from spp_det.runtime import resolve_device
 from spp_det.stages import STAGES
 
-SPP_DET = [sys.executable, "-m", "spp_det.cli"]
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*SPP_DET, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+from conftest import spp_det_cli as cli  # `spp-det ARGS` in this process (spp_det.cli.main)
 
 
 def test_help_lists_every_stage():
@@ -55,10 +51,30 @@ def test_every_experiment_preset_composes(experiment):
     assert cfg.name == experiment and cfg.work_dir == f"runs/{experiment}"
 
 
+def leaves(node: dict, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of a nested dict's leaves (a list is one leaf)."""
+    out = {}
+    for key, value in node.items():
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 @pytest.mark.parametrize("group", ["data", "model", "proposals"])
-def test_every_group_option_composes(group):
+def test_every_group_option_composes_with_its_own_values(group):
+    """Each option composes with the default recipe, and the group then holds every value the option's
+    file sets (but the keys the recipe itself sets for the group, and the ones it leaves to the user)."""
+    from omegaconf import OmegaConf
+
+    def raw(node) -> dict:
+        return OmegaConf.to_container(node, resolve=False) if node is not None else {}
+
+    recipe_keys = set(leaves(raw(OmegaConf.load(config_dir() / "experiment" / "default.yaml").get(group))))
     for option in group_options(group):
-        compose_config([f"{group}={option}"])
+        own = raw(OmegaConf.load(config_dir() / group / f"{option}.yaml"))
+        own.pop("defaults", None)
+        composed = leaves(raw(compose_config([f"{group}={option}"])[group]))
+        expected = {k: v for k, v in leaves(own).items() if k not in recipe_keys and v != "???"}  # ???: to be given
+        assert expected and {k: composed.get(k) for k in expected} == expected, f"{group}={option}"
 
 
 def test_paper_defaults():
@@ -97,22 +113,31 @@ def test_device_auto_falls_back_to_cpu_and_rejects_nonsense():
         resolve_device("tpu")
 
 
-# --- issue 26: a CLI a new user gets right the first time (through the real entry point) ---
+# --- issue 26: a CLI a new user gets right the first time ---
 
 SPP_DET_SCRIPT = Path(sys.executable).parent / "spp-det"  # the console script pip installed
 
 
-def entry(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(SPP_DET_SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def entry(*args: str, cwd: Path | None = None):
+    """``spp-det ARGS`` through ``main(argv)`` in this process; the two tests below run real processes."""
+    result = cli(*args, cwd=cwd)
     assert "Traceback" not in result.stderr + result.stdout  # no traceback for any user mistake
     return result
 
 
-def test_version():
+def test_version_through_the_installed_console_script():
     from spp_det import __version__
 
-    result = entry("--version")
+    result = subprocess.run([str(SPP_DET_SCRIPT), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == f"spp-det {__version__}"
+
+
+def test_a_mistake_through_python_m_spp_det_is_one_line_and_exit_2(tmp_path):
+    """A real process (``python -m spp_det``, as torchrun starts it): exit status, stderr, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "spp_det", "train", "data.rot=x"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and not result.stdout and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "did you mean data.root" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -91,8 +91,9 @@ def test_an_old_key_spelling_names_the_new_one(tmp_path):
 
     with pytest.raises(UserError, match="eval.scales"):
         compose_config(["model.test_scales=[96]"])
-    result = subprocess.run([sys.executable, "-m", "spp_det", "detect", "model.checkpoint=m.pt", "bench.windows=5",
-                             "model.rcnn_input=112"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    from conftest import spp_det_cli
+
+    result = spp_det_cli("detect", "model.checkpoint=m.pt", "bench.windows=5", "model.rcnn_input=112", cwd=tmp_path)
     assert result.returncode == 2
     assert "model.checkpoint has moved: use eval.checkpoint (spp-det detect: detect.checkpoint" in result.stderr
     assert "model.rcnn_input has moved: use bench.rcnn_input" in result.stderr

@@ -1,7 +1,11 @@
-"""Several processes: the helpers of ``spp_det.distributed``, and the pipeline under
-``torchrun --nproc_per_node=2`` (gloo, CPU) against one process on a tiny synthetic set.
+"""Several processes: the helpers of ``spp_det.distributed``, a smoke test of ``spp-det eval`` under
+``torchrun --nproc_per_node=2`` (gloo, CPU) against one process (the fast suite), and the pipeline
+under torchrun against one process on a tiny synthetic set (marked slow: `make test-slow`).
 
-The pipeline test runs ``train`` (proposals, features, finetune, svm, bboxreg, model.pt) and
+The smoke test evaluates the tiny model.pt (tests/conftest.py) once in this process and once under
+torchrun: the 2 ranks split the test images and gather them, so metrics and result files are equal.
+
+The pipeline test (slow) runs ``train`` (proposals, features, finetune, svm, bboxreg, model.pt) and
 ``eval`` with ``python -m spp_det``, then ``train`` under torchrun, then ``train`` and ``eval``
 under torchrun from the one-process ``finetune.pt``, each run with its own cache and work
 directory, and checks:
@@ -66,7 +70,33 @@ def test_the_batch_split_gives_the_whole_batch_gradient():
     torch.testing.assert_close(sum(grads) / world, whole)
 
 
-# ------------------------------------------------------------------ the pipeline under torchrun
+# ---------------------------------------------------------- eval under torchrun (the fast suite)
+
+def test_eval_under_torchrun_with_two_processes_equals_one_process(tiny_model):
+    from conftest import spp_det_cli
+
+    root = tiny_model
+    common = ["eval", f"eval.checkpoint={root / 'runs' / 'tiny' / 'model.pt'}", f"data.root={root / 'voc'}",
+              "data.year=null", "device=cpu", "proposals=opencv_fast", "proposals.resize_to=96", "num_workers=1",
+              f"cache_dir={root / 'cache'}", "eval.coco=false"]  # the 2 ranks read the proposals the 1st run cached
+    one = spp_det_cli(*common, f"hydra.run.dir={root / 'one'}", cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spp_det"]
+    two = subprocess.run([*torchrun, *common, f"hydra.run.dir={root / 'two'}"], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, f"{two.stdout[-3000:]}\n{two.stderr[-5000:]}"
+    one_m, two_m = (json.loads((root / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert (one_m["processes"], two_m["processes"]) == (1, 2)
+    assert one_m["num_images"] == two_m["num_images"] == 2 and sum(one_m["num_det"].values()) > 0
+    for key in ("map_voc07", "map_voc10", "ap_voc07", "ap_voc10", "num_det", "num_detections", "without_bbox_reg"):
+        assert one_m[key] == two_m[key], key
+    results = sorted(p.name for p in (root / "one").glob("comp4_det_test_*.txt"))
+    assert results == sorted(f"comp4_det_test_{c}.txt" for c in one_m["ap_voc07"])  # one file per class
+    for name in results:
+        assert (root / "one" / name).read_text() == (root / "two" / name).read_text(), name
+
+
+# ------------------------------------------------------- the pipeline under torchrun (slow)
 
 CLASSES = ["circle", "square", "cross"]
 SYNTH = {"pretrain_images": 0, "seed": 3, "num_images": 16, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
@@ -137,6 +167,7 @@ def runs(tmp_path_factory):
     return root, metrics
 
 
+@pytest.mark.slow  # the pipeline: 3 trains, 2 evals, 2 detects (~1 min); the smoke test above is fast
 def test_proposals_and_conv5_caches_are_identical(runs):
     root, _ = runs
     for kind in ("proposals", "conv5"):
@@ -151,6 +182,7 @@ def test_proposals_and_conv5_caches_are_identical(runs):
                 assert all(torch.equal(x, y) for x, y in zip(ea["conv5"], eb["conv5"], strict=True)), name
 
 
+@pytest.mark.slow  # the pipeline: 3 trains, 2 evals, 2 detects (~1 min); the smoke test above is fast
 def test_ddp_finetuning_is_within_the_tolerance_of_one_process(runs):
     root, _ = runs
     a, b = (torch.load(root / r / "work" / "finetune.pt", weights_only=True) for r in ("one", "two"))
@@ -162,6 +194,7 @@ def test_ddp_finetuning_is_within_the_tolerance_of_one_process(runs):
     assert abs(a["val"]["best_loss"] - b["val"]["best_loss"]) < 1e-6
 
 
+@pytest.mark.slow  # the pipeline: 3 trains, 2 evals, 2 detects (~1 min); the smoke test above is fast
 def test_svm_bboxreg_and_eval_from_the_same_finetune_are_identical(runs):
     root, metrics = runs
     for artifact in ("svm.pt", "bboxreg.pt"):
@@ -176,6 +209,7 @@ def test_svm_bboxreg_and_eval_from_the_same_finetune_are_identical(runs):
         assert (root / "one" / "eval" / name).read_text() == (root / "same" / "eval" / name).read_text()
 
 
+@pytest.mark.slow  # the pipeline: 3 trains, 2 evals, 2 detects (~1 min); the smoke test above is fast
 def test_detect_on_a_folder_writes_the_same_files(runs):
     root, _ = runs
     one_dir, two_dir = root / "one" / "detect", root / "same" / "detect"

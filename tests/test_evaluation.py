@@ -16,7 +16,7 @@ from spp_det.evaluation.results import read_results, write_results
 from spp_det.stages.evaluate import format_table, score_detections
 from spp_det.evaluation.voc_ap import VOC07_THRESHOLDS, VOCEvaluator, evaluate_class, voc07_ap, voc10_ap
 
-VOC_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012_sample"
+from conftest import VOC_SAMPLE  # one place (SPP_DET_VOC_SAMPLE overrides it)
 
 
 def record(image_id, boxes, labels, difficult=None, width=100, height=100) -> ImageRecord:

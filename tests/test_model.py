@@ -1,5 +1,4 @@
 """SPPNet wiring: conv5 once per scale, pool5 per window, fc7; R-CNN mode; build_model."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from spp_det.io import save_torch
 from spp_det.model import FCHead, SPPNet, build_model
 from spp_det.config import compose_config
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012_sample"
+from conftest import VOC_SAMPLE as SAMPLE  # one place (SPP_DET_VOC_SAMPLE overrides it)
 
 
 def tiny_cfg(*overrides):

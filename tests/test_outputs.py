@@ -202,9 +202,7 @@ def test_a_real_full_file_system(tmp_path):
     assert lines[2] == "files: []" and lines[3] == "rerun: torch.Size([250000])"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*SPP_DET, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+from conftest import spp_det_cli as cli  # `spp-det ARGS` in this process (spp_det.cli.main)
 
 
 def voc_dataset(tmp_path: Path) -> list[str]:

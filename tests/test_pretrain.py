@@ -18,20 +18,10 @@ from spp_det.stages import pretrain, pretrain_crops, pretrain_windows
 from spp_det.training import crops as crop_data
 from spp_det.training import loop, sampling
 
-CLASSES = ["circle", "square", "triangle"]
-SYNTH = {"pretrain_images": 0, "seed": 0, "num_images": 24, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "min_side": 96,
-         "max_side": 128, "objects_per_image": [1, 2], "min_object": 20, "max_object_frac": 0.6,
-         "difficult_below": 20, "small_fraction": 0.0, "distractors": [0, 1]}
-
+from conftest import SYNTH
+from conftest import SYNTH_CLASSES as CLASSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synthetic(root, SYNTH, CLASSES, progress=False)
-    return root
 
 
 def data_cfg(root):

@@ -1,24 +1,23 @@
 """The README's and docs/*.md's commands stay true: every `spp-det` command of their ```bash blocks composes.
 
-Each command runs through the installed entry point with ``--cfg job`` (composition only: no file it
-names needs to exist), so a renamed key, a removed option or a list without brackets fails here.
+Each command runs through the CLI's ``main(argv)`` in this process (tests/conftest.py: spp_det_cli)
+with ``--cfg job`` (composition only: no file it names needs to exist), so a renamed key, a removed
+option, a moved key or a list without brackets fails here with the message a user would get.
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import spp_det_cli
 from spp_det.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-SPP_DET = Path(sys.executable).parent / "spp-det"
 
 
 def bash_commands(text: str) -> list[str]:
@@ -56,9 +55,19 @@ def test_every_readme_command_composes(args, tmp_path):
     if not args or args[0] in ("STAGE", *(s.name for s in STAGES if s.plain)):
         pytest.skip("a placeholder or a stage without a config")
     command = args if args[0].startswith("-") or "--help" in args else [*args, "--cfg", "job"]
-    result = subprocess.run([str(SPP_DET), *command], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = spp_det_cli(*command, cwd=tmp_path)
     assert result.returncode == 0, f"spp-det {' '.join(args)}:\n{result.stderr[-2000:]}"
+    assert result.stdout  # the config, the help or the version
     assert not (tmp_path / "runs").exists()  # composition only: nothing ran
+
+
+def test_a_stale_readme_command_fails_the_check(tmp_path):
+    """What the check above does with a command a change made stale: a renamed key, a moved key, a list
+    without brackets, a removed option."""
+    for stale in (["train", "data.rot=x"], ["eval", "model.checkpoint=m.pt"], ["train", "data.classes=raccoon"],
+                  ["train", "experiment=no_such_preset"]):
+        result = spp_det_cli(*stale, "--cfg", "job", cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith("spp-det: "), (stale, result)
 
 
 def test_the_demo_section_lists_the_commands_the_demo_runs():

@@ -2,11 +2,9 @@
 and the page in a real browser (headless Chromium; skipped visibly when it is not installed)."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +139,9 @@ def test_report_table_matches_metrics_and_coco_per_class_averages_to_coco_ap(eva
 def test_spp_det_report_rebuilds_the_page_without_a_model(eval_run, capsys):
     run = eval_run[0]
     (run / "report.html").unlink()
-    done = subprocess.run([sys.executable, "-m", "spp_det.cli", "report", str(run)], capture_output=True, text=True,
-                          timeout=300)
+    from conftest import spp_det_cli
+
+    done = spp_det_cli("report", str(run))  # through the CLI's main(argv), in this process
     assert done.returncode == 0, done.stderr
     assert "report.html" in done.stdout and (run / "report.html").stat().st_size > 10_000
     assert main([str(run / "nowhere")]) == 1

@@ -1,9 +1,7 @@
 """The synthetic VOC-layout dataset (spp_det/data/synth.py): layout, ground truth, determinism."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -239,14 +237,11 @@ def test_objects_stand_out_from_what_lies_beneath_them():
 
 
 def test_cli_writes_the_dataset_and_refuses_to_write_it_twice(tmp_path):
-    exe = REPO / ".venv" / "bin" / "spp-det"
-    if not exe.exists():
-        pytest.skip(f"{exe} not installed (run `make setup`)")
+    from conftest import spp_det_cli
+
     root = tmp_path / "cli_synth"
-    cmd = [str(exe), "synth", f"data.root={root}", "synth.num_images=12", "synth.pretrain_images=3",
-           f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    args = ["synth", f"data.root={root}", "synth.num_images=12", "synth.pretrain_images=3", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = spp_det_cli(*args, cwd=tmp_path)  # through the CLI's main(argv), in this process
     assert done.returncode == 0, done.stderr
     assert "images" in done.stdout and "difficult" in done.stdout
     for name in CLASSES:
@@ -254,6 +249,6 @@ def test_cli_writes_the_dataset_and_refuses_to_write_it_twice(tmp_path):
     records, _ = load_voc(root, "test", CLASSES)
     assert len(records) == 5  # 12 images at 0.5 / 0.1 / 0.4 -> 6 / 1 / 5
     assert len(load_voc(root, "pretrain", CLASSES)[0]) == 3
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    again = spp_det_cli(*args, cwd=tmp_path)
     assert again.returncode == 1
     assert "not empty" in again.stderr + again.stdout and str(root) in again.stderr + again.stdout
