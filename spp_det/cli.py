@@ -225,6 +225,20 @@ def log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def launch(processes: int, argv: list[str]) -> int:
+    """Run this command in ``processes`` processes of this machine, as ``torchrun --standalone
+    --nproc_per_node=N -m spp_det ...`` would (torch's own launcher: each process takes a share of the
+    images and rank 0 writes every output, ``spp_det.distributed``); the first failed process's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "spp_det", *argv]))
+    except ChildFailedError as exc:
+        return next((f.exitcode for f in exc.failures.values() if f.exitcode), EXIT_FAILED)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: one set of progress bars, rank 0's
         os.environ.setdefault("TQDM_DISABLE", "1")  # (read when tqdm is imported: before any stage module)
@@ -304,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [f"spp-det {name}", *with_overrides(args, added)]
         hydra_main()
         return
+    if name in ("eval", "detect") and "WORLD_SIZE" not in os.environ and cfg[name].processes > 1:
+        sys.exit(launch(cfg[name].processes, argv))
     from spp_det import distributed  # here: it imports torch (1.5 s), which help and --cfg do without
 
     if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp

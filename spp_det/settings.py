@@ -290,9 +290,12 @@ class TestTimeSettings(GroupSettings):
     precision: str
     fc_rank: list[int] | None
     runtime: str
+    processes: int
 
     def validate(self) -> None:
         self.choice("scorer", SCORERS)
+        if self.processes < 1:
+            raise UserError(f"{self.GROUP}.processes must be 1 or more, not {self.processes}")
         self.choice("precision", ("fp32", "bf16", "int8"))
         self.choice("runtime", ("torch", "onnxruntime"))
         if self.runtime == "onnxruntime" and (self.precision != "fp32" or self.fc_rank):

@@ -72,7 +72,8 @@ def test_the_batch_split_gives_the_whole_batch_gradient():
 
 # ---------------------------------------------------------- eval under torchrun (the fast suite)
 
-def test_eval_under_torchrun_with_two_processes_equals_one_process(tiny_model):
+def test_eval_in_two_processes_equals_one_process(tiny_model):
+    """``eval.processes=2`` starts two processes under torchrun (``cli.launch``): same metrics and result files."""
     from conftest import spp_det_cli
 
     root = tiny_model
@@ -81,8 +82,8 @@ def test_eval_under_torchrun_with_two_processes_equals_one_process(tiny_model):
               f"cache_dir={root / 'cache'}", "eval.coco=false"]  # the 2 ranks read the proposals the 1st run cached
     one = spp_det_cli(*common, f"hydra.run.dir={root / 'one'}", cwd=root)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spp_det"]
-    two = subprocess.run([*torchrun, *common, f"hydra.run.dir={root / 'two'}"], cwd=root, capture_output=True, text=True,
+    two = subprocess.run([sys.executable, "-m", "spp_det", *common, "eval.processes=2", f"hydra.run.dir={root / 'two'}"],
+                         cwd=root, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, f"{two.stdout[-3000:]}\n{two.stderr[-5000:]}"
     one_m, two_m = (json.loads((root / r / "metrics.json").read_text()) for r in ("one", "two"))

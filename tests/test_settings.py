@@ -88,6 +88,9 @@ def test_detect_takes_its_precision_and_svd_ranks_from_eval_unless_given():
     assert detect.precision == "bf16" and list(detect.fc_rank) == [64, 32]
     cfg = compose_config(["eval.precision=bf16", "detect.precision=int8", "detect.source=x"])
     assert cfg.detect.precision == "int8" and cfg.eval.precision == "bf16"
+    assert DetectSettings.from_cfg(compose_config(["eval.processes=2", "detect.source=x"]).detect).processes == 2
+    with pytest.raises(UserError, match="detect.processes must be 1 or more, not 0"):
+        DetectSettings.from_cfg(compose_config(["detect.processes=0", "detect.source=x"]).detect)
 
 
 def write_voc(root: Path, splits: dict[str, list[str]]) -> None:
