@@ -46,13 +46,6 @@ class Detections:
         """The detections at index/mask ``keep``."""
         return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
 
-    @staticmethod
-    def concat(parts: list["Detections"]) -> "Detections":
-        if not parts:
-            return Detections.empty()
-        return Detections(np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
-                          np.concatenate([p.labels for p in parts]))
-
 
 def _numpy(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):

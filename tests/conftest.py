@@ -162,13 +162,14 @@ def trained(tiny_trained, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model_root(tiny_trained, tmp_path_factory) -> Path:
     from spp_det.stages.assemble import assemble
+    from spp_det.settings import RunSettings
 
     root = tmp_path_factory.mktemp("tiny_model")
     cfg = copy.deepcopy(tiny_trained[1])
     shutil.copytree(Path(cfg.work_dir), root / "work")
     cfg.work_dir, cfg.cache_dir = str(root / "work"), str(root / "cache")
     (root / "runs" / "tiny").mkdir(parents=True)
-    shutil.move(assemble(cfg), root / "runs" / "tiny" / "model.pt")
+    shutil.move(assemble(RunSettings.of(cfg)), root / "runs" / "tiny" / "model.pt")
     shutil.rmtree(root / "work")
     objects = [("disc", (10, 10, 50, 40), False), ("block", (60, 15, 100, 45), False)]
     write_voc(root / "voc", {f"t{i}": {"size": (128, 96), "objects": objects} for i in range(2)}, split="test")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spp_det.errors import UserError
+from spp_det.settings import RunSettings
 
 
 # ``trained`` (tests/conftest.py): the tiny svm + bboxreg artifacts, trained once per session, in tmp_path/work
@@ -18,7 +19,7 @@ def test_artifact_round_trips_through_weights_only_load(trained, tmp_path):
     from spp_det import artifact
     from spp_det.stages.assemble import assemble
 
-    path = assemble(trained)
+    path = assemble(RunSettings.of(trained))
     raw = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickles
     assert raw["format"] == artifact.FORMAT and raw["classes"] == ["disc", "block"]
     assert raw["config"]["weights"] is None and raw["scales"] == [96]
@@ -31,7 +32,7 @@ def test_detector_loads_the_artifact_and_detects(trained, tmp_path):
     from spp_det.stages.assemble import assemble
     from spp_det.detection.detector import Detector
 
-    detector = Detector.load(assemble(trained), "cpu")
+    detector = Detector.load(assemble(RunSettings.of(trained)), "cpu")
     assert detector.classes == ["disc", "block"]
     image = np.full((96, 128, 3), 40, np.uint8)
     image[20:60, 10:50] = (220, 60, 60)
@@ -63,7 +64,7 @@ def test_test_scales_replace_the_training_scales_at_test_time(trained):
     from spp_det.stages.assemble import assemble
     from spp_det.detection.detector import Detector
 
-    path = assemble(trained)
+    path = assemble(RunSettings.of(trained))
     assert Detector.load(path, "cpu").model.scales == [96]  # as trained
     given = Detector.load(path, "cpu", test_scales=[64, 96], test_max_size=300).model
     assert given.scales == [64, 96] and given.max_size == 300
@@ -79,7 +80,7 @@ def test_detect_pair_equals_detect_with_and_without_box_regression(trained):
     from spp_det.stages.assemble import assemble
     from spp_det.detection.detector import Detector
 
-    detector = Detector.load(assemble(trained), "cpu")
+    detector = Detector.load(assemble(RunSettings.of(trained)), "cpu")
     image = np.full((96, 128, 3), 40, np.uint8)
     image[20:60, 10:50] = (220, 60, 60)
     proposals = np.array([[10, 20, 50, 60], [8, 18, 52, 63], [70, 10, 120, 80]], np.float32)
@@ -96,7 +97,7 @@ def test_detection_builds_no_autograd_graph(trained):
     from spp_det.stages.assemble import assemble
     from spp_det.detection.detector import Detector
 
-    detector = Detector.load(assemble(trained), "cpu")
+    detector = Detector.load(assemble(RunSettings.of(trained)), "cpu")
     seen, fc7 = [], detector.model.fc7
     detector.model.fc7 = lambda pool5: (seen.append(torch.is_grad_enabled()), fc7(pool5))[1]
     image = np.full((96, 128, 3), 40, np.uint8)
@@ -111,7 +112,7 @@ def test_softmax_scorer_uses_the_fine_tuned_fc8(trained):
     from spp_det.stages.assemble import assemble
     from spp_det.detection.detector import Detector
 
-    detector = Detector.load(assemble(trained), "cpu", scorer="softmax")
+    detector = Detector.load(assemble(RunSettings.of(trained)), "cpu", scorer="softmax")
     image = np.full((96, 128, 3), 40, np.uint8)
     scores, _ = detector.score_windows(image, np.array([[10, 20, 50, 60]], np.float32), bbox_reg=False)
     assert scores.shape == (1, 2) and 0 <= float(scores.min()) and float(scores.sum()) < 1
@@ -147,7 +148,7 @@ def test_stage_artifacts_of_other_classes_are_refused(trained):
     with open_dict(trained):
         trained.data.classes = ["disc", "ring"]
     with pytest.raises(UserError, match="classes"):
-        assemble(trained)
+        assemble(RunSettings.of(trained))
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])

@@ -14,6 +14,7 @@ from spp_det.features.backbones import ResNet50Conv4, TimmConv, receptive_field
 from spp_det.model.weights import build_backbone, load_weights_file, packaged_weights_file
 from spp_det.io import save_torch
 from spp_det.config import compose_config
+from spp_det.settings import RunSettings
 
 timm = pytest.importorskip("timm")
 
@@ -183,6 +184,7 @@ def test_training_on_random_conv_layers_stops_before_any_work(tmp_path):
     assert "model.weights" in str(err.value) and not work.exists()  # nothing was started
     from spp_det.stages.start import require_trained_backbone
 
-    require_trained_backbone(compose_config(["model=zf5_narrow", "allow_random_backbone=true"]))  # tests opt out
-    require_trained_backbone(compose_config(["model=zf5_narrow", "pretrain.enabled=true"]), pretrain_planned=True)
-    require_trained_backbone(compose_config([]))  # the default: packaged ImageNet weights
+    require_trained_backbone(RunSettings.of(compose_config(["model=zf5_narrow", "allow_random_backbone=true"])))  # tests opt out
+    require_trained_backbone(RunSettings.of(compose_config(["model=zf5_narrow", "pretrain.enabled=true"])),
+                             pretrain_planned=True)
+    require_trained_backbone(RunSettings.of(compose_config([])))  # the default: packaged ImageNet weights

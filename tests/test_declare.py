@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from spp_det.config import compose_config
-from spp_det.stages import STAGES, bboxreg, declare, finetune, pretrain, stage, svm
+from spp_det.settings import RunSettings
+from spp_det.stages import STAGES, bboxreg, declare, finetune, heads, pretrain, stage, svm
 
 # keys no training stage reads: test time (eval, detect), benchmarks, where proposals are exported
 NOT_TRAINING = {"eval.scales": "[64,96]", "eval.max_size": 300, "eval.checkpoint": "x.pt", "eval.nms_iou": 0.4,
@@ -25,14 +26,14 @@ NOT_TRAINING = {"eval.scales": "[64,96]", "eval.max_size": 300, "eval.checkpoint
 
 def keys(overrides: dict, tmp_path: Path) -> dict[str, str]:
     """Every trained stage's settings key under ``overrides`` (a stand-in finetune.pt and backbone)."""
-    cfg = compose_config(["experiment=demo_zf5", *(f"{k}={v}" for k, v in overrides.items())])
+    rs = RunSettings.of(compose_config(["experiment=demo_zf5", *(f"{k}={v}" for k, v in overrides.items())]))
     (tmp_path / "finetune.pt").write_bytes(b"fine-tuned weights")
     (tmp_path / "pretrain.pt").write_bytes(b"backbone weights")
-    return {"pretrain_crops": pretrain.settings_key(cfg, pretrain.CROPS),
-            "pretrain_windows": pretrain.settings_key(cfg, pretrain.WINDOWS),
-            "finetune": finetune.settings_key(cfg, tmp_path / "pretrain.pt"),
-            "svm": svm.settings_key(cfg, tmp_path / "finetune.pt"),
-            "bboxreg": bboxreg.settings_key(cfg, tmp_path / "finetune.pt")}
+    return {"pretrain_crops": pretrain.settings_key(rs, pretrain.CROPS),
+            "pretrain_windows": pretrain.settings_key(rs, pretrain.WINDOWS),
+            "finetune": finetune.settings_key(rs, tmp_path / "pretrain.pt"),
+            "svm": heads.settings_key(rs, svm.KEY, tmp_path / "finetune.pt"),
+            "bboxreg": heads.settings_key(rs, bboxreg.KEY, tmp_path / "finetune.pt")}
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +71,13 @@ def test_a_key_a_stage_reads_changes_exactly_its_readers_keys(key, value, change
 
 def test_consumed_artifacts_count_by_content_not_by_name(tmp_path):
     cfg = compose_config(["experiment=demo_zf5"])
+    rs = RunSettings.of(cfg)
     a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
     a.write_bytes(b"one")
     b.write_bytes(b"one")
     c.write_bytes(b"two")
-    assert svm.settings_key(cfg, a) == svm.settings_key(cfg, b) != svm.settings_key(cfg, c)
-    assert finetune.settings_key(cfg, a) == finetune.settings_key(cfg, b) != finetune.settings_key(cfg, None)
+    assert heads.settings_key(rs, svm.KEY, a) == heads.settings_key(rs, svm.KEY, b) != heads.settings_key(rs, svm.KEY, c)
+    assert finetune.settings_key(rs, a) == finetune.settings_key(rs, b) != finetune.settings_key(rs, None)
 
 
 def test_a_stage_must_be_given_exactly_what_it_declares_it_consumes():
@@ -212,7 +214,7 @@ def test_the_backbone_source_follows_the_config_not_the_files_in_work_dir(tmp_pa
     from spp_det.stages.start import backbone_source, describe_backbone
 
     def cfg(*extra):
-        return compose_config(["model=zf5_narrow", f"work_dir={tmp_path}", *extra])
+        return RunSettings.of(compose_config(["model=zf5_narrow", f"work_dir={tmp_path}", *extra]))
 
     with pytest.raises(UserError, match="spp-det pretrain"):  # pretraining configured but not run: said so
         backbone_source(cfg("pretrain.enabled=true"))

@@ -295,6 +295,7 @@ def test_postprocess_of_nothing_is_empty():
 def test_eval_stage_scores_a_results_folder_without_a_model(synth_set, tmp_path, monkeypatch, capsys):
     from spp_det.stages import evaluate as stage
     from spp_det.config import compose_config
+    from spp_det.settings import RunSettings
 
     root, records, classes = synth_set
     results = tmp_path / "results"
@@ -331,12 +332,13 @@ class FakeDetector:
 def test_evaluate_detector_runs_over_the_split_and_reports_times(synth_set, tmp_path):
     from spp_det.stages.evaluate import check_classes, evaluate_detector
     from spp_det.config import compose_config
+    from spp_det.settings import RunSettings
 
     root, records, classes = synth_set
     cfg = compose_config(["data=synth", f"data.root={root}", "data.year=null", "device=cpu"], stage="eval")
     detector = FakeDetector(records, classes)
     proposals = {r.image_id: np.zeros((0, 4), np.float32) for r in records}
-    metrics = evaluate_detector(detector, records, cfg, out_dir=tmp_path, proposals=proposals)
+    metrics = evaluate_detector(detector, records, RunSettings.of(cfg), out_dir=tmp_path, proposals=proposals)
     assert detector.calls == len(records)
     assert metrics["map_voc10"] == pytest.approx(1.0)
     assert metrics["seconds_per_image"]["svm"] == pytest.approx(0.001)
@@ -350,6 +352,7 @@ def test_eval_stage_with_a_model_writes_result_files_metrics_and_plot(synth_set,
     from spp_det.stages import detect as detection_stage
     from spp_det.stages import evaluate as stage
     from spp_det.config import compose_config
+    from spp_det.settings import RunSettings
 
     root, records, classes = synth_set
     monkeypatch.setattr(detection_stage, "load_detector", lambda cfg, scorer="svm": FakeDetector(records, classes))

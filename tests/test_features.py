@@ -11,6 +11,7 @@ from spp_det.features.projection import project_windows
 from spp_det.features.scales import best_scale, scaled_sizes
 from spp_det.model import build_model
 from spp_det.config import compose_config
+from spp_det.settings import RunSettings
 
 
 def test_zf5_has_stride_16_and_the_release_cell_centres():
@@ -248,5 +249,5 @@ def test_the_features_stage_caches_train_flips_and_val_but_not_test(tmp_path):
     for split, ids in (("train", ["a", "b"]), ("val", ["c"]), ("test", ["d", "e"])):
         write_voc(root, {i: {"objects": obj} for i in ids}, split)
     cfg = compose_config(["data=synth", "data.flip=true", f"data.root={root}", "data.val_split=val"])
-    got = [(r.image_id, r.flipped) for r in split_records(cfg)]
+    got = [(r.image_id, r.flipped) for r in split_records(RunSettings.of(cfg))]
     assert got == [("a", False), ("a", True), ("b", False), ("b", True), ("c", False)]

@@ -11,6 +11,7 @@ from spp_det.errors import UserError
 from spp_det.inference import compress_fc, set_precision, truncated_svd
 from spp_det.model import build_model
 from spp_det.config import compose_config
+from spp_det.settings import RunSettings
 
 
 def tiny_model(fc_dim=64):
@@ -108,7 +109,7 @@ def test_eval_and_detect_load_the_detector_with_the_configured_precision_and_ran
     (tmp_path / "model.pt").write_bytes(b"")
     cfg = compose_config(["eval.precision=bf16", "eval.fc_rank=[16,8]", f"eval.checkpoint={tmp_path / 'model.pt'}"])
     try:
-        stage.load_detector(cfg, "eval")
+        stage.load_detector(RunSettings.of(cfg), "eval")
     except AttributeError:  # the stand-in returned by the fake load has no .model
         pass
     assert seen["precision"] == "bf16" and list(seen["fc_rank"]) == [16, 8]

@@ -14,6 +14,7 @@ from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.proposals import record_proposals
 from spp_det.config import compose_config
+from spp_det.settings import RunSettings
 from spp_det.stages import pretrain, pretrain_crops, pretrain_windows
 from spp_det.training import crops as crop_data
 from spp_det.training import loop, sampling
@@ -264,8 +265,9 @@ def test_window_sampling_draws_background_from_proposals_mirrored_with_the_image
 
 def test_window_settings_cover_what_windows_depend_on(synth_root, tmp_path):
     base = {"pretrain.source": "crops+windows"}
-    key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}))
-    crop_key = lambda **o: pretrain.settings_key(stage_cfg(synth_root, tmp_path, **{**base, **o}), pretrain.CROPS)
+    key = lambda **o: pretrain.settings_key(RunSettings.of(stage_cfg(synth_root, tmp_path, **{**base, **o})))
+    crop_key = lambda **o: pretrain.settings_key(RunSettings.of(stage_cfg(synth_root, tmp_path, **{**base, **o})),
+                                                pretrain.CROPS)
     props = {"pretrain.window_proposals": "{mode: single, resize_to: 200}"}
     assert key(**props) != key() and crop_key(**props) == crop_key()
     assert key(**props) != key(**props, **{"proposals.max_boxes": 100})  # the boxes it reads
@@ -276,15 +278,16 @@ def test_window_settings_cover_what_windows_depend_on(synth_root, tmp_path):
 
 
 def test_test_only_model_settings_never_make_trained_stages_stale(tmp_path):
-    from spp_det.stages import finetune, svm
+    from spp_det.stages import finetune, heads, svm
 
-    base = compose_config(["experiment=demo"])
-    tested = compose_config(["experiment=demo", "eval.scales=[160,896]", "eval.max_size=1300",
-                             "eval.checkpoint=x.pt"])
+    base = RunSettings.of(compose_config(["experiment=demo"]))
+    tested = RunSettings.of(compose_config(["experiment=demo", "eval.scales=[160,896]", "eval.max_size=1300",
+                                            "eval.checkpoint=x.pt"]))
     assert finetune.settings_key(tested, None) == finetune.settings_key(base, None)
     (tmp_path / "finetune.pt").write_bytes(b"weights")
-    assert svm.settings_key(tested, tmp_path / "finetune.pt") == svm.settings_key(base, tmp_path / "finetune.pt")
-    trained = compose_config(["experiment=demo", "model.scales=[160,896]"])
+    finetuned = tmp_path / "finetune.pt"
+    assert heads.settings_key(tested, svm.KEY, finetuned) == heads.settings_key(base, svm.KEY, finetuned)
+    trained = RunSettings.of(compose_config(["experiment=demo", "model.scales=[160,896]"]))
     assert finetune.settings_key(trained, None) != finetune.settings_key(base, None)
 
 

@@ -157,13 +157,17 @@ def test_fast_setting_interleaves_edgeboxes_with_a_coarse_selective_search():
 
 def test_edgeboxes_settings_key_the_cache():
     from spp_det.proposals.cache import settings_dir
+    from spp_det.settings import ProposalsSettings
 
-    assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "alpha": 0.65})
-    assert settings_dir("c", EDGEBOXES) != settings_dir("c", {**EDGEBOXES, "edge_sigma": 1.0})
-    assert settings_dir("c", EDGEBOXES) == settings_dir("c", {**EDGEBOXES, "k": [1, 2]})  # selective search's keys do not
+    def folder(settings):
+        return settings_dir("c", ProposalsSettings.from_cfg(settings))
+
+    assert folder(EDGEBOXES) != folder({**EDGEBOXES, "alpha": 0.65})
+    assert folder(EDGEBOXES) != folder({**EDGEBOXES, "edge_sigma": 1.0})
+    assert folder(EDGEBOXES) == folder({**EDGEBOXES, "k": [1, 2]})  # selective search's keys do not
     fast = OmegaConf.to_container(compose_config(["proposals=fast"]).proposals, resolve=True)
     # a pass runs OpenCV's selective search: its settings key the cache too
-    assert settings_dir("c", fast) != settings_dir("c", {**fast, "base_k": 100})
+    assert folder(fast) != folder({**fast, "base_k": 100})
 
 
 def test_selectivesearch_package_finds_every_solid_shape():

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from spp_det.config import compose_config, config_dir
 from spp_det.errors import UserError
-from spp_det.settings import GROUPS, DataSettings, DetectSettings, check_groups
+from spp_det.settings import GROUPS, DataSettings, DetectSettings, RunSettings, check_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,14 +119,14 @@ def test_features_and_finetune_flip_as_data_flip_says(tmp_path, monkeypatch, fli
     cfg = compose_config([f"data.root={tmp_path / 'voc'}", "data.year=null", "data.train_split=train",
                           "data.val_split=val", "data.classes=[disc]", f"data.flip={str(flip).lower()}",
                           f"cache_dir={tmp_path / 'cache'}"])
-    cached = features.split_records(cfg)
+    cached = features.split_records(RunSettings.of(cfg))
     assert sum(r.flipped for r in cached) == (3 if flip else 0) and len(cached) == (7 if flip else 4)
 
     pooled = []
     monkeypatch.setattr(finetune, "load_proposals", lambda records, *a, **kw: {})
     monkeypatch.setattr(finetune, "FeatureCache", lambda *a, **kw: None)
     monkeypatch.setattr(finetune, "build_pool", lambda model, cache, records, *a, **kw: pooled.append(records))
-    finetune.split_pools(cfg, None, "key", "cpu")
+    finetune.split_pools(RunSettings.of(cfg), None, "key", "cpu")
     train, val = pooled
     assert sum(r.flipped for r in train) == (3 if flip else 0) and not any(r.flipped for r in val)
     assert {(r.image_id, r.flipped) for r in train} <= {(r.image_id, r.flipped) for r in cached}  # all in the cache
@@ -166,11 +166,11 @@ def test_eval_takes_the_models_classes_unless_the_runs_own_settings_say_they_wer
         return compose_config(["data.classes=[a,b]", f"command_line=[{keys}]"], stage="eval")
 
     taken = cfg("name")  # the classes come from the data option: the model's replace them
-    model_classes(taken, ["x", "y"])
+    model_classes(RunSettings.of(taken), ["x", "y"])
     assert list(taken.data.classes) == ["x", "y"]
     for given in (cfg("data.classes"), cfg("synth.classes"), compose_config(["data.classes=[a,b]"])):
         with pytest.raises(UserError, match=r"the model detects classes \['x', 'y'\]"):
-            model_classes(given, ["x", "y"])  # given (a config passed whole gives every key): must match
+            model_classes(RunSettings.of(given), ["x", "y"])  # given (a config passed whole gives every key): must match
 
 
 # Direct config reads left per package (issue 37: the target is 0 in each; the typed settings of

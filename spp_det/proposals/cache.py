@@ -66,10 +66,9 @@ def compute_proposals(image: np.ndarray, settings: ProposalsSettings) -> np.ndar
     return postprocess_boxes(boxes, w, h, float(s.min_size), s.max_boxes)
 
 
-def box_settings(settings: ProposalsSettings, with_file: bool = False) -> dict:
+def box_settings(s: ProposalsSettings, with_file: bool = False) -> dict:
     """Every setting that changes the boxes (and nothing that only says where they go); ``with_file``:
     with ``backend=precomputed``, the boxes file's SHA-1 too (the settings key of what trains on them)."""
-    s = ProposalsSettings.of(settings)
     key = {"backend": s.backend, "algorithm_version": ALGORITHM_VERSION, "max_boxes": s.max_boxes, "min_size": s.min_size}
     others = sorted({str(p.get("backend", s.backend)) for p in s.passes or ()} - {s.backend})
     for backend in (s.backend, *others):  # passes run other backends: their settings change the boxes too
@@ -144,7 +143,6 @@ def proposals_for_paths(paths: Iterable[str | Path], settings: ProposalsSettings
 
     from spp_det.runtime import num_workers  # here: runtime imports torch, which each spawned worker would load too
 
-    settings = ProposalsSettings.of(settings)
     folder = settings_dir(cache_dir, settings)
     out: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}

@@ -34,8 +34,7 @@ def _stage_file(work_dir: Path, name: str, cfg: DictConfig, required: bool = Tru
 def assemble(rs: RunSettings) -> Path:
     """Write ``work_dir/model.pt`` from ``finetune.pt``, ``svm.pt`` and (optional) ``bboxreg.pt``;
     returns its path. Each stage artifact is checked against the config's classes and network.
-    ``rs``: the run's settings or its config (model.pt stores the config's ``model`` group as composed)."""
-    rs = RunSettings.of(rs)
+    ``rs``: the run's settings (model.pt stores the config's ``model`` group as composed)."""
     work_dir = Path(rs.work_dir)
     finetune = _stage_file(work_dir, artifact.FINETUNE, rs.cfg)
     svm = _stage_file(work_dir, artifact.SVM, rs.cfg)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,11 +39,6 @@ from spp_det.training.windows import bboxreg_windows, training_records, window_f
 log = logging.getLogger(__name__)
 
 (KEY,) = stage("bboxreg").keys
-
-
-def settings_key(cfg, finetune_path: Path) -> str:
-    """The settings key of ``bboxreg.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
-    return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
 
 class Reservoir:

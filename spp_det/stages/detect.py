@@ -88,8 +88,7 @@ def load_detector(rs: RunSettings, group: str):
     eval) or ``detect`` (spp-det detect, whose keys default to eval's in configs/detect/default.yaml):
     its ``scales`` / ``max_size`` when set, ``scorer``, ``precision`` and ``fc_rank``; a clear error
     when there is no checkpoint. ``runtime=onnxruntime``: the exported graphs of a ``spp-det export``
-    folder (``spp_det.detection.onnx_detector``). ``rs``: the run's settings (or its config)."""
-    rs = RunSettings.of(rs)
+    folder (``spp_det.detection.onnx_detector``). ``rs``: the run's settings."""
     settings, checkpoint = getattr(rs, group), checkpoint_path(rs, group)
     if settings.runtime == "onnxruntime":
         from spp_det.detection.onnx_detector import OnnxDetector

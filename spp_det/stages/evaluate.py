@@ -133,8 +133,7 @@ def evaluate_detector(detector, records, rs: RunSettings, out_dir: str | Path | 
     ``seconds_per_image`` by step (proposals, load_image, and the detector's conv5, pool, fc, svm,
     bboxreg, nms) and in all (``total``). Under ``torchrun`` each rank detects its share of the
     images and rank 0 gathers and scores them (``seconds_per_image``: per process, averaged over all
-    images); the other ranks return None. ``rs``: the run's settings (or its config)."""
-    rs = RunSettings.of(rs)
+    images); the other ranks return None. ``rs``: the run's settings."""
     compare = bool(rs.eval.bbox_reg and rs.eval.compare_bbox_reg and getattr(detector, "has_bbox_reg", False))
     plain: dict | None = {} if compare else None
     mine = distributed.shard(records)  # every record in one process
@@ -188,9 +187,8 @@ def model_classes(rs: RunSettings, detector_classes) -> RunSettings:
     records, but classes given on the command line (``data.classes``, or ``synth.classes``, which
     data=synth reads) must match it. The run's own settings say what its command line set
     (``RunSettings.command_line``, filled by the CLI); a config passed whole (scripts, tests) gives
-    every key, so its classes must match. Returns the run's settings with the classes scored (``rs``:
-    the run's settings or its config; the config's ``data.classes`` is replaced in place)."""
-    rs = RunSettings.of(rs)
+    every key, so its classes must match. Returns the run's settings with the classes scored (the
+    config's ``data.classes`` is replaced in place)."""
     if list(detector_classes) != list(rs.data.classes) and not rs.given("data.classes", "synth.classes"):
         log.info("eval: the classes of %s: %s", rs.eval.checkpoint, ", ".join(detector_classes))
         rs.cfg.data.classes = list(detector_classes)  # what eval_data.json's config records

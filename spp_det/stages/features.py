@@ -21,8 +21,8 @@ from spp_det.stages.start import backbone_source, build_finetune_model
 log = logging.getLogger(__name__)
 
 def split_records(rs: RunSettings) -> list:
-    """Unique records of the train split (+ flips) and the val split, in that order (``rs``: the run's settings or config)."""
-    data = RunSettings.of(rs).data
+    """Unique records of the train split (+ flips) and the val split, in that order of the run's settings ``rs``."""
+    data = rs.data
     splits = [data.train_split, data.val_split]
     records, seen = [], set()
     for i, split in enumerate(s for s in splits if s):

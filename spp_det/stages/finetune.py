@@ -344,16 +344,14 @@ def keep_best(net: FCClassifier, best: dict, iterations: int, history: list[dict
 (KEY,) = stage("finetune").keys
 
 
-def settings_key(cfg, source: Path | None) -> str:
+def settings_key(rs: RunSettings, source: Path | None) -> str:
     """Fine-tuning's settings key (``spp_det.stages.declare``); ``source``: the backbone file or None."""
-    proposals = declare.proposals_cache(RunSettings.of(cfg).proposals)
-    return declare.settings_key(cfg, KEY, {"backbone": source, "proposals": proposals})
+    return declare.settings_key(rs.cfg, KEY, {"backbone": source, "proposals": declare.proposals_cache(rs.proposals)})
 
 
 def split_pools(rs: RunSettings, model, key: str, device: torch.device) -> tuple[WindowPool, WindowPool]:
     """The pooled windows of the training split (with its mirrors when ``data.flip``) and of the
     validation split, from the conv5 cache the features stage fills (``build_pool``)."""
-    rs = RunSettings.of(rs)
     data = rs.data
     train, val = train_val_split(data)
     proposals = load_proposals(train + val, rs.proposals, rs.cache_dir,  # shared with the proposals stage
@@ -376,7 +374,7 @@ def run(cfg, on_iteration: Callable[[int, FCClassifier], None] | None = None) ->
     work_dir = Path(rs.work_dir)
     artifact, state_path = work_dir / ARTIFACT, work_dir / STATE
     source = backbone_source(rs)
-    key = settings_key(cfg, source)
+    key = settings_key(rs, source)
     if io.artifact_is_current(artifact, key):
         return declare.current("finetune", artifact)
     t0 = time.perf_counter()

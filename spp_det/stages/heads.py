@@ -19,10 +19,11 @@ from spp_det.stages.start import load_finetuned_model
 log = logging.getLogger(__name__)
 
 
-def consumed(rs: RunSettings, finetune_path: Path) -> dict:
-    """What a head's key consumes (``spp_det.stages.declare.head_key``): the fine-tuned
-    ``finetune_path`` and the proposals cache."""
-    return {"finetune": Path(finetune_path), "proposals": declare.proposals_cache(RunSettings.of(rs).proposals)}
+def settings_key(rs: RunSettings, declared: declare.Key, finetune_path: Path) -> str:
+    """The settings key of a head's artifact (``declared``: svm's or bboxreg's, ``spp_det.stages.declare``)
+    given the fine-tuned ``finetune_path``: it consumes that file and the proposals cache."""
+    consumed = {"finetune": Path(finetune_path), "proposals": declare.proposals_cache(rs.proposals)}
+    return declare.settings_key(rs.cfg, declared, consumed)
 
 
 def start(rs: RunSettings, declared: declare.Key) -> tuple[SPPNet, torch.device, Path, str] | declare.Skipped:
@@ -31,7 +32,7 @@ def start(rs: RunSettings, declared: declare.Key) -> tuple[SPPNet, torch.device,
     already covers the fine-tuned file's bytes)."""
     artifact = declared.path(rs)
     finetune_path = Path(rs.work_dir) / FINETUNE
-    key = declare.settings_key(rs.cfg, declared, consumed(rs, finetune_path)) if finetune_path.is_file() else None
+    key = settings_key(rs, declared, finetune_path) if finetune_path.is_file() else None
     if key is not None and io.artifact_is_current(artifact, key):
         return declare.current(declared.name, artifact)
     device = resolve_device(rs.device)

@@ -47,9 +47,7 @@ CROPS, WINDOWS = stage("pretrain").keys  # the two phases' settings keys (spp_de
 
 def settings_key(rs: RunSettings, phase: declare.Key | None = None) -> str:
     """The settings key of pretraining's ``phase`` (``CROPS`` or ``WINDOWS``; default: the one
-    ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``);
-    ``rs``: the run's settings (or its config)."""
-    rs = RunSettings.of(rs)
+    ``pretrain.source`` ends with), derived from its declaration (``spp_det.stages.declare``)."""
     if phase is None:
         phase = WINDOWS if rs.pretrain.source in ("windows", "crops+windows") else CROPS
     if phase is CROPS:

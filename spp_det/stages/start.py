@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 def pretrain_skipped(rs: RunSettings) -> str | None:
     """Why this config does not pretrain its own backbone (ImageNet ``model.weights`` given, or
     ``pretrain.enabled=false``), None when it does (then ``spp-det pretrain`` writes
-    ``work_dir/pretrain.pt`` and finetune starts from it): the one statement of the rule. ``rs``: the
-    run's settings (the functions below also take its config)."""
+    ``work_dir/pretrain.pt`` and finetune starts from it): the one statement of the rule."""
     if rs.model.weights:
         return "ImageNet weights given"
     return None if rs.pretrain.enabled else "pretrain.enabled=false"
@@ -37,7 +36,6 @@ def backbone_source(rs: RunSettings) -> Path | None:
     exist: ``model.backbone_checkpoint`` when given; else ``work_dir/pretrain.pt`` when pretraining
     is configured (``pretrain_skipped`` gives no reason; a clear error when it has not run); else None
     (``model.weights``, or the model's own initialisation). Finetune records it in its artifact's meta."""
-    rs = RunSettings.of(rs)
     if rs.model.backbone_checkpoint:
         path = Path(rs.model.backbone_checkpoint)
         if not path.is_file():
@@ -55,7 +53,6 @@ def backbone_source(rs: RunSettings) -> Path | None:
 def require_trained_backbone(rs: RunSettings, pretrain_planned: bool = False) -> None:
     """Refuse to train detection on random conv layers (it runs for minutes and detects nothing):
     the backbone needs ``model.weights``, ``model.backbone_checkpoint`` or pretraining configured. ``allow_random_backbone=true`` opts out (tests)."""
-    rs = RunSettings.of(rs)
     if rs.model.weights or pretrain_planned or not pretrain_skipped(rs) or rs.model.backbone_checkpoint \
             or rs.allow_random_backbone:
         return
@@ -72,7 +69,7 @@ def describe_backbone(rs: RunSettings, source: Path | None) -> str:
     ImageNet ``model.weights``, or the model's own (random) initialisation."""
     if source is not None:
         return str(source)
-    weights = RunSettings.of(rs).model.weights
+    weights = rs.model.weights
     return f"model.weights={weights}" if weights else "random initialisation"
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,11 +63,6 @@ def trivial_objective(positives: int, settings: SVMSettings) -> float:
 
 
 (KEY,) = stage("svm").keys
-
-
-def settings_key(cfg, finetune_path: Path) -> str:
-    """The settings key of ``svm.pt`` given the fine-tuned ``finetune_path`` (``spp_det.stages.declare``)."""
-    return declare.settings_key(cfg, KEY, heads.consumed(cfg, finetune_path))
 
 
 def outcome(svm: ClassSVM) -> SimpleNamespace:
