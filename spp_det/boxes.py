@@ -1,7 +1,7 @@
 """Box arithmetic in the one internal convention: conversions, areas, IoU, clipping, flips, scaling,
 the box-regression deltas (R-CNN appendix C) and random windows.
 
-Boxes are float ``x1, y1, x2, y2``: 0-based, continuous, no "+1" (README "Evaluation", box convention). A VOC box
+Boxes are float ``x1, y1, x2, y2``: 0-based, continuous, no "+1" (docs/evaluation.md, box convention). A VOC box
 ``(xmin, ymin, xmax, ymax)`` (1-based inclusive pixels) is ``(xmin - 1, ymin - 1, xmax, ymax)``
 here; with this convention the continuous IoU equals the devkit's inclusive "+1" IoU.
 Conversions to and from VOC happen only at the loader and the result writer. numpy arrays on the

@@ -5,8 +5,8 @@ help line, the groups it reads, its checks); the CLI composes ``configs/config.y
 (so ``--cfg job``, ``hydra.run.dir=...`` and strict key checking work as in any Hydra app), sets
 ``stage``, runs the checks the declaration names, and calls it.
 
-Mistakes get one message on stderr and an exit code, never a traceback (README "Command line and
-configs"): the command line is composed once here before Hydra runs, so an unknown key or option
+Mistakes get one message on stderr and an exit code, never a traceback (docs/configs.md, "Command
+line and configs"): the command line is composed once here before Hydra runs, so an unknown key or option
 gets the nearest names ("did you mean"), a list written without brackets gets the fix, and checks
 that need no work (split files, the model file) run before Hydra makes the run directory.
 """
@@ -27,7 +27,7 @@ from spp_det.errors import UserError
 from spp_det.stages import BY_NAME, STAGES
 from spp_det.stages.declare import Stage
 
-# Exit codes (README "Command line and configs"); a stage's own non-zero status passes through.
+# Exit codes (docs/configs.md, "Command line and configs"); a stage's own non-zero status passes through.
 EXIT_FAILED = 1  # the run stopped on its input or settings (a UserError: the message names the file or key)
 EXIT_USAGE = 2   # the command line is wrong: unknown stage, key or option, a value of the wrong form
 

@@ -7,7 +7,7 @@ available, NCCL for GPU tensors, each process on GPU ``LOCAL_RANK``. Without tor
 ``WORLD_SIZE`` or ``WORLD_SIZE=1``) every helper here is the one-process identity: rank 0 of 1,
 ``shard`` returns everything, ``gather`` returns ``[obj]``, ``barrier`` does nothing.
 
-How the stages use it (README "Several GPUs and machines"): per-image work takes ``shard(items)``
+How the stages use it (docs/distributed.md, "Several GPUs and machines"): per-image work takes ``shard(items)``
 (proposals, features, eval, detect); the SVM and box-regression stages split their classes with
 ``shard``; fine-tuning and pretraining wrap their trainable layers in ``ddp`` and split each
 mini-batch over the ranks; only ``is_main()`` writes artifacts, checkpoints and reports.

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from spp_det.errors import UserError
-
-PRECISIONS = ("fp32", "bf16", "int8")
+from spp_det.settings import PRECISIONS
 
 
 def truncated_svd(layer: nn.Linear, rank: int) -> nn.Sequential:
@@ -81,4 +80,4 @@ def set_precision(model, precision: str) -> Callable[[], ContextManager]:
     return contextlib.nullcontext
 
 
-__all__ = ["PRECISIONS", "compress_fc", "set_precision", "truncated_svd"]
+__all__ = ["compress_fc", "set_precision", "truncated_svd"]

@@ -17,6 +17,14 @@ from typing import Any, ClassVar
 from spp_det.errors import UserError
 
 
+# the lists of choices, stated here once (the code that implements a choice imports its list from here)
+UNKNOWN_CLASSES = ("error", "skip")    # data.unknown_classes (spp_det.data.voc.load_voc)
+PROJECTIONS = ("paper", "release")     # model.projection (spp_det.features.projection.project_windows)
+OPTIMIZERS = ("sgd", "adam")           # pretrain.optimizer (spp_det.training.loop.make_optimizer)
+PRECISIONS = ("fp32", "bf16", "int8")  # eval / detect.precision (spp_det.inference.set_precision)
+SCORERS = ("svm", "softmax")  # what scores a window at test time: the SVMs, or the fine-tuned fc8's softmax
+
+
 def plain(value: Any) -> Any:
     """OmegaConf containers as plain (resolved) data; anything else as it is."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -96,7 +104,7 @@ class DataSettings(GroupSettings):
     allow_split_overlap: bool
 
     def validate(self) -> None:
-        self.choice("unknown_classes", ("error", "skip"))
+        self.choice("unknown_classes", UNKNOWN_CLASSES)
         if not 0 < float(self.val_fraction) < 1:
             raise UserError(f"data.val_fraction must be in (0, 1), not {self.val_fraction!r}")
         if not self.classes:
@@ -130,7 +138,7 @@ class ModelSettings(GroupSettings):
 
     def validate(self) -> None:
         self.choice("norm", ("lrn", "batchnorm"))
-        self.choice("projection", ("paper", "release"))
+        self.choice("projection", PROJECTIONS)
         if self.backbone == "timm" and not self.timm_name:
             raise UserError("model.backbone=timm needs model.timm_name (e.g. tf_efficientnet_lite0)")
 
@@ -266,11 +274,8 @@ class PretrainSettings(GroupSettings):
     def validate(self) -> None:
         self.choice("source", ("voc_crops", "image_folder", "windows", "crops+windows"))
         self.choice("pool", ("image", "object"))
-        self.choice("optimizer", ("sgd", "adam"))
+        self.choice("optimizer", OPTIMIZERS)
         self.choice("init", ("kaiming", "default"))
-
-
-SCORERS = ("svm", "softmax")  # what scores a window at test time: the SVMs, or the fine-tuned fc8's softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +301,7 @@ class TestTimeSettings(GroupSettings):
         self.choice("scorer", SCORERS)
         if self.processes < 1:
             raise UserError(f"{self.GROUP}.processes must be 1 or more, not {self.processes}")
-        self.choice("precision", ("fp32", "bf16", "int8"))
+        self.choice("precision", PRECISIONS)
         self.choice("runtime", ("torch", "onnxruntime"))
         if self.runtime == "onnxruntime" and (self.precision != "fp32" or self.fc_rank):
             raise UserError(f"{self.GROUP}.runtime=onnxruntime runs the exported fp32 graphs: {self.GROUP}.precision "

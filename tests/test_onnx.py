@@ -15,7 +15,7 @@ import torch
 from spp_det.ops import spatial_pyramid_pool
 from spp_det.ops.spp_numpy import spatial_pyramid_pool_numpy
 
-SCORE_TOL, BOX_TOL = 1e-3, 1.0   # the parity tolerances (README "Use the model elsewhere")
+SCORE_TOL, BOX_TOL = 1e-3, 1.0   # the parity tolerances (docs/export.md, "Use the model elsewhere")
 
 
 def needs_onnx():

@@ -19,7 +19,7 @@ from defusedxml import DefusedXmlException
 from spp_det.boxes import clip_boxes, flip_boxes, voc_to_internal
 from spp_det.data.images import QUARTER_TURNS, ImageError, image_size, read_image
 from spp_det.errors import UserError
-from spp_det.settings import DataSettings
+from spp_det.settings import UNKNOWN_CLASSES, DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def parse_annotation(
 ) -> ImageRecord:
     """One VOC XML file -> ``ImageRecord`` in the pixels of ``image_path`` as displayed. Every problem is
     a ``DatasetError`` naming the file and the tag, or a repair counted in ``stats`` with a line in
-    ``stats.repairs`` (README "Your own dataset in VOC layout")."""
+    ``stats.repairs`` (docs/dataset.md, "Your own dataset in VOC layout")."""
     tree = _read_xml(xml_path)
     width, height = _image_size(tree, xml_path, image_path, stats)
 
@@ -310,8 +310,8 @@ def load_voc(
     max_images: int | None = None,
 ) -> tuple[list[ImageRecord], LoadStats]:
     """All records of one split, with the counts of what was skipped or clipped."""
-    if unknown_classes not in ("error", "skip"):
-        raise ValueError(f"data.unknown_classes must be 'error' or 'skip', not {unknown_classes!r}")
+    if unknown_classes not in UNKNOWN_CLASSES:
+        raise ValueError(f"data.unknown_classes must be {' or '.join(map(repr, UNKNOWN_CLASSES))}, not {unknown_classes!r}")
     if len(set(classes)) != len(classes) or "__background__" in classes:
         raise ValueError(f"data.classes must be unique class names, got {list(classes)}")
     voc_dir = find_voc_dir(root, year)

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from spp_det import artifact
-from spp_det.detection.detector import SCORERS, Step, WindowDetector
+from spp_det.detection.detector import Step, WindowDetector
 from spp_det.errors import UserError
 from spp_det.features.backbones import normalize_image, pad_to_minimum
 from spp_det.features.scales import ScaledSize, resize_image
 from spp_det.model.sppnet import Geometry
 from spp_det.ops import pyramid_dim
 from spp_det.ops.spp_numpy import spatial_pyramid_pool_numpy
+from spp_det.settings import SCORERS
 
 
 def import_onnxruntime():

@@ -1,6 +1,6 @@
 """Pascal VOC average precision, exactly as the official devkit (``VOCevaldet.m``, ``VOCap.m``).
 
-Rules (README "Evaluation"), per class:
+Rules (docs/evaluation.md), per class:
 
 - detections of every image are sorted by score, descending (a stable sort, as MATLAB's
   ``sort``: equal scores keep the order in which they were given);

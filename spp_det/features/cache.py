@@ -36,7 +36,7 @@ class FeatureCache:
 
     Misses run ``model.conv5`` (eval mode, no gradients) and store the result; with ``store=False``
     (``conv5_cache: false``) nothing is read or written: every call computes the maps, for datasets
-    whose conv5 would not fit on disk (README "Pascal VOC 2007"). ``stats`` counts
+    whose conv5 would not fit on disk (docs/voc2007.md). ``stats`` counts
     hits, misses and bytes; ``bytes_per_image()`` is the mean size of the entries seen.
     """
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-RULES = ("paper", "release")
+from spp_det.settings import PROJECTIONS
 
 
 def project_windows(
@@ -39,8 +39,8 @@ def project_windows(
     release_shrink: float = 6.5,
 ) -> Tensor:
     """Image windows ``Tensor[K, 4]`` (scaled-image pixels) -> conv5 cells ``Tensor[K, 4]`` int64."""
-    if rule not in RULES:
-        raise ValueError(f"model.projection must be one of {RULES}, not {rule!r}")
+    if rule not in PROJECTIONS:
+        raise ValueError(f"model.projection must be one of {PROJECTIONS}, not {rule!r}")
     H, W = int(map_hw[0]), int(map_hw[1])
     w = windows.double()
     x1, y1, x2, y2 = w.unbind(1)

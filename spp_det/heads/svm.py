@@ -19,7 +19,7 @@ The score of a window is ``w.x + b`` with ``b = B * b'``, so the bias *is* regul
 Both stop on liblinear's criterion for ``-s 3``: the dual's maximal violation (largest minus
 smallest projected gradient) at most ``tol``. R-CNN passes no ``-e``, so liblinear's default for
 ``-s 3``, 0.1, is the paper's value (scikit-learn's own default, 1e-4, solves each of the many
-retrainings of hard-negative mining 3-4x slower for no measured gain: README "Pascal VOC 2007").
+retrainings of hard-negative mining 3-4x slower for no measured gain: docs/voc2007.md).
 
 Hard-negative mining (R-CNN ``rcnn_train.m``, py-faster-rcnn ``tools/train_svms.py``):
 ``ClassSVM`` holds one class's positives and a cache of hard negatives. Images are streamed;

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from spp_det.errors import UserError
 from spp_det.features.backbones import Backbone
-from spp_det.features.projection import RULES, project_windows
+from spp_det.features.projection import project_windows
 from spp_det.boxes import scale_boxes
 from spp_det.features.scales import ScaledSize, best_scale, resize_image, scaled_sizes
 from spp_det.ops import SpatialPyramidPool, spatial_pyramid_pool
+from spp_det.settings import PROJECTIONS
 
 
 class FCHead(nn.Module):
@@ -134,8 +135,8 @@ class SPPNet(nn.Module):
     def __init__(self, backbone: Backbone, pyramid: SpatialPyramidPool, head: FCHead, *, scales: Sequence[int],
                  max_size: int | None = None, best_scale_area: float = 224.0 ** 2, projection: str = "paper"):
         super().__init__()
-        if projection not in RULES:
-            raise UserError(f"model.projection must be one of {', '.join(RULES)}, not {projection!r}")
+        if projection not in PROJECTIONS:
+            raise UserError(f"model.projection must be one of {', '.join(PROJECTIONS)}, not {projection!r}")
         if not scales or min(int(s) for s in scales) < 1:
             raise UserError(f"model.scales must be a non-empty list of positive sizes, got {list(scales)}")
         self.backbone, self.pyramid, self.head = backbone, pyramid, head

@@ -23,7 +23,7 @@ PyTorch to float rounding.
 
 ``export.verify=true`` then runs the PyTorch detector and the exported one on a random image and
 windows and refuses the export when their scores differ by more than 1e-3 or their boxes by more
-than 1 px (the parity tolerances of README "Use the model elsewhere").
+than 1 px (the parity tolerances of docs/export.md, "Use the model elsewhere").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``spp-det svm``: one linear SVM per class on fc7 features, with hard-negative mining.
 
-Follows R-CNN (``rcnn_train.m``), which SPP-net reuses (README "Faithfulness to the paper"):
+Follows R-CNN (``rcnn_train.m``), which SPP-net reuses (docs/paper.md, "Faithfulness to the paper"):
 
 1. **positives and feature scale** (first pass over the training images): fc7 of the
    ground-truth boxes (not the difficult ones unless ``data.use_difficult``) of each class, and

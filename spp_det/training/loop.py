@@ -25,6 +25,7 @@ from torch import nn
 
 from spp_det import distributed, io
 from spp_det.errors import UserError
+from spp_det.settings import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def make_optimizer(module: nn.Module, name: str, cfg, group: str = "pretrain") -
                                weight_decay=float(cfg.weight_decay))
     if name == "adam":
         return torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-    raise UserError(f"{group}.optimizer={name!r}: use sgd or adam")
+    raise UserError(f"{group}.optimizer={name!r}: use {' or '.join(OPTIMIZERS)}")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, stage: str, at: str,
