@@ -148,7 +148,7 @@ def preflight(stage: Stage, cfg) -> None:
     if stage.split_check:
         from spp_det.data.voc import check_splits
 
-        check_splits(cfg.data, training="train" in stage.splits)
+        check_splits(RunSettings.of(cfg).data, training="train" in stage.splits)
     if stage.needs_model and not OmegaConf.select(cfg, f"{stage.name}.results_dir", default=None):
         from spp_det.stages.detect import checkpoint_path
 

@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException
 from spp_det.config import config_dir
 from spp_det.errors import UserError
 from spp_det.config import compose_config
+from spp_det.settings import DataSettings
 from spp_det.runtime import resolve_device
 from spp_det.stages import STAGES
 
@@ -209,11 +210,12 @@ def test_the_split_check_passes_disjoint_splits_and_the_opt_out():
         data = leaky_dataset(Path(tmp), ["im2"])
         cfg = compose_config([f"data.root={data}", "data.year=null"])
         with pytest.raises(UserError, match="share 1 images"):
-            check_splits(cfg.data)
-        check_splits(compose_config([f"data.root={data}", "data.year=null", "data.allow_split_overlap=true"]).data)
+            check_splits(DataSettings.of(cfg.data))
+        check_splits(DataSettings.of(compose_config([f"data.root={data}", "data.year=null",
+                                                     "data.allow_split_overlap=true"]).data))
         (data / "ImageSets" / "Main" / "trainval.txt").write_text("im0\nim1\n")
-        check_splits(cfg.data)
-        check_splits(cfg.data, training=False)
+        check_splits(DataSettings.of(cfg.data))
+        check_splits(DataSettings.of(cfg.data), training=False)
 
 
 def test_the_synthetic_dataset_passes_the_split_check(tmp_path):
@@ -223,8 +225,8 @@ def test_the_synthetic_dataset_passes_the_split_check(tmp_path):
     cfg = compose_config(["experiment=demo", f"data.root={tmp_path}", "synth.num_images=10", "synth.pretrain_images=3",
                           "synth.min_side=64", "synth.max_side=96", "synth.objects_per_image=[1,2]"])
     write_synthetic(tmp_path, cfg.synth, list(cfg.data.classes), progress=False)
-    check_splits(cfg.data)  # data=synth: train / val / test
-    check_splits(compose_config([f"data.root={tmp_path}", "data.year=null"]).data)  # voc07's trainval / test
+    check_splits(DataSettings.of(cfg.data))  # data=synth: train / val / test
+    check_splits(DataSettings.of(compose_config([f"data.root={tmp_path}", "data.year=null"]).data))  # voc07's trainval, test
 
 
 def test_detect_defaults_to_the_runs_model_and_says_where_it_looked(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 from spp_det.boxes import box_iou, flip_boxes, internal_to_voc, voc_to_internal
 from spp_det.data.images import ImageError, read_image
 from spp_det.config import compose_config
+from spp_det.settings import DataSettings
 from spp_det.data.voc import VOC_CLASSES, DatasetError, load_split, load_voc
 from tests.conftest import write_voc
 
@@ -111,7 +112,8 @@ def test_empty_box_skipped_with_warning_and_outside_box_clipped(tmp_path, caplog
         ("cat", (1, 1, 10, 10), 1),      # difficult
     ]}})
     with caplog.at_level(logging.WARNING):
-        records = load_split(compose_config([f"data.root={root}", "data.year=null", "data.classes=[cat]"]).data, "train")
+        records = load_split(DataSettings.of(compose_config([f"data.root={root}", "data.year=null", "data.classes=[cat]"]).data),
+                             "train")
     assert "a.xml: object 0 (cat): the box has no width (xmax 8 < xmin 10); skipped" in caplog.text
     assert "a.xml: object 1 (cat): xmin -5 < 1, xmax 80 > width 64; clipped to the 64 x 48 image" in caplog.text
     assert "skipped 1 boxes without width or height or outside the image, clipped 1 that left it" in caplog.text

@@ -14,7 +14,7 @@ from spp_det.data.voc import load_split
 from spp_det.errors import UserError
 from spp_det.proposals import record_proposals
 from spp_det.config import compose_config
-from spp_det.settings import RunSettings
+from spp_det.settings import DataSettings, RunSettings
 from spp_det.stages import pretrain, pretrain_crops, pretrain_windows
 from spp_det.training import crops as crop_data
 from spp_det.training import loop, sampling
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/confte
 
 
 def data_cfg(root):
-    return OmegaConf.merge(compose_config(["data=synth"]).data, {
+    return DataSettings.of(OmegaConf.merge(compose_config(["data=synth"]).data, {
         "root": str(root), "year": 2007, "train_split": "train", "val_split": "val", "classes": CLASSES,
-        "unknown_classes": "error", "max_images": None})
+        "unknown_classes": "error", "max_images": None}))
 
 
 # the pretrain group's values (every key: spp_det.settings.PretrainSettings) with these changed

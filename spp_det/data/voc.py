@@ -338,10 +338,8 @@ def load_voc(
 SHOWN_REPAIRS = 10
 
 
-def load_split(data_cfg, split: str) -> list[ImageRecord]:
-    """Records of ``split`` using the ``data`` config group (or its ``DataSettings``); logs what was
-    skipped or clipped."""
-    data_cfg = DataSettings.of(data_cfg)
+def load_split(data_cfg: DataSettings, split: str) -> list[ImageRecord]:
+    """Records of ``split`` using the ``data`` settings; logs what was skipped or clipped."""
     records, stats = load_voc(
         data_cfg.root, split, list(data_cfg.classes), data_cfg.year, data_cfg.unknown_classes, data_cfg.max_images,
     )
@@ -362,7 +360,7 @@ def load_split(data_cfg, split: str) -> list[ImageRecord]:
     return records
 
 
-def check_splits(data_cfg, training: bool = True) -> None:
+def check_splits(data_cfg: DataSettings, training: bool = True) -> None:
     """Refuse, before any work, an empty split and an image in two of the train / val / test splits
     (training on test images inflates every later score, silently). Reads only the split files.
 
@@ -370,7 +368,6 @@ def check_splits(data_cfg, training: bool = True) -> None:
     (eval) the test split must, and the others are compared when the dataset has them.
     ``data.allow_split_overlap=true`` allows the overlap; an empty split is always an error.
     """
-    data_cfg = DataSettings.of(data_cfg)
     voc_dir = find_voc_dir(data_cfg.root, data_cfg.year)
     splits = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}
     needed = ("train", "val") if training else ("test",)
@@ -396,10 +393,9 @@ def check_splits(data_cfg, training: bool = True) -> None:
                     "nothing. Use disjoint split files, or data.allow_split_overlap=true if you mean it")
 
 
-def train_val_split(data_cfg) -> tuple[list[ImageRecord], list[ImageRecord]]:
+def train_val_split(data_cfg: DataSettings) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Training and validation records: ``data.val_split`` when set, else a fixed held-out
     fraction of ``data.train_split`` (every k-th image), never the test split."""
-    data_cfg = DataSettings.of(data_cfg)
     train = load_split(data_cfg, data_cfg.train_split)
     if data_cfg.val_split:
         return train, load_split(data_cfg, data_cfg.val_split)
