@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)  ## create .venv with the pinned versions (constraints.txt)
 
-test: $(STAMP)  ## fast test suite (under 10 minutes on 2 CPU cores; README "Development")
+test: $(STAMP)  ## fast test suite (about 2 minutes on 2 CPU cores; README "Development")
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)  ## end-to-end tests marked slow
