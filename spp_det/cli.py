@@ -318,8 +318,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [f"spp-det {name}", *with_overrides(args, added)]
         hydra_main()
         return
-    if name in ("eval", "detect") and "WORLD_SIZE" not in os.environ and cfg[name].processes > 1:
-        sys.exit(launch(cfg[name].processes, argv))
+    from omegaconf import OmegaConf
+
+    # a stage whose group has `processes` (eval, detect) starts them itself, unless a launcher already did
+    processes = OmegaConf.select(cfg, f"{name}.processes", default=1)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(launch(processes, argv))
     from spp_det import distributed  # here: it imports torch (1.5 s), which help and --cfg do without
 
     if distributed.init():  # under torchrun: one process group; every rank uses rank 0's run directory stamp
